@@ -1,0 +1,256 @@
+"""The ``graphopt`` command line: optimize | inspect | verify | bench | passes | demo.
+
+Exit codes: 0 ok, 1 accuracy budget exceeded, 2 user error (bad model, recipe, data or
+device), 3 a pass failed, 130 interrupted. User errors print one clear message, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from graphopt import io, recipe, render, runtime, stats, verify
+from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
+from graphopt.pipeline import optimize
+from graphopt.report import Report
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _dims(pairs: Sequence[str]) -> dict[str, int]:
+    dims = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise RecipeError(f"--dim {pair!r}: expected NAME=INT, e.g. --dim batch=4.")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _default_recipe() -> Path:
+    return Path(str(resources.files("graphopt") / "recipes" / "default.yaml"))
+
+
+def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
+    if args.recipe and args.passes:
+        raise RecipeError("give either --recipe or --pass, not both.")
+    base = recipe.load_recipe(args.recipe or _default_recipe())
+    passes = tuple(recipe.parse_pass_arg(p) for p in args.passes) if args.passes else base.passes
+    data = base.verify.data
+    dims = {**dict(data.dims or {}), **_dims(args.dim)}
+    verify_data = DataSpec(
+        source=args.verify_data or data.source,
+        samples=args.samples or data.samples,
+        batch_size=data.batch_size,
+        seed=data.seed,
+        dims=dims,
+    )
+    settings = recipe.VerifySettings(
+        enabled=base.verify.enabled and not args.no_verify,
+        data=verify_data,
+        report_only=base.verify.report_only or args.report_only,
+        latency_runs=base.verify.latency_runs,
+        threads=args.threads or base.verify.threads,
+    )
+    return recipe.Recipe(
+        passes=passes,
+        calibration=base.calibration,
+        verify=settings,
+        budget=base.budget,
+        device=args.device or base.device,
+        check=base.check or args.check,
+    )
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    plan = _build_recipe(args)
+    source = Path(args.model)
+    output = Path(args.output)
+    calibration = None
+    if args.calib:
+        base = plan.calibration or DataSpec(samples=128)
+        calibration = DataSpec(source=args.calib, samples=base.samples, batch_size=base.batch_size, dims=base.dims)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
+    ) as bar:
+        task = bar.add_task("optimizing", total=len(plan.passes))
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, description=f"pass {min(done + 1, total)}/{total}: {name}")
+
+        try:
+            result = optimize(source, plan, calibration=calibration, progress=progress)
+        except AccuracyBudgetError as exc:
+            if isinstance(exc.report, Report):
+                _write_reports(exc.report, args)
+                render.render_report(console, exc.report)
+            raise
+    saved = io.save_model(result.model, output, protect=[source], external_data=True if args.external_data else None)
+    result.report.output_path = str(saved.path)
+    result.report.output_bytes_on_disk = saved.bytes_on_disk
+    render.render_report(console, result.report)
+    _write_reports(result.report, args)
+    console.print(f"wrote {saved.path}" + (f" and {saved.data_path.name}" if saved.data_path else ""))
+    return 0
+
+
+def _write_reports(report: Report, args: argparse.Namespace) -> None:
+    if args.report:
+        Path(args.report).write_text(report.to_json(), encoding="utf-8")
+    if args.report_md:
+        Path(args.report_md).write_text(report.to_markdown(), encoding="utf-8")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    model = io.load_model(args.model)
+    model_stats = stats.model_stats(model, sparsity=True)
+    if args.json:
+        import json
+
+        console.print_json(json.dumps(model_stats.to_dict()))
+        return 0
+    specs = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in input_specs(model))
+    outputs = ", ".join(
+        f"{v.name} {v.dtype.name if v.dtype else '?'} {[str(d) for d in v.shape] if v.shape else '?'}"
+        for v in model.graph.outputs
+    )
+    render.render_stats(console, args.model, model_stats, {"inputs": specs, "outputs": outputs})
+    return 0
+
+
+def _data_from_args(args: argparse.Namespace, default_samples: int) -> DataSpec:
+    return DataSpec(
+        source=args.data,
+        samples=args.samples or default_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dims=_dims(args.dim),
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reference, candidate = io.load_model(args.reference), io.load_model(args.candidate)
+    budget = verify.Budget(
+        max_abs=args.max_abs, max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, min_top1=args.min_top1
+    )
+    data = _data_from_args(args, 16)
+    result = verify.verify_models(reference, candidate, data, device=args.device, budget=budget, threads=args.threads)
+    render.render_verification(console, result)
+    return 0 if result.passed else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    model = io.load_model(args.model)
+    feeds = next(iter_batches(_data_from_args(args, args.batch_size), input_specs(model)))
+    session = runtime.create_session(model, args.device, threads=args.threads)
+    latency = runtime.measure_latency(session, feeds, warmup=args.warmup, runs=args.runs)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+    console.print(
+        f"{args.model} on {args.device} ({', '.join(session.get_providers())}), threads={args.threads or 'default'}, "
+        f"inputs {shapes}: median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms, "
+        f"min {latency.min_ms:.3f} ms over {latency.runs} runs after {args.warmup} warm-up"
+    )
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    render.render_passes(console)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from graphopt import demo
+
+    return demo.run_demo(console, Path(args.out) if args.out else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graphopt", description="ONNX graph-level compression compiler.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("optimize", help="run a recipe of passes over a model, verify and save it")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
+    p.add_argument("--recipe", help="recipe file (.yaml/.json); default: the built-in default recipe")
+    p.add_argument(
+        "--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]", help="a pass (repeatable)"
+    )
+    p.add_argument("--calib", help="calibration data: .npz or folder of <input>.npy")
+    p.add_argument(
+        "--verify-data", help="verification inputs: .npz or folder of .npy (default: random from input specs)"
+    )
+    p.add_argument("--samples", type=int, help="verification samples")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="value of a symbolic input dim")
+    p.add_argument("--device", choices=runtime.DEVICES)
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for verification and latency")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--report-md", help="write the Markdown report here")
+    p.add_argument("--check", action="store_true", help="run onnx.checker after every pass")
+    p.add_argument("--no-verify", action="store_true", help="skip verification against the input model")
+    p.add_argument("--report-only", action="store_true", help="report budget violations without failing")
+    p.add_argument("--external-data", action="store_true", help="save weights to <output>.data")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("inspect", help="ops, parameters, bytes by dtype, sparsity, Q/DQ, opsets")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    for name, func, helptext in (
+        ("verify", cmd_verify, "compare a candidate with its reference"),
+        ("bench", cmd_bench, "latency of a model"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "verify":
+            p.add_argument("reference")
+            p.add_argument("candidate")
+            for flag in ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1"):
+                p.add_argument(flag, type=float)
+        else:
+            p.add_argument("model")
+            p.add_argument("--runs", type=int, default=50)
+            p.add_argument("--warmup", type=int, default=10)
+        p.add_argument("--data", help="inputs: .npz or folder of .npy (default: random)")
+        p.add_argument("--samples", type=int)
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--dim", action="append", default=[], metavar="NAME=N")
+        p.add_argument("--device", choices=runtime.DEVICES, default="cpu")
+        p.add_argument("--threads", type=int)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("passes", help="list every pass with its options")
+    p.set_defaults(func=cmd_passes)
+    p = sub.add_parser("demo", help="optimize the bundled digits CNN with the default recipe")
+    p.add_argument("--out", help="folder for the demo's output (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    try:
+        return int(args.func(args))
+    except GraphoptError as exc:
+        err_console.print(f"[red]error[/red]: {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Load and save models: the only module of graphopt that touches protobufs.
+
+Loading checks the file before anything else reads it: it must exist, parse as an ONNX
+model, pass ``onnx.checker`` and keep all its external data inside the model's folder.
+External data stays memory-mapped by onnx_ir; sparse initializers (which onnx_ir would
+drop) are densified into ordinary initializers so nothing is lost.
+
+Saving never writes over the input: it writes into a temporary folder beside the
+destination, checks the result with ``onnx.checker`` and an ONNX Runtime load, and only
+then renames the files into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from graphopt.errors import ModelLoadError, ModelSaveError
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class SavedModel:
+    """Where a model was written and how large it is on disk."""
+
+    path: Path
+    data_path: Path | None
+    bytes_on_disk: int
+    ir_version: int
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load ``path`` into onnx_ir after checking that it is a safe, valid ONNX model."""
+    path = Path(path)
+    proto = _read_proto(path)
+    _check_external_data(proto, path)
+    _run_checker(path)
+    densified = _densify_sparse_initializers(proto.graph)
+    if densified:
+        logger.info("densified %d sparse initializer(s) of %s", densified, path)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # onnx_ir raises several types on malformed graphs
+        raise ModelLoadError(
+            f"{path}: the graph cannot be read ({type(exc).__name__}: {exc}). "
+            "Re-export the model; `python -m onnx.checker` shows the first structural problem."
+        ) from exc
+    ir.external_data.set_base_dir(model.graph, path.parent.resolve())
+    return model
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file. Check the path to the .onnx model.")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: is not a file. Give the path to an .onnx model file.")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty. Re-export or copy the model again.")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{path}: not an ONNX model or the file is truncated ({exc.__class__.__name__}). "
+            "Re-export the model or copy it again."
+        ) from exc
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise ModelLoadError(
+            f"{path}: parses as protobuf but is not an ONNX model (no graph, IR version or "
+            "opset). Give the path to an .onnx file exported by a framework."
+        )
+    return proto
+
+
+def _run_checker(path: Path) -> None:
+    # Checked by path so the checker resolves external data against the model's folder.
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        raise ModelLoadError(
+            f"{path}: the model is invalid ({first_line}). Re-export it; "
+            "`python -m onnx.checker MODEL` prints the full check."
+        ) from exc
+
+
+def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Yield every tensor of ``graph``, its nodes' attributes and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensors(sub)
+
+
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data that escapes the model folder, is missing or is too short."""
+    base = path.parent.resolve()
+    for tensor in _iter_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path}: tensor {tensor.name!r} has external data {location!r}"
+        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+            raise ModelLoadError(
+                f"{where}, which is not a plain path relative to the model's folder. "
+                "Move the data file beside the model and re-save it with a relative location."
+            )
+        target = (base / location).resolve()
+        if not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"{where}, which resolves outside the model's folder ({target}); "
+                "a symlink points out. Copy the data file into the model's folder."
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"{where}, but {target} does not exist. Copy the external data file beside the model.")
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > target.stat().st_size:
+            raise ModelLoadError(
+                f"{where}, which needs {end} bytes but the file has {target.stat().st_size}: "
+                "it is truncated. Copy the external data file again."
+            )
+
+
+def _densify_sparse_initializers(graph: onnx.GraphProto) -> int:
+    """Turn sparse initializers into dense ones in place (onnx_ir would drop them)."""
+    count = 0
+    for sparse in list(graph.sparse_initializer):
+        dense = _sparse_to_dense(sparse)
+        graph.initializer.append(onnx.numpy_helper.from_array(dense, sparse.values.name))
+        count += 1
+    del graph.sparse_initializer[:]
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                count += _densify_sparse_initializers(sub)
+    return count
+
+
+def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), shape)
+    dense[indices] = values
+    return dense.reshape(shape)
+
+
+def external_data_files(model: ir.Model) -> set[Path]:
+    """Every external data file the model's tensors are read from."""
+    files = set()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                files.add(Path(tensor.path).resolve())
+    return files
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize ``model`` (external tensors stay references to their files)."""
+    return ir.serde.serialize_model(model)
+
+
+def model_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers, whether in memory or in external files."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def to_bytes(model: ir.Model, ir_version: int | None = None) -> bytes:
+    """Serialize a model under 2 GiB with all tensor data inlined, for ONNX Runtime."""
+    proto = to_proto(model)
+    _inline_external(proto, model)
+    if ir_version is not None:
+        proto.ir_version = ir_version
+    return proto.SerializeToString()
+
+
+def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
+    by_name = {}
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                by_name[name] = value.const_value
+    if not by_name:
+        return
+    for tensor in _iter_tensors(proto.graph):
+        source = by_name.get(tensor.name)
+        if source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.ClearField("external_data")
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = source.tobytes()
+
+
+def tiny_model_bytes(ir_version: int) -> bytes:
+    """A one-node model at ``ir_version``, to probe what ONNX Runtime accepts."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    proto.ir_version = ir_version
+    return proto.SerializeToString()
+
+
+def min_ir_version(model: ir.Model) -> int:
+    """The lowest IR version the model's opset imports allow."""
+    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
+    known = [op for op in opsets if op.domain in ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.training")]
+    return onnx.helper.find_min_ir_version_for(known, ignore_unknown=True) if known else 3
+
+
+def check_model(model: ir.Model) -> None:
+    """Run ``onnx.checker`` on a model in memory; raises ``onnx.checker.ValidationError``."""
+    proto = to_proto(model)
+    if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(proto)
+
+
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    protect: Sequence[str | os.PathLike[str]] = (),
+    external_data: bool | None = None,
+    overwrite: bool = True,
+) -> SavedModel:
+    """Check ``model`` and write it atomically to ``path``.
+
+    Args:
+        model: The model to write; it is not modified except that tensors read from the
+            input's external data are loaded into memory when the output is inlined.
+        path: Destination ``.onnx`` file; its folder must exist.
+        protect: Files that must never be written over (the input model).
+        external_data: True to write tensors to ``<name>.data``; False to inline them;
+            None (default) to use external data only when the model is over ~1.8 GB.
+        overwrite: Whether an existing output (not a protected file) may be replaced.
+    """
+    from graphopt import runtime  # runtime builds sessions from what io writes
+
+    path = Path(path)
+    use_external = model_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_name = f"{path.name}.data" if use_external else None
+    _check_destination(model, path, data_name, protect, overwrite)
+    ir_version = _target_ir_version(model, runtime.max_ir_version())
+    with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
+        tmp_path = Path(tmp) / path.name
+        _write(model, tmp_path, data_name, ir_version)
+        _verify_written(tmp_path)
+        if data_name is not None:
+            os.replace(Path(tmp) / data_name, path.parent / data_name)
+        os.replace(tmp_path, path)
+    data_path = path.parent / data_name if data_name else None
+    size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    logger.info("saved %s (%d bytes, IR %d)", path, size, ir_version)
+    return SavedModel(path, data_path, size, ir_version)
+
+
+def _check_destination(
+    model: ir.Model,
+    path: Path,
+    data_name: str | None,
+    protect: Sequence[str | os.PathLike[str]],
+    overwrite: bool,
+) -> None:
+    if not path.parent.is_dir():
+        raise ModelSaveError(f"{path}: folder {path.parent} does not exist. Create it first.")
+    if path.is_dir():
+        raise ModelSaveError(f"{path}: is a folder. Give a file name such as {path / 'model.onnx'}.")
+    guarded = {Path(p).resolve() for p in protect} | external_data_files(model)
+    targets = [path] + ([path.parent / data_name] if data_name else [])
+    for target in targets:
+        if target.resolve() in guarded:
+            raise ModelSaveError(
+                f"{target}: would write over the input model or its data. Choose another output path (-o)."
+            )
+    if path.exists() and not overwrite:
+        raise ModelSaveError(f"{path}: already exists. Remove it or choose another output path.")
+
+
+def _target_ir_version(model: ir.Model, runtime_max: int) -> int:
+    wanted = min(model.ir_version or onnx.IR_VERSION, runtime_max)
+    return max(wanted, min(min_ir_version(model), runtime_max))
+
+
+def _write(model: ir.Model, tmp_path: Path, data_name: str | None, ir_version: int) -> None:
+    original = model.ir_version
+    model.ir_version = ir_version
+    try:
+        if data_name is None:
+            # Tensors still mapped from the input's data file would be saved as references
+            # to a file that is not beside the output: load them so the output is whole.
+            ir.external_data.load_to_model(model)
+            ir.save(model, tmp_path)
+        else:
+            ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=1024)
+    except (OSError, ValueError) as exc:
+        raise ModelSaveError(f"{tmp_path.parent}: could not write the model ({exc}).") from exc
+    finally:
+        model.ir_version = original
+
+
+def _verify_written(tmp_path: Path) -> None:
+    from graphopt import runtime
+
+    try:
+        onnx.checker.check_model(str(tmp_path))
+    except onnx.checker.ValidationError as exc:
+        raise ModelSaveError(
+            f"the optimized model fails onnx.checker and was not written: {exc}. "
+            "This is a graphopt bug; run with --check to find the pass that broke it."
+        ) from exc
+    runtime.check_loads(tmp_path)

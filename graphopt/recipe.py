@@ -1,0 +1,258 @@
+"""Recipes: a YAML/JSON file (or mapping) -> validated pass configs and run settings.
+
+Everything is validated before the model is touched: an unknown key, pass or option, or a
+value of the wrong type is a :class:`RecipeError` that lists the valid choices.
+
+    passes:
+      - fold                      # defaults
+      - fold: {iterations: 2}     # with options
+    calibration: {data: calib.npz, samples: 128}
+    verify: {data: null, samples: 16, batch_size: 4, dims: {batch: 4}, report_only: false}
+    budget: {min_cosine: 0.999}
+    device: cpu
+    check: true                   # onnx.checker after every pass
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from graphopt import registry, runtime
+from graphopt.calibration.sources import DataSpec
+from graphopt.errors import RecipeError
+from graphopt.verify import Budget
+
+
+@dataclass(frozen=True)
+class PassStep:
+    """One pass of a pipeline: its recipe name and its config."""
+
+    name: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How the pipeline checks its output against the input model."""
+
+    enabled: bool = True
+    data: DataSpec = field(default_factory=lambda: DataSpec(samples=8, batch_size=1))
+    report_only: bool = False
+    latency_runs: int = 20
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe."""
+
+    passes: tuple[PassStep, ...]
+    calibration: DataSpec | None = None
+    verify: VerifySettings = field(default_factory=VerifySettings)
+    budget: Budget = field(default_factory=Budget)
+    device: str = "cpu"
+    check: bool = False
+
+
+_TOP_KEYS = ("passes", "calibration", "verify", "budget", "device", "check")
+_DATA_KEYS = ("data", "samples", "batch_size", "seed", "dims")
+_VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads")
+
+
+def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+    """Read and validate a recipe file (.yaml, .yml or .json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file. Give a .yaml or .json recipe.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path))
+
+
+def parse_recipe(data: Mapping[str, Any], *, base_dir: Path | None = None, where: str = "recipe") -> Recipe:
+    """Validate a recipe given as a mapping; relative data paths resolve against ``base_dir``."""
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}.")
+    _check_keys(data, _TOP_KEYS, where)
+    if "passes" not in data:
+        raise RecipeError(f"{where}: has no 'passes' list. Add e.g. `passes: [fold]`.")
+    passes = parse_passes(data["passes"], where=f"{where}: passes")
+    device = data.get("device", "cpu")
+    if device not in runtime.DEVICES:
+        raise RecipeError(f"{where}: device {device!r} is not one of {', '.join(runtime.DEVICES)}.")
+    calibration = None
+    if data.get("calibration") is not None:
+        calibration = _data_spec(data["calibration"], _DATA_KEYS, base_dir, f"{where}: calibration", samples=128)
+    return Recipe(
+        passes=passes,
+        calibration=calibration,
+        verify=_verify_settings(data.get("verify") or {}, base_dir, f"{where}: verify"),
+        budget=make_dataclass(Budget, data.get("budget") or {}, f"{where}: budget"),
+        device=device,
+        check=_coerce(data.get("check", False), bool, f"{where}: check"),
+    )
+
+
+def parse_passes(entries: Any, *, where: str = "passes") -> tuple[PassStep, ...]:
+    """Pass entries: a name, ``{name: {options}}``, ``{name: ..., options: {...}}`` or ``name:k=v,...``."""
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
+        raise RecipeError(f"{where}: must be a list of passes, e.g. [fold]; got {type(entries).__name__}.")
+    return tuple(_parse_entry(entry, f"{where}[{i}]") for i, entry in enumerate(entries))
+
+
+def _parse_entry(entry: Any, where: str) -> PassStep:
+    if isinstance(entry, PassStep):
+        return entry
+    if isinstance(entry, str):
+        return parse_pass_arg(entry) if ":" in entry else make_step(entry, {}, where)
+    if isinstance(entry, Mapping):
+        if "name" in entry:
+            _check_keys(entry, ("name", "options"), where)
+            return make_step(entry["name"], entry.get("options") or {}, where)
+        if len(entry) == 1:
+            name, options = next(iter(entry.items()))
+            return make_step(name, options or {}, where)
+    raise RecipeError(f"{where}: expected a pass name or {{name: {{options}}}}; got {entry!r}.")
+
+
+def parse_pass_arg(text: str) -> PassStep:
+    """A CLI ``--pass NAME[:k=v,k=v]`` argument; values are read as YAML scalars."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in _split_options(rest))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--pass {text!r}: option {item!r} is not key=value.")
+        options[key.strip()] = yaml.safe_load(value)
+    return make_step(name.strip(), options, f"--pass {text!r}")
+
+
+def _split_options(text: str) -> list[str]:
+    """Split on commas outside brackets so list values like ``ops=[Conv,Gemm]`` survive."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [*parts, current]
+
+
+def make_step(name: Any, options: Any, where: str) -> PassStep:
+    """Build a :class:`PassStep`, validating ``options`` against the pass's config."""
+    if not isinstance(name, str):
+        raise RecipeError(f"{where}: pass name must be a string; got {name!r}.")
+    spec = registry.get_spec(name)
+    return PassStep(name, make_dataclass(spec.config_class, options, f"{where} ({name})"))
+
+
+def make_dataclass(cls: type, options: Any, where: str) -> Any:
+    """Instantiate a config dataclass from a mapping, checking every key and type."""
+    if not isinstance(options, Mapping):
+        raise RecipeError(f"{where}: options must be a mapping; got {options!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(options, tuple(fields), where)
+    hints = typing.get_type_hints(cls)
+    values = {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in options.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{where}: {exc}") from exc
+
+
+def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise RecipeError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}.")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint; ints pass as floats, lists as tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {hint}.")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}.")
+    if origin in (tuple, Sequence, list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: expected a list; got {value!r}.")
+        return tuple(_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise RecipeError(f"{where}: expected a mapping; got {value!r}.")
+        return {str(k): _coerce(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, hint, where)
+
+
+def _coerce_scalar(value: Any, hint: Any, where: str) -> Any:
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise RecipeError(f"{where}: expected {name}; got {value!r} ({type(value).__name__}).")
+
+
+def _data_spec(data: Any, keys: Sequence[str], base_dir: Path | None, where: str, *, samples: int) -> DataSpec:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: must be a mapping with keys {', '.join(keys)}.")
+    _check_keys(data, keys, where)
+    source = data.get("data")
+    if source is not None:
+        source = _coerce(source, str, f"{where}: data")
+        source = str(base_dir / source) if base_dir is not None and not Path(source).is_absolute() else source
+    return DataSpec(
+        source=source,
+        samples=_coerce(data.get("samples", samples), int, f"{where}: samples"),
+        batch_size=_coerce(data.get("batch_size", 1), int, f"{where}: batch_size"),
+        seed=_coerce(data.get("seed", 0), int, f"{where}: seed"),
+        dims=_coerce(data.get("dims") or {}, dict[str, int], f"{where}: dims"),
+    )
+
+
+def _verify_settings(data: Any, base_dir: Path | None, where: str) -> VerifySettings:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: must be a mapping with keys {', '.join(_VERIFY_KEYS)}.")
+    _check_keys(data, _VERIFY_KEYS, where)
+    return VerifySettings(
+        enabled=_coerce(data.get("enabled", True), bool, f"{where}: enabled"),
+        data=_data_spec({k: v for k, v in data.items() if k in _DATA_KEYS}, _DATA_KEYS, base_dir, where, samples=8),
+        report_only=_coerce(data.get("report_only", False), bool, f"{where}: report_only"),
+        latency_runs=_coerce(data.get("latency_runs", 20), int, f"{where}: latency_runs"),
+        threads=_coerce(data.get("threads"), int | None, f"{where}: threads"),
+    )

@@ -1,0 +1,78 @@
+"""The literal table of passes a recipe can name: recipe name -> :class:`PassSpec`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt.calibration.sources import DataSpec
+from graphopt.errors import RecipeError
+from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+
+# (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
+Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """How to build one pass from a recipe entry.
+
+    Attributes:
+        name: The recipe name.
+        pass_class: An onnx_ir pass; its constructor takes ``(config)`` or, with a
+            calibrator, ``(config, statistics)``.
+        config_class: Frozen dataclass of the options; each field's ``metadata["help"]``
+            is its description.
+        exact: True when the pass keeps outputs equal up to float rounding.
+        calibrate: Collects the statistics the pass needs on the model as it is right
+            before the pass runs; None for passes that need no data.
+    """
+
+    name: str
+    pass_class: type[ir.passes.PassBase]
+    config_class: type
+    exact: bool
+    calibrate: Calibrator | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibrate is not None
+
+    @property
+    def summary(self) -> str:
+        doc = (self.pass_class.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else self.name
+
+    def options(self) -> list[tuple[str, str, Any, str]]:
+        """(name, type, default, description) of every option."""
+        rows = []
+        for f in dataclasses.fields(self.config_class):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            rows.append((f.name, type_name, default, f.metadata.get("help", "")))
+        return rows
+
+    def build(self, config: Any, statistics: Any = None) -> ir.passes.PassBase:
+        if self.calibrate is None:
+            return self.pass_class(config)  # type: ignore[call-arg]
+        return self.pass_class(config, statistics)  # type: ignore[call-arg]
+
+
+REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
+    {
+        "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
+    }
+)
+
+
+def get_spec(name: str) -> PassSpec:
+    """The spec registered as ``name``, or a RecipeError listing the valid names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise RecipeError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(REGISTRY))}.") from None

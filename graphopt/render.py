@@ -1,0 +1,103 @@
+"""Rich renderings of reports, model statistics and the pass list, for the CLI."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from graphopt import registry
+from graphopt.report import Report
+from graphopt.stats import ModelStats
+from graphopt.verify import VerifyResult
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n:,} B"
+
+
+def render_report(console: Console, report: Report) -> None:
+    table = Table(title="passes", title_justify="left")
+    for column in ("pass", "time (s)", "changed", "nodes", "parameters", "weights"):
+        table.add_column(column, justify="right" if column not in ("pass", "changed") else "left")
+    for p in report.passes:
+        table.add_row(
+            p.name,
+            f"{p.seconds:.3f}",
+            "yes" if p.modified else "no",
+            f"{p.before.nodes} → {p.after.nodes}",
+            f"{p.before.parameters:,} → {p.after.parameters:,}",
+            f"{_mib(p.before.bytes)} → {_mib(p.after.bytes)}",
+        )
+    console.print(table)
+    before, after = report.before, report.after
+    console.print(
+        f"model: {before.nodes} → {after.nodes} nodes, weights {_mib(before.bytes)} → {_mib(after.bytes)}"
+        + (f", file {_mib(report.output_bytes_on_disk)}" if report.output_bytes_on_disk else "")
+    )
+    if report.latency:
+        ref, opt = report.latency["reference"], report.latency["optimized"]
+        console.print(
+            f"latency on {report.device} (median of {opt.runs} interleaved runs): "
+            f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
+        )
+    if report.verification:
+        render_verification(console, report.verification)
+
+
+def render_verification(console: Console, result: VerifyResult) -> None:
+    status = "[green]PASSED[/green]" if result.passed else "[red]FAILED[/red]"
+    table = Table(title=f"verification on {result.device}, {result.samples} samples: {status}", title_justify="left")
+    for column in ("output", "max abs", "rel L2", "cosine mean", "cosine min", "top-1"):
+        table.add_column(column, justify="left" if column == "output" else "right")
+    for o in result.outputs:
+        table.add_row(
+            o.name,
+            f"{o.max_abs:.3g}",
+            f"{o.rel_l2:.3g}",
+            f"{o.cosine_mean:.6f}",
+            f"{o.cosine_min:.6f}",
+            f"{o.top1:.4f}" if o.top1 is not None else "–",
+        )
+    console.print(table)
+    for violation in result.violations:
+        console.print(f"[red]over budget[/red]: {violation}")
+
+
+def render_stats(console: Console, name: str, stats: ModelStats, extra: dict[str, str]) -> None:
+    console.print(f"[bold]{name}[/bold]")
+    opsets = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in stats.opsets.items())
+    console.print(f"IR {stats.ir_version}, opsets {opsets}")
+    console.print(
+        f"{stats.nodes} nodes, {stats.parameters:,} parameters, {_mib(stats.bytes)} of weights"
+        f" ({_mib(stats.external_bytes)} external), {stats.functions} functions, {stats.subgraphs} subgraphs"
+    )
+    if stats.sparsity is not None:
+        console.print(f"sparsity of float weights: {stats.sparsity:.1%}; Q/DQ pairs: {stats.qdq_pairs}")
+    for key, value in extra.items():
+        console.print(f"{key}: {value}")
+    dtypes = Table(title="weights by dtype", title_justify="left")
+    for column in ("dtype", "parameters", "bytes"):
+        dtypes.add_column(column, justify="left" if column == "dtype" else "right")
+    for dtype, size in sorted(stats.bytes_by_dtype.items(), key=lambda kv: -kv[1]):
+        dtypes.add_row(dtype, f"{stats.params_by_dtype[dtype]:,}", _mib(size))
+    console.print(dtypes)
+    ops = Table(title="ops", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in stats.ops.items():
+        ops.add_row(op, str(count))
+    console.print(ops)
+
+
+def render_passes(console: Console) -> None:
+    for name, spec in registry.REGISTRY.items():
+        needs = ", needs calibration data" if spec.needs_calibration else ""
+        kind = "exact" if spec.exact else "lossy"
+        console.print(f"[bold]{name}[/bold] ({kind}{needs}): {spec.summary}")
+        table = Table(show_header=True, box=None, padding=(0, 2))
+        for column in ("option", "type", "default", "description"):
+            table.add_column(column)
+        for option, type_name, default, text in spec.options():
+            table.add_row(option, str(type_name), repr(default), text)
+        console.print(table)
+        console.print()

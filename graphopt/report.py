@@ -1,0 +1,109 @@
+"""The optimization report: per pass and overall, as a dict/JSON and as Markdown."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from graphopt.runtime import Latency
+from graphopt.stats import ModelStats
+from graphopt.verify import VerifyResult
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: time, whether it changed the model, and the model before/after."""
+
+    name: str
+    options: dict[str, Any]
+    seconds: float
+    modified: bool
+    exact: bool
+    before: ModelStats
+    after: ModelStats
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "options": self.options,
+            "seconds": self.seconds,
+            "modified": self.modified,
+            "exact": self.exact,
+            "nodes": [self.before.nodes, self.after.nodes],
+            "parameters": [self.before.parameters, self.after.parameters],
+            "bytes": [self.before.bytes, self.after.bytes],
+            "details": self.details,
+        }
+
+
+@dataclass
+class Report:
+    """Everything the pipeline measured, from input to verified output."""
+
+    input_path: str | None
+    device: str
+    passes: list[PassRecord]
+    before: ModelStats
+    after: ModelStats
+    verification: VerifyResult | None = None
+    latency: dict[str, Latency] | None = None
+    output_path: str | None = None
+    output_bytes_on_disk: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "input": self.input_path,
+            "output": self.output_path,
+            "output_bytes_on_disk": self.output_bytes_on_disk,
+            "device": self.device,
+            "passes": [p.to_dict() for p in self.passes],
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "verification": self.verification.to_dict() if self.verification else None,
+            "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        lines = [f"# graphopt report: {self.input_path or 'model'}", ""]
+        lines += ["| pass | time (s) | changed | nodes | parameters | bytes |", "|---|---:|---|---:|---:|---:|"]
+        for p in self.passes:
+            lines.append(
+                f"| {p.name} | {p.seconds:.3f} | {'yes' if p.modified else 'no'} | {p.before.nodes} → {p.after.nodes} "
+                f"| {p.before.parameters:,} → {p.after.parameters:,} | {p.before.bytes:,} → {p.after.bytes:,} |"
+            )
+        lines += [
+            "",
+            f"Model: {self.before.nodes} → {self.after.nodes} nodes, "
+            f"{self.before.bytes:,} → {self.after.bytes:,} bytes of weights.",
+            "",
+        ]
+        if self.latency:
+            ref, opt = self.latency["reference"], self.latency["optimized"]
+            lines.append(
+                f"Latency on {self.device} (median of {opt.runs}, interleaved): {ref.median_ms:.3f} ms → "
+                f"{opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
+            )
+            lines.append("")
+        if self.verification:
+            v = self.verification
+            lines += [f"Verification on {v.device}, {v.samples} samples: {'PASSED' if v.passed else 'FAILED'}", ""]
+            lines += [
+                "| output | max abs | rel L2 | cosine mean | cosine min | top-1 |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for o in v.outputs:
+                top1 = f"{o.top1:.4f}" if o.top1 is not None else "–"
+                lines.append(
+                    f"| {o.name} | {o.max_abs:.3g} | {o.rel_l2:.3g} | {o.cosine_mean:.6f} "
+                    f"| {o.cosine_min:.6f} | {top1} |"
+                )
+            lines += [f"- {violation}" for violation in v.violations]
+        return "\n".join(lines) + "\n"

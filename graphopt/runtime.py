@@ -1,0 +1,166 @@
+"""ONNX Runtime sessions: devices, the IR versions ORT accepts, and latency measurement.
+
+A session asked for CUDA that ONNX Runtime quietly built on the CPU (missing CUDA or
+cuDNN libraries) is an error here, never a CPU run reported as CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from graphopt import io
+from graphopt.errors import DeviceError, ModelSaveError
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+ModelSource = ir.Model | str | os.PathLike[str] | bytes
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of repeated runs, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "min_ms": self.min_ms, "runs": self.runs}
+
+
+def max_ir_version() -> int:
+    """The highest ONNX IR version the installed ONNX Runtime loads (probed, not assumed)."""
+    options = _session_options(threads=1, optimization="disable")
+    for version in range(14, 6, -1):
+        try:
+            ort.InferenceSession(io.tiny_model_bytes(version), options, providers=_PROVIDERS["cpu"])
+        except Exception:  # ORT raises its own Fail/InvalidGraph types without a base class
+            continue
+        return version
+    return 7
+
+
+def _session_options(
+    threads: int | None, optimization: str, optimized_model_path: str | os.PathLike[str] | None = None
+) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _OPT_LEVELS[optimization]
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    return options
+
+
+def check_device(device: str) -> None:
+    """Fail early, with the fix, when ``device`` is unknown or its provider is missing."""
+    if device not in DEVICES:
+        raise DeviceError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceError(
+            "device 'cuda' asked for, but this ONNX Runtime build has no CUDAExecutionProvider "
+            f"(available: {', '.join(ort.get_available_providers())}). Install onnxruntime-gpu, "
+            "or use --device cpu."
+        )
+
+
+def create_session(
+    model: ModelSource,
+    device: str = "cpu",
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    optimized_model_path: str | os.PathLike[str] | None = None,
+) -> ort.InferenceSession:
+    """Open an ONNX Runtime session on ``device``; raise if CUDA silently fell back to CPU."""
+    check_device(device)
+    options = _session_options(threads, optimization, optimized_model_path)
+    if isinstance(model, ir.Model):
+        model = io.to_bytes(model, ir_version=min(model.ir_version, max_ir_version()))
+    elif not isinstance(model, bytes):
+        model = str(model)
+    session = ort.InferenceSession(model, options, providers=_PROVIDERS[device])
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise DeviceError(
+            "device 'cuda' asked for, but ONNX Runtime fell back to the CPU: the CUDA 13 or "
+            "cuDNN 9 libraries could not be loaded. Install them (e.g. pip install "
+            "'nvidia-cudnn-cu13' 'nvidia-cuda-runtime-cu13') or use --device cpu. "
+            "No CPU timing is reported as CUDA."
+        )
+    return session
+
+
+def check_loads(path: Path) -> None:
+    """Check that ONNX Runtime can load the model at ``path`` (CPU, no graph rewrites)."""
+    try:
+        ort.InferenceSession(str(path), _session_options(1, "disable"), providers=_PROVIDERS["cpu"])
+    except Exception as exc:  # ORT's exception types share no public base class
+        raise ModelSaveError(
+            f"ONNX Runtime cannot load the optimized model, so it was not written: {exc}. "
+            "This is a graphopt bug; run with --check to find the pass that broke it."
+        ) from exc
+
+
+def run(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Run ``session`` on ``feeds`` and return the outputs by name."""
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    values = session.run(names, dict(feeds))
+    return dict(zip(names, values, strict=True))
+
+
+def measure_latency(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, warmup: int = 5, runs: int = 50
+) -> Latency:
+    """Median and p90 latency of ``runs`` calls after ``warmup`` untimed ones."""
+    return interleaved_latency({"model": session}, feeds, warmup=warmup, runs=runs)["model"]
+
+
+def interleaved_latency(
+    sessions: Mapping[str, ort.InferenceSession],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    warmup: int = 5,
+    runs: int = 50,
+) -> dict[str, Latency]:
+    """Time several sessions in alternation so machine noise hits them all alike."""
+    feeds = dict(feeds)
+    for _ in range(warmup):
+        for session in sessions.values():
+            session.run(None, feeds)
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(runs):
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _summarize(samples) for name, samples in times.items()}
+
+
+def _summarize(samples: list[float]) -> Latency:
+    ordered = sorted(samples)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return Latency(statistics.median(ordered), p90, ordered[0], len(ordered))

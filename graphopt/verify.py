@@ -1,0 +1,213 @@
+"""Compare a candidate model with its reference in ONNX Runtime, against a budget.
+
+Both models run on the same device and the same input batches. Metrics are reduced
+batch by batch (sums and extremes), so memory does not grow with the sample count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import runtime
+from graphopt.calibration.sources import Batch, DataSpec, input_specs, iter_batches
+from graphopt.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy limits per output; None leaves a metric unchecked.
+
+    Attributes:
+        max_abs: Largest allowed absolute difference.
+        max_rel_l2: Largest allowed ||cand - ref|| / ||ref||.
+        min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
+        min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
+        outputs: Outputs the budget applies to; empty means all.
+    """
+
+    max_abs: float | None = None
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+    min_top1: float | None = None
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class OutputMetrics:
+    """How far one output of the candidate is from the reference."""
+
+    name: str
+    max_abs: float = 0.0
+    rel_l2: float = 0.0
+    cosine_mean: float = 1.0
+    cosine_min: float = 1.0
+    top1: float | None = None
+    reference_max_abs: float = 0.0
+
+    def violations(self, budget: Budget) -> list[str]:
+        if budget.outputs and self.name not in budget.outputs:
+            return []
+        found = []
+        if budget.max_abs is not None and not self.max_abs <= budget.max_abs:
+            found.append(f"output {self.name!r}: max abs error {self.max_abs:.3g} > budget {budget.max_abs:.3g}")
+        if budget.max_rel_l2 is not None and not self.rel_l2 <= budget.max_rel_l2:
+            found.append(f"output {self.name!r}: relative L2 {self.rel_l2:.3g} > budget {budget.max_rel_l2:.3g}")
+        if budget.min_cosine is not None and not self.cosine_min >= budget.min_cosine:
+            found.append(f"output {self.name!r}: min cosine {self.cosine_min:.6f} < budget {budget.min_cosine}")
+        if budget.min_top1 is not None and self.top1 is not None and not self.top1 >= budget.min_top1:
+            found.append(f"output {self.name!r}: top-1 agreement {self.top1:.4f} < budget {budget.min_top1}")
+        return found
+
+
+@dataclass
+class _Accumulator:
+    name: str
+    max_abs: float = 0.0
+    ref_max: float = 0.0
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    cos_sum: float = 0.0
+    cos_min: float = 1.0
+    rows: int = 0
+    agree: int = 0
+    classified: int = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.shape != cand.shape:
+            raise DataError(f"output {self.name!r}: reference shape {ref.shape} != candidate shape {cand.shape}")
+        if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
+            ref, cand = ref.astype(np.float64), cand.astype(np.float64)
+        r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
+        diff = np.abs(r - c)
+        self.max_abs = max(self.max_abs, float(np.nanmax(diff, initial=0.0)) if not np.isnan(diff).any() else math.inf)
+        self.ref_max = max(self.ref_max, float(np.max(np.abs(r), initial=0.0)))
+        self.diff_sq += float(np.sum((r - c) ** 2))
+        self.ref_sq += float(np.sum(r**2))
+        rows_r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
+        rows_c = c.reshape(rows_r.shape)
+        cosine = _cosine_rows(rows_r, rows_c)
+        self.cos_sum += float(cosine.sum())
+        self.cos_min = min(self.cos_min, float(cosine.min(initial=1.0)))
+        self.rows += len(cosine)
+        if r.ndim == 2 and r.shape[1] > 1 and np.issubdtype(ref.dtype, np.floating):
+            self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
+            self.classified += r.shape[0]
+
+    def result(self) -> OutputMetrics:
+        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else math.sqrt(self.diff_sq)
+        return OutputMetrics(
+            name=self.name,
+            max_abs=self.max_abs,
+            rel_l2=rel,
+            cosine_mean=self.cos_sum / self.rows if self.rows else 1.0,
+            cosine_min=self.cos_min,
+            top1=self.agree / self.classified if self.classified else None,
+            reference_max_abs=self.ref_max,
+        )
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    dot = np.sum(a * b, axis=1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, np.nan_to_num(cosine, nan=0.0))
+
+
+@dataclass
+class VerifyResult:
+    """Per-output metrics of a candidate against its reference, and the budget verdict."""
+
+    device: str
+    samples: int
+    outputs: list[OutputMetrics] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "device": self.device,
+            "samples": self.samples,
+            "passed": self.passed,
+            "violations": list(self.violations),
+            "outputs": [asdict(o) for o in self.outputs],
+        }
+
+
+def compare(
+    reference: runtime.ModelSource,
+    candidate: runtime.ModelSource,
+    batches: Iterable[Batch],
+    *,
+    device: str = "cpu",
+    budget: Budget | None = None,
+    threads: int | None = None,
+) -> VerifyResult:
+    """Run both models on ``batches`` and reduce per-output metrics."""
+    ref_session = runtime.create_session(reference, device, threads=threads)
+    cand_session = runtime.create_session(candidate, device, threads=threads)
+    ref_names = [o.name for o in ref_session.get_outputs()]
+    cand_names = {o.name for o in cand_session.get_outputs()}
+    missing = [n for n in ref_names if n not in cand_names]
+    if missing:
+        raise DataError(f"the candidate lacks reference output(s) {missing}; graph outputs must keep their names.")
+    accumulators = {name: _Accumulator(name) for name in ref_names}
+    samples = 0
+    for batch in batches:
+        ref_out = runtime.run(ref_session, batch, ref_names)
+        cand_out = runtime.run(cand_session, batch, ref_names)
+        for name in ref_names:
+            accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
+        samples += len(next(iter(batch.values()))) if batch else 1
+    if samples == 0:
+        raise DataError("no input batches to verify with; give data with samples in it.")
+    metrics = [acc.result() for acc in accumulators.values()]
+    budget = budget or Budget()
+    violations = [v for m in metrics for v in m.violations(budget)]
+    return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations)
+
+
+def verify_models(
+    reference: ir.Model,
+    candidate: ir.Model,
+    data: DataSpec,
+    *,
+    device: str = "cpu",
+    budget: Budget | None = None,
+    threads: int | None = None,
+) -> VerifyResult:
+    """Verify ``candidate`` against ``reference`` on inputs described by ``data``."""
+    batches = iter_batches(data, input_specs(reference))
+    return compare(reference, candidate, batches, device=device, budget=budget, threads=threads)
+
+
+def label_accuracy(
+    model: runtime.ModelSource,
+    inputs: dict[str, np.ndarray],
+    labels: np.ndarray,
+    *,
+    output: str | None = None,
+    device: str = "cpu",
+    batch_size: int = 256,
+) -> float:
+    """Share of samples whose arg-max over ``output`` (default: the first) equals the label."""
+    session = runtime.create_session(model, device)
+    name = output or session.get_outputs()[0].name
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        feeds = {k: v[start : start + batch_size] for k, v in inputs.items()}
+        scores = runtime.run(session, feeds, [name])[name]
+        correct += int(np.sum(np.argmax(scores, axis=-1) == labels[start : start + batch_size]))
+    return correct / len(labels) if len(labels) else 0.0

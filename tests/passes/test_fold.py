@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+
+from graphopt import io, recipe, runtime
+from graphopt.errors import RecipeError
+from tests import toy
+
+
+def _load(proto: onnx.ModelProto, tmp_path: Path, name: str = "m.onnx") -> ir.Model:
+    return io.load_model(toy.save(proto, tmp_path / name))
+
+
+def _outputs(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return runtime.run(runtime.create_session(model, optimization="disable"), feeds)
+
+
+def _fold_and_compare(tmp_path: Path, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> ir.Model:
+    reference = _load(proto, tmp_path)
+    model = _load(proto, tmp_path, "m2.onnx")
+    result = FoldConstantsPass()(model)
+    assert result.modified
+    io.check_model(model)
+    expected, got = _outputs(reference, feeds), _outputs(model, feeds)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
+    return model
+
+
+def _ops(model: ir.Model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+def test_folds_constant_subgraphs_and_identity(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    model = _fold_and_compare(tmp_path, toy.foldable(), {"x": x})
+    assert _ops(model) == ["MatMul", "Add", "Relu"]
+    assert [v.name for v in model.graph.inputs] == ["x"]
+    assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_second_run_reports_unmodified(tmp_path: Path) -> None:
+    model = _load(toy.foldable(), tmp_path)
+    assert FoldConstantsPass()(model).modified
+    assert not FoldConstantsPass()(model).modified
+
+
+def test_nothing_to_fold_is_unmodified(tmp_path: Path) -> None:
+    model = _load(toy.already_folded(), tmp_path)
+    assert not FoldConstantsPass()(model).modified
+    assert _ops(model) == ["MatMul", "Add", "Relu"]
+
+
+def test_batchnorm_folds_into_conv(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    model = _fold_and_compare(tmp_path, toy.conv_bn(), {"x": x})
+    assert _ops(model) == ["Conv", "Relu"]
+
+
+def test_qdq_pairs_are_kept(tmp_path: Path) -> None:
+    model = _load(toy.qdq_weight(), tmp_path)
+    FoldConstantsPass()(model)
+    assert _ops(model) == ["QuantizeLinear", "DequantizeLinear", "MatMul"]
+
+
+def test_if_branches_are_folded(tmp_path: Path) -> None:
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    model = _fold_and_compare(tmp_path, toy.with_if_subgraph(), {"x": x})
+    if_node = next(n for n in model.graph if n.op_type == "If")
+    for branch in ("then_branch", "else_branch"):
+        assert [n.op_type for n in if_node.attributes[branch].as_graph()] == ["Mul"]
+
+
+def test_functions_are_inlined_and_folded(tmp_path: Path) -> None:
+    x = np.random.default_rng(3).standard_normal((2, 4)).astype(np.float32)
+    model = _fold_and_compare(tmp_path, toy.with_function(), {"x": x})
+    assert _ops(model) == ["Mul"]
+    assert not model.functions
+
+
+def test_functions_folded_in_place_without_inlining(tmp_path: Path) -> None:
+    model = _load(toy.with_function(), tmp_path)
+    FoldConstantsPass(FoldConfig(inline_functions=False))(model)
+    assert _ops(model) == ["Scale5"]
+    assert len(model.functions) == 1
+
+
+def test_shared_weight_is_not_duplicated(tmp_path: Path) -> None:
+    model = _load(toy.shared_weight(), tmp_path)
+    before = io.model_bytes(model)
+    FoldConstantsPass()(model)
+    assert io.model_bytes(model) <= before
+
+
+def test_size_limit_keeps_large_folds_out(tmp_path: Path) -> None:
+    model = _load(toy.foldable(), tmp_path)
+    FoldConstantsPass(FoldConfig(size_limit=8))(model)
+    assert "Transpose" in _ops(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"iterations": "two"}, "iterations: expected int; got 'two' (str)"),
+        ({"size_limit": 1.5}, "size_limit: expected int; got 1.5 (float)"),
+        ({"inline_functions": "yes"}, "inline_functions: expected bool; got 'yes' (str)"),
+        ({"bogus": 1}, "unknown key(s) 'bogus'; valid keys: size_limit, iterations, inline_functions, shape_inference"),
+    ],
+)
+def test_bad_configs(options: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        recipe.make_step("fold", options, "recipe")
+    assert message in str(info.value)

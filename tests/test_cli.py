@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt import cli
+from tests import toy
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return toy.save(toy.foldable(), tmp_path / "model.onnx")
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_optimize_writes_model_and_reports(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, report, md = tmp_path / "o.onnx", tmp_path / "r.json", tmp_path / "r.md"
+    code, text = _run(
+        capsys, "optimize", str(model_path), "-o", str(out), "--report", str(report), "--report-md", str(md)
+    )
+    assert code == 0, text
+    assert out.exists() and "PASSED" in text
+    data = json.loads(report.read_text())
+    assert data["schema_version"] == 1 and data["passes"][0]["nodes"] == [6, 3]
+    assert data["verification"]["passed"] and data["output_bytes_on_disk"] == out.stat().st_size
+    assert "| fold |" in md.read_text()
+
+
+def test_over_budget_exits_1_and_writes_no_model(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], with_noise_pass: list[object]
+) -> None:
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, text = _run(capsys, "optimize", str(model_path), "-o", str(out), "--pass", "noise", "--report", str(report))
+    assert code == 1 and "over the accuracy budget" in text
+    assert not out.exists() and not json.loads(report.read_text())["verification"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optimize", "{model}", "-o", "{model}"], "would write over the input"),
+        (["optimize", "{tmp}/none.onnx", "-o", "{tmp}/o.onnx"], "no such file"),
+        (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--pass", "nope"], "unknown pass 'nope'"),
+        (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--recipe", "{tmp}/none.yaml"], "no such recipe file"),
+        (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--dim", "batch"], "expected NAME=INT"),
+        (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--verify-data", "{tmp}/none.npz"], "no such file"),
+        (["inspect", "{tmp}/junk.onnx"], "not an ONNX model"),
+        (["verify", "{model}", "{tmp}/none.onnx"], "no such file"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x96\x01garbage" * 10)
+    code, text = _run(capsys, *(a.format(model=model_path, tmp=tmp_path) for a in args))
+    assert code == 2
+    assert message in text.replace("\n", " ") and "Traceback" not in text
+
+
+def test_inspect_verify_bench_passes(tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _run(capsys, "inspect", str(model_path))
+    assert code == 0 and "Transpose" in text and "FLOAT" in text
+    code, text = _run(capsys, "inspect", str(model_path), "--json")
+    assert code == 0 and '"nodes": 6' in text
+    other = toy.save(toy.foldable(seed=5), tmp_path / "other.onnx")
+    assert _run(capsys, "verify", str(model_path), str(model_path), "--max-abs", "0")[0] == 0
+    assert _run(capsys, "verify", str(model_path), str(other), "--min-cosine", "0.999")[0] == 1
+    np.savez(tmp_path / "x.npz", x=np.ones((2, 8), np.float32))
+    code, text = _run(
+        capsys, "bench", str(model_path), "--data", str(tmp_path / "x.npz"), "--runs", "5", "--threads", "1"
+    )
+    assert code == 0 and "median" in text and "x[1, 8]" in text
+    code, text = _run(capsys, "passes")
+    assert code == 0 and "fold" in text and "size_limit" in text
+
+
+def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["optimize"])
+    assert info.value.code == 2

@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from graphopt import io, runtime
+from graphopt.errors import ModelLoadError, ModelSaveError
+from tests import toy
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return toy.save(toy.foldable(), tmp_path / "model.onnx")
+
+
+def _external_model(tmp_path: Path, location: str) -> Path:
+    """Save a model with external data, then point its tensor at ``location``."""
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    proto = toy.already_folded()
+    onnx.save(proto, str(folder / "model.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(proto, str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"", "the file is empty"),
+        (os.urandom(4096), "not an ONNX model"),
+        (numpy_helper.from_array(np.ones(3, np.float32)).SerializeToString(), "is not an ONNX model"),
+    ],
+    ids=["missing", "empty", "random", "tensor-not-model"],
+)
+def test_bad_files_give_clear_errors(tmp_path: Path, content: bytes | None, message: str) -> None:
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        io.load_model(path)
+
+
+def test_truncated_model(tmp_path: Path, model_path: Path) -> None:
+    data = model_path.read_bytes()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        io.load_model(path)
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("../outside.data", "not a plain path relative"),
+        ("/etc/passwd", "not a plain path relative"),
+        ("missing.data", "does not exist"),
+    ],
+)
+def test_external_data_must_stay_inside(tmp_path: Path, location: str, message: str) -> None:
+    (tmp_path / "outside.data").write_bytes(b"\0" * 1024)
+    with pytest.raises(ModelLoadError, match=message):
+        io.load_model(_external_model(tmp_path, location))
+
+
+def test_external_data_symlink_out_is_refused(tmp_path: Path) -> None:
+    path = _external_model(tmp_path, "w.data")
+    real = path.parent / "w.data"
+    moved = tmp_path / "elsewhere.data"
+    real.rename(moved)
+    real.symlink_to(moved)
+    with pytest.raises(ModelLoadError, match="resolves outside"):
+        io.load_model(path)
+
+
+def test_truncated_external_data(tmp_path: Path) -> None:
+    path = _external_model(tmp_path, "w.data")
+    data = path.parent / "w.data"
+    data.write_bytes(data.read_bytes()[:8])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        io.load_model(path)
+
+
+def test_external_data_round_trip(tmp_path: Path) -> None:
+    path = _external_model(tmp_path, "w.data")
+    model = io.load_model(path)
+    out = tmp_path / "out" / "inline.onnx"
+    out.parent.mkdir()
+    saved = io.save_model(model, out, protect=[path])
+    assert saved.data_path is None
+    assert io.load_model(out).graph.initializers["W"].const_value.numpy().shape == (8, 4)
+    saved = io.save_model(io.load_model(path), tmp_path / "out" / "ext.onnx", external_data=True)
+    assert saved.data_path is not None and saved.data_path.name == "ext.onnx.data"
+    assert io.load_model(saved.path).graph.initializers["W"].const_value.numpy().shape == (8, 4)
+
+
+def test_save_refuses_input_and_its_data(tmp_path: Path, model_path: Path) -> None:
+    with pytest.raises(ModelSaveError, match="would write over the input"):
+        io.save_model(io.load_model(model_path), model_path, protect=[model_path])
+    ext = _external_model(tmp_path, "w.data")
+    model = io.load_model(ext)
+    with pytest.raises(ModelSaveError, match="would write over the input"):
+        io.save_model(model, ext.parent / "w.data")
+
+
+def test_save_leaves_no_temporary_files(tmp_path: Path, model_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    io.save_model(io.load_model(model_path), out_dir / "m.onnx")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.onnx"]
+
+
+def test_failed_save_keeps_previous_output(tmp_path: Path, model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous")
+
+    def broken(path: Path) -> None:
+        raise ModelSaveError("ORT cannot load it")
+
+    monkeypatch.setattr(runtime, "check_loads", broken)
+    with pytest.raises(ModelSaveError):
+        io.save_model(io.load_model(model_path), out)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "out.onnx"]
+
+
+def test_save_missing_folder(tmp_path: Path, model_path: Path) -> None:
+    with pytest.raises(ModelSaveError, match="does not exist"):
+        io.save_model(io.load_model(model_path), tmp_path / "nope" / "m.onnx")
+
+
+def test_ir_version_is_one_ort_loads(tmp_path: Path) -> None:
+    proto = toy.foldable()
+    proto.ir_version = onnx.IR_VERSION  # onnx writes the newest IR by default
+    model = io.load_model(toy.save(proto, tmp_path / "new_ir.onnx"))
+    saved = io.save_model(model, tmp_path / "out.onnx")
+    assert saved.ir_version <= runtime.max_ir_version()
+    assert onnx.load(str(saved.path)).ir_version == saved.ir_version
+
+
+def test_sparse_initializers_are_densified(tmp_path: Path) -> None:
+    proto = toy.already_folded()
+    dense = numpy_helper.to_array(proto.graph.initializer[0])
+    dense = np.where(np.abs(dense) > 0.8, dense, 0).astype(np.float32)
+    flat = np.flatnonzero(dense)
+    sparse = helper.make_sparse_tensor(
+        numpy_helper.from_array(dense.ravel()[flat], "W"),
+        numpy_helper.from_array(flat.astype(np.int64), "W_idx"),
+        dense.shape,
+    )
+    del proto.graph.initializer[0]
+    proto.graph.sparse_initializer.append(sparse)
+    model = io.load_model(toy.save(proto, tmp_path / "sparse.onnx"))
+    np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), dense)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graphopt.passes.fold import FoldConstantsPass
+
+import graphopt
+from graphopt import io
+from graphopt.errors import AccuracyBudgetError, DataError, PassError
+from tests import toy
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return toy.save(toy.foldable(), tmp_path / "model.onnx")
+
+
+def test_optimize_path_records_every_pass(model_path: Path) -> None:
+    result = graphopt.optimize(model_path, ["fold", "fold"])
+    first, second = result.report.passes
+    assert first.modified and not second.modified
+    assert (first.before.nodes, first.after.nodes) == (6, 3)
+    assert first.seconds > 0
+    assert result.report.verification is not None and result.report.verification.passed
+    assert result.report.latency is not None and set(result.report.latency) == {"reference", "optimized"}
+
+
+def test_optimize_leaves_the_given_model_unchanged(model_path: Path) -> None:
+    model = io.load_model(model_path)
+    result = graphopt.optimize(model, ["fold"])
+    assert len(list(model.graph)) == 6 and len(list(result.model.graph)) == 3
+
+
+def test_budget_failure_names_the_lossy_pass(model_path: Path, with_noise_pass: list[object]) -> None:
+    plan = {"passes": ["fold", "noise"], "budget": {"max_rel_l2": 1e-3}}
+    with pytest.raises(AccuracyBudgetError) as info:
+        graphopt.optimize(model_path, plan)
+    message = str(info.value)
+    assert "output 'y': relative L2" in message and "Passes that changed the model: noise" in message
+    assert info.value.report is not None and not info.value.report.verification.passed
+    assert info.value.exit_code == 1
+
+
+def test_report_only_does_not_raise(model_path: Path, with_noise_pass: list[object]) -> None:
+    plan = {"passes": ["noise"], "budget": {"max_rel_l2": 1e-3}, "verify": {"report_only": True, "latency_runs": 0}}
+    result = graphopt.optimize(model_path, plan)
+    assert not result.report.verification.passed and result.report.latency is None
+
+
+def test_calibration_reaches_the_pass(model_path: Path, tmp_path: Path, with_noise_pass: list[object]) -> None:
+    with pytest.raises(DataError, match="pass 'calibrated_noise' needs calibration data"):
+        graphopt.optimize(model_path, ["calibrated_noise"])
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 8), np.float32))
+    plan = {"passes": ["calibrated_noise"], "verify": {"report_only": True, "latency_runs": 0}}
+    graphopt.optimize(model_path, plan, calibration=tmp_path / "calib.npz")
+    assert with_noise_pass == [tmp_path / "calib.npz"]
+
+
+def test_failing_pass_is_named_with_those_before(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(self: FoldConstantsPass, model: ir.Model) -> ir.passes.PassResult:
+        raise RuntimeError("kaput")
+
+    graphopt.optimize(model_path, ["fold"])  # a healthy first run
+    monkeypatch.setattr(FoldConstantsPass, "call", boom)
+    with pytest.raises(PassError, match=r"pass 1 'fold' failed: RuntimeError: kaput"):
+        graphopt.optimize(model_path, ["fold"])
+
+
+def test_check_blames_the_pass_that_broke_the_graph(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, with_noise_pass: list[object]
+) -> None:
+    def breaks(self: FoldConstantsPass, model: ir.Model) -> ir.passes.PassResult:
+        next(iter(model.graph)).op_type = "NoSuchOp"
+        return ir.passes.PassResult(model, modified=True)
+
+    monkeypatch.setattr(FoldConstantsPass, "call", breaks)
+    with pytest.raises(PassError, match=r"pass 2 'fold' \(after noise\) left a model that fails onnx.checker"):
+        graphopt.optimize(model_path, {"passes": ["noise", "fold"], "check": True})

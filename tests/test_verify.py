@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt import io, verify
+from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.errors import DataError
+from tests import toy
+
+
+def _acc(ref: np.ndarray, cand: np.ndarray) -> verify.OutputMetrics:
+    acc = verify._Accumulator("y")
+    for start in range(0, len(ref), 3):  # several batches: the reduction must stream
+        acc.add(ref[start : start + 3], cand[start : start + 3])
+    return acc.result()
+
+
+def test_metrics_of_identical_outputs() -> None:
+    ref = np.random.default_rng(0).standard_normal((10, 5)).astype(np.float32)
+    metrics = _acc(ref, ref.copy())
+    assert metrics.max_abs == 0 and metrics.rel_l2 == 0 and metrics.top1 == 1.0
+    assert metrics.cosine_min == pytest.approx(1.0)
+
+
+def test_metrics_of_perturbed_outputs() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((10, 5))
+    cand = ref.copy()
+    cand[0, 0] += 0.5
+    cand[3] = -cand[3]  # one sample flipped: cosine -1, top-1 differs
+    metrics = _acc(ref, cand)
+    assert metrics.max_abs == pytest.approx(max(0.5, 2 * np.abs(ref[3]).max()))
+    assert metrics.cosine_min == pytest.approx(-1.0)
+    assert metrics.top1 == pytest.approx(0.9)
+    expected_rel = np.linalg.norm(ref - cand) / np.linalg.norm(ref)
+    assert metrics.rel_l2 == pytest.approx(expected_rel)
+
+
+def test_budget_violations_name_output_and_metric() -> None:
+    metrics = verify.OutputMetrics("logits", max_abs=0.2, rel_l2=0.01, cosine_min=0.98, top1=0.9)
+    found = metrics.violations(verify.Budget(max_abs=0.1, min_cosine=0.99, min_top1=0.95, max_rel_l2=0.1))
+    assert found == [
+        "output 'logits': max abs error 0.2 > budget 0.1",
+        "output 'logits': min cosine 0.980000 < budget 0.99",
+        "output 'logits': top-1 agreement 0.9000 < budget 0.95",
+    ]
+    assert metrics.violations(verify.Budget(max_abs=0.1, outputs=("other",))) == []
+
+
+def test_nan_output_fails_any_abs_budget() -> None:
+    ref = np.ones((2, 3))
+    cand = ref.copy()
+    cand[0, 0] = np.nan
+    assert _acc(ref, cand).violations(verify.Budget(max_abs=1.0))
+
+
+def test_random_inputs_respect_tables_and_masks(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Mul", ["e", "attention_mask"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", "seq", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 3])],
+        [numpy_helper.from_array(np.ones((7, 3), np.float32), "table")],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "g.onnx"))
+    specs = input_specs(model)
+    assert specs[0].index_bound == 7
+    batches = list(iter_batches(DataSpec(samples=5, batch_size=2, dims={"seq": 4}), specs))
+    assert [b["ids"].shape for b in batches] == [(2, 4), (2, 4), (1, 4)]
+    assert all(b["ids"].max() < 7 for b in batches)
+    with pytest.raises(DataError, match="--dim seq=N"):
+        list(iter_batches(DataSpec(samples=1), specs))
+
+
+def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:
+    model = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    x = np.arange(24, dtype=np.float64).reshape(3, 8)
+    np.savez(tmp_path / "d.npz", x=x)
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "x.npy", x)
+    for source in (tmp_path / "d.npz", tmp_path / "folder"):
+        batches = list(iter_batches(DataSpec(source=str(source), samples=10, batch_size=2), input_specs(model)))
+        assert [b["x"].shape for b in batches] == [(2, 8), (1, 8)]
+        assert batches[0]["x"].dtype == np.float32
+    np.savez(tmp_path / "wrong.npz", z=x)
+    with pytest.raises(DataError, match=r"no array for input\(s\) \['x'\]"):
+        list(iter_batches(DataSpec(source=str(tmp_path / "wrong.npz")), input_specs(model)))
+    with pytest.raises(DataError, match="no such file"):
+        list(iter_batches(DataSpec(source=str(tmp_path / "none.npz")), input_specs(model)))
+
+
+def test_verify_models_end_to_end(tmp_path: Path) -> None:
+    model = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    result = verify.verify_models(
+        model, model.clone(), DataSpec(samples=6, batch_size=3), budget=verify.Budget(max_abs=0)
+    )
+    assert result.passed and result.samples == 6
+    other = io.load_model(toy.save(toy.foldable(seed=1), tmp_path / "n.onnx"))
+    result = verify.verify_models(model, other, DataSpec(samples=2), budget=verify.Budget(max_rel_l2=0.01))
+    assert not result.passed and "relative L2" in result.violations[0]
