@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from graphopt import io, recipe, registry, runtime, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
-from graphopt.errors import AccuracyBudgetError, DataError, GraphoptError, PassError
+from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.report import PassRecord, Report
 
 logger = logging.getLogger(__name__)
@@ -94,14 +94,8 @@ class Pipeline:
     def _calibrate(
         self, model: ir.Model, spec: registry.PassSpec, step: recipe.PassStep, calibration: DataSpec | None
     ) -> Any:
-        if spec.calibrate is None:
-            return None
-        if calibration is None:
-            raise DataError(
-                f"pass {step.name!r} needs calibration data; give --calib DATA.npz "
-                "(or a recipe `calibration: {data: ...}`)."
-            )
-        return spec.calibrate(model, calibration, step.config)
+        # The calibrator decides whether this config needs data (e.g. dynamic quantization does not).
+        return spec.calibrate(model, calibration, step.config) if spec.calibrate is not None else None
 
     def _check(self, model: ir.Model, index: int) -> None:
         try:

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
 
 # (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
 Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
@@ -66,6 +67,7 @@ class PassSpec:
 REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
     {
         "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
+        "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
     }
 )
 

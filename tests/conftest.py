@@ -10,6 +10,7 @@ import pytest
 
 import graphopt
 from graphopt import registry
+from graphopt.calibration.sources import require_data
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def with_noise_pass(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     seen: list[object] = []
 
     def calibrate(model: ir.Model, data: graphopt.DataSpec, config: NoiseConfig) -> str:
-        seen.append(data.source)
+        seen.append(require_data(data, "calibrated_noise").source)
         return "stats"
 
     specs = {

@@ -155,6 +155,16 @@ class DataSpec:
     dims: Mapping[str, int] | None = None
 
 
+def require_data(data: DataSpec | None, pass_name: str) -> DataSpec:
+    """``data``, or the error that tells the user how to give a pass its calibration data."""
+    if data is None:
+        raise DataError(
+            f"pass {pass_name!r} needs calibration data; give --calib DATA.npz "
+            "(or a recipe `calibration: {data: ...}`)."
+        )
+    return data
+
+
 def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     """Batches for ``data``, at most ``data.samples`` samples in all."""
     dims = dict(data.dims or {})

@@ -1,0 +1,152 @@
+"""Graph edits shared by the quantization passes: Q/DQ pairs, quantized weights and biases.
+
+Every helper names its new values after the tensor it quantizes (``<name>_quantized``,
+``<name>_scale``, ...) with a uniquifying suffix when needed, and keeps shapes and types
+on the new values so ONNX Runtime and the checker see a fully typed graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.quant import QuantParams
+
+_IR_TYPES = {
+    "int8": ir.DataType.INT8,
+    "uint8": ir.DataType.UINT8,
+    "int16": ir.DataType.INT16,
+    "uint16": ir.DataType.UINT16,
+    "int4": ir.DataType.INT4,
+    "uint4": ir.DataType.UINT4,
+    "int32": ir.DataType.INT32,
+}
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """``base`` or ``base_N``, unused by any value of the graph or by ``taken``."""
+    if not taken:
+        taken.update(graph.initializers)
+        taken.update(v.name for v in graph.inputs if v.name)
+        taken.update(out.name for node in graph for out in node.outputs if out.name)
+    name, index = base, 1
+    while name in taken:
+        name, index = f"{base}_{index}", index + 1
+    taken.add(name)
+    return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def param_values(graph: ir.Graph, base: str, params: QuantParams, taken: set[str]) -> tuple[ir.Value, ir.Value]:
+    """Initializers for the scale and zero point of ``params``."""
+    scale = add_initializer(graph, unique_name(graph, f"{base}_scale", taken), params.scale.astype(np.float32))
+    zp_type = _IR_TYPES[params.qtype]
+    zero = add_initializer(graph, unique_name(graph, f"{base}_zero_point", taken), params.zero_point, zp_type)
+    return scale, zero
+
+
+def _axis_attrs(params: QuantParams) -> dict[str, int]:
+    return {"axis": params.axis} if params.axis is not None else {}
+
+
+def insert_qdq(
+    graph: ir.Graph, value: ir.Value, params: QuantParams, taken: set[str], source: ir.Value | None = None
+) -> ir.Value:
+    """Insert ``Q -> DQ`` after ``value`` and make its consumers read the DQ output.
+
+    ``source`` (default: ``value``) is what the Q node reads; giving another value lets a
+    removed ReLU's output be quantized straight from the ReLU's input. Graph outputs keep
+    reading the float value, so output names and types are unchanged.
+    """
+    source = source if source is not None else value
+    scale, zero = param_values(graph, value.name, params, taken)
+    q_out = ir.Value(
+        name=unique_name(graph, f"{value.name}_QuantizeLinear", taken),
+        shape=value.shape,
+        type=ir.TensorType(_IR_TYPES[params.qtype]),
+    )
+    dq_out = ir.Value(
+        name=unique_name(graph, f"{value.name}_DequantizeLinear", taken), shape=value.shape, type=value.type
+    )
+    q = ir.node("QuantizeLinear", [source, scale, zero], _axis_attrs(params), outputs=[q_out], name=q_out.name)
+    dq = ir.node("DequantizeLinear", [q_out, scale, zero], _axis_attrs(params), outputs=[dq_out], name=dq_out.name)
+    for node, index in list(value.uses()):
+        if node is not q:
+            node.replace_input_with(index, dq_out)
+    anchor = source.producer()
+    if anchor is not None and anchor.graph is graph:
+        graph.insert_after(anchor, [q, dq])
+    else:
+        graph.insert_before(next(iter(graph)), [q, dq])
+    return dq_out
+
+
+def insert_weight_dq(
+    graph: ir.Graph, weight: ir.Value, quantized: np.ndarray, params: QuantParams, taken: set[str]
+) -> ir.Value:
+    """Store ``quantized`` as an initializer and feed it through a DequantizeLinear."""
+    stored = add_initializer(
+        graph, unique_name(graph, f"{weight.name}_quantized", taken), quantized, _IR_TYPES[params.qtype]
+    )
+    scale, zero = param_values(graph, weight.name, params, taken)
+    dq_out = ir.Value(
+        name=unique_name(graph, f"{weight.name}_DequantizeLinear", taken), shape=weight.shape, type=weight.type
+    )
+    dq = ir.node("DequantizeLinear", [stored, scale, zero], _axis_attrs(params), outputs=[dq_out], name=dq_out.name)
+    graph.insert_before(next(iter(graph)), dq)
+    return dq_out
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer nobody reads any more (and that is not a graph input/output)."""
+    if (
+        value.name in graph.initializers
+        and not value.uses()
+        and not value.is_graph_output()
+        and value not in graph.inputs
+    ):
+        del graph.initializers[value.name]
+
+
+def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
+    """Store a Gather's constant [rows, dim] table as int8 with one scale per row.
+
+    The lookup runs on the int8 table and only the gathered rows are dequantized
+    (Gather scales, Cast, Mul), so the model shrinks 4x without dequantizing the whole
+    table on every run. Returns False (graph untouched) when the node does not fit.
+    """
+    table, indices = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if table is None or indices is None or table.const_value is None or table.dtype != ir.DataType.FLOAT:
+        return False
+    if node.attributes.get_int("axis", 0) != 0 or len(table.const_value.shape) != 2 or len(table.uses()) != 1:
+        return False
+    array = table.const_value.numpy()
+    absmax = np.abs(array).max(axis=1, keepdims=True)
+    scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
+    quantized = np.clip(np.rint(array / scales), -127, 127).astype(np.int8)
+    table_q = add_initializer(graph, unique_name(graph, f"{table.name}_quantized", taken), quantized)
+    table_s = add_initializer(graph, unique_name(graph, f"{table.name}_row_scale", taken), scales)
+    out = node.outputs[0]
+    rows_q = ir.Value(name=unique_name(graph, f"{out.name}_int8", taken), type=ir.TensorType(ir.DataType.INT8))
+    rows_s = ir.Value(name=unique_name(graph, f"{out.name}_row_scale", taken), type=ir.TensorType(ir.DataType.FLOAT))
+    rows_f = ir.Value(name=unique_name(graph, f"{out.name}_float", taken), type=ir.TensorType(ir.DataType.FLOAT))
+    result = ir.Value(name=unique_name(graph, f"{out.name}_dequantized", taken), shape=out.shape, type=out.type)
+    new_nodes = [
+        ir.node("Gather", [table_q, indices], {"axis": 0}, outputs=[rows_q], name=rows_q.name),
+        ir.node("Gather", [table_s, indices], {"axis": 0}, outputs=[rows_s], name=rows_s.name),
+        ir.node("Cast", [rows_q], {"to": ir.DataType.FLOAT}, outputs=[rows_f], name=rows_f.name),
+        ir.node("Mul", [rows_f, rows_s], outputs=[result], name=result.name),
+    ]
+    graph.insert_after(node, new_nodes)
+    name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, result.name = f"{name}_replaced", name
+    drop_if_unused(graph, table)
+    return True

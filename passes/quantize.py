@@ -1,0 +1,434 @@
+"""Static QDQ quantization: calibrated Q/DQ pairs placed where ONNX Runtime fuses them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from graphopt.passes import qdq
+from graphopt.passes.quantize_dynamic import quantize_matmul
+
+from graphopt import quant, runtime
+
+logger = logging.getLogger(__name__)
+
+Range = tuple[float, float]
+
+# op -> (weight input index, bias input index): weights quantized per channel to int8.
+COMPUTE_OPS: dict[str, tuple[int, int | None]] = {"Conv": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}
+# Ops whose output is a rearrangement of their input: same scale in and out, so ORT can
+# run them on the integers directly (and drop the DQ -> op -> Q around them).
+SAME_SCALE_OPS = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Slice", "Gather", "Resize"}
+)
+RELU_LIKE = frozenset({"Relu", "Clip"})
+DEFAULT_OPS = (
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Resize", "Sigmoid", "LeakyRelu",
+)  # fmt: skip
+ALREADY_QUANTIZED = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+    }
+)
+_ACT_INPUTS = {
+    "Gather": (0,),
+    "Reshape": (0,),
+    "Slice": (0,),
+    "Resize": (0,),
+    "Clip": (0,),
+    "Squeeze": (0,),
+    "Unsqueeze": (0,),
+}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options of the ``quantize`` pass."""
+
+    mode: Literal["static", "dynamic"] = field(
+        default="static",
+        metadata={
+            "help": "static: calibrated Q/DQ everywhere; dynamic: int8 MatMul weights, activation scales at run time."
+        },
+    )
+    activation_type: Literal["uint8", "int8", "uint16", "int16"] = field(
+        default="uint8",
+        metadata={"help": "Activation integer type; uint8 fuses best on ORT CPU (QLinearAdd needs it)."},
+    )
+    weight_type: Literal["int8", "uint8"] = field(default="int8", metadata={"help": "Weight integer type."})
+    activation_symmetric: bool = field(
+        default=False, metadata={"help": "Symmetric activations (zero point 0); asymmetric lets ReLU fold into the Q."}
+    )
+    weight_symmetric: bool = field(default=True, metadata={"help": "Symmetric weights: exact zeros stay zero."})
+    per_channel: bool = field(default=True, metadata={"help": "One weight scale per output channel."})
+    reduce_range: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "7-bit weights, avoiding int16 saturation in ORT's u8s8 kernels on x86 without VNNI; "
+            "auto: when this CPU lacks VNNI."
+        },
+    )
+    method: Literal["minmax", "percentile", "entropy", "mse"] = field(
+        default="percentile", metadata={"help": "How calibration picks each activation's clipping range."}
+    )
+    percentile: float = field(default=99.999, metadata={"help": "Percentile of |x| kept, for method=percentile."})
+    op_types: tuple[str, ...] = field(default=DEFAULT_OPS, metadata={"help": "Op types to quantize."})
+    exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
+    exclude_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names to leave in float."})
+    embeddings: bool = field(
+        default=True, metadata={"help": "Store Gather embedding tables as int8 with per-row scales (4x smaller)."}
+    )
+    tensor_types: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Per-tensor activation type overrides, e.g. {attn_scores: uint16}."}
+    )
+
+
+def selected_nodes(graph: ir.Graph, config: QuantizeConfig) -> list[ir.Node]:
+    """Main-graph nodes the config asks to quantize, with float data to quantize."""
+    chosen = []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
+            continue
+        if excluded(node, config):
+            continue
+        if any(_is_float_activation(v) for v in _activation_inputs(node)):
+            chosen.append(node)
+    return chosen
+
+
+def excluded(node: ir.Node, config: QuantizeConfig) -> bool:
+    """Whether the user asked to keep ``node`` in float (unnamed nodes match no name)."""
+    return bool(node.name and node.name in config.exclude_nodes) or node.op_type in config.exclude_op_types
+
+
+def _is_float_activation(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is None
+        and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    )
+
+
+def _activation_inputs(node: ir.Node) -> list[ir.Value | None]:
+    indices = _ACT_INPUTS.get(node.op_type)
+    if node.op_type in COMPUTE_OPS:
+        weight = COMPUTE_OPS[node.op_type][0]
+        return [v for i, v in enumerate(node.inputs) if i < 2 and (i != weight or v is None or v.const_value is None)]
+    if indices is None:
+        return list(node.inputs)
+    return [node.inputs[i] for i in indices if i < len(node.inputs)]
+
+
+def infer_types(model: ir.Model) -> None:
+    """Fill in missing tensor types (exporters do not always write value_info)."""
+    if any(out.dtype is None for node in model.graph for out in node.outputs):
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
+
+
+def calibration_targets(model: ir.Model, config: QuantizeConfig) -> list[str]:
+    """Activation tensors whose ranges the pass needs."""
+    if config.mode == "dynamic":
+        return []
+    infer_types(model)
+    names: dict[str, None] = {}
+    for node in selected_nodes(model.graph, config):
+        for value in [*_activation_inputs(node), *node.outputs]:
+            if _is_float_activation(value) and value.name:
+                names[value.name] = None
+    return list(names)
+
+
+class QuantizeQDQPass(ir.passes.InPlacePass):
+    """Insert calibrated QuantizeLinear/DequantizeLinear pairs so ONNX Runtime runs the model in int8.
+
+    Weights of Conv/MatMul/Gemm become int8 initializers (per channel by default) read
+    through DequantizeLinear; biases become int32 with scale s_input*s_weight; every
+    activation entering or leaving a selected op gets one Q -> DQ pair with the calibrated
+    range, shared by all its readers. With asymmetric activations a ReLU (or Clip from 0)
+    after a quantized tensor is removed: its Q saturates at zero, which is the same thing.
+    Graph inputs/outputs keep their names and float types. A model that already holds Q/DQ
+    or integer ops (a QAT export) is left unchanged. Only the main graph is quantized;
+    subgraphs and functions are left alone.
+
+    Attributes:
+        config: The pass options.
+        ranges: Calibrated (min, max) per activation tensor name.
+    """
+
+    def __init__(self, config: QuantizeConfig, ranges: Mapping[str, Range]) -> None:
+        super().__init__()
+        self.config = config
+        self.ranges = dict(ranges)
+        self.details: dict[str, object] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        if any(n.op_type in ALREADY_QUANTIZED and n.domain in ("", "ai.onnx") for n in graph):
+            logger.info("quantize: the model already holds Q/DQ or integer ops; left unchanged")
+            self.details = {"skipped": "already quantized"}
+            return ir.passes.PassResult(model, modified=False)
+        _check_opset(model, self.config)
+        infer_types(model)
+        if self.config.mode == "dynamic":
+            return self._dynamic(model)
+        editor = _Editor(graph, self.config, self.ranges)
+        editor.run(selected_nodes(graph, self.config))
+        self.details = editor.summary()
+        return ir.passes.PassResult(model, modified=editor.changed)
+
+    def _dynamic(self, model: ir.Model) -> ir.passes.PassResult:
+        taken: set[str] = set()
+        count = 0
+        for node in [n for n in selected_nodes(model.graph, self.config) if n.op_type == "MatMul"]:
+            count += quantize_matmul(
+                model.graph,
+                node,
+                per_channel=self.config.per_channel,
+                reduce_range=resolve_reduce_range(self.config),
+                taken=taken,
+            )
+        embeddings = 0
+        if self.config.embeddings and "Gather" in self.config.op_types:
+            for node in [n for n in model.graph if n.op_type == "Gather" and not excluded(n, self.config)]:
+                embeddings += qdq.quantize_gather_table(model.graph, node, taken)
+        self.details = {
+            "dynamic_matmuls": count,
+            "embeddings": embeddings,
+            "reduce_range": resolve_reduce_range(self.config),
+        }
+        return ir.passes.PassResult(model, modified=bool(count or embeddings))
+
+
+def resolve_reduce_range(config: QuantizeConfig) -> bool:
+    """``reduce_range`` with "auto" decided for this CPU (only int8 weights can saturate)."""
+    if config.reduce_range == "auto":
+        return config.weight_type == "int8" and runtime.u8s8_saturates()
+    return bool(config.reduce_range)
+
+
+def _check_opset(model: ir.Model, config: QuantizeConfig) -> None:
+    from graphopt.errors import PassError
+
+    opset = model.opset_imports.get("", 0)
+    needed = 21 if any(t.endswith("16") for t in (config.activation_type, *config.tensor_types.values())) else 13
+    if opset < needed:
+        raise PassError(
+            f"quantize: the model's opset is {opset}, per-channel Q/DQ (and 16-bit types) need opset >= {needed}. "
+            f"Re-export the model with opset_version={max(needed, 17)}."
+        )
+
+
+class _Editor:
+    """One quantization of one graph: decides params, then edits."""
+
+    def __init__(self, graph: ir.Graph, config: QuantizeConfig, ranges: Mapping[str, Range]) -> None:
+        self.graph, self.config, self.ranges = graph, config, ranges
+        self.taken: set[str] = set()
+        self.reduce_range = resolve_reduce_range(config)
+        self.params: dict[str, quant.QuantParams] = {}
+        self.weights: dict[str, ir.Value] = {}
+        self.values: dict[str, ir.Value] = {}
+        self.counts = {"activations": 0, "weights": 0, "biases": 0, "relu_removed": 0, "embeddings": 0, "nodes": 0}
+        self.changed = False
+
+    def summary(self) -> dict[str, object]:
+        return {**self.counts, "reduce_range": self.reduce_range}
+
+    def run(self, nodes: list[ir.Node]) -> None:
+        self.values = {v.name: v for v in self.graph.inputs if v.name}
+        self.values.update({out.name: out for node in self.graph for out in node.outputs if out.name})
+        for node in nodes:
+            for value in [*_activation_inputs(node), *node.outputs]:
+                if _is_float_activation(value) and value.name not in self.params:
+                    self._activation(value, node)
+        # Weights first use activation params (bias scale = s_input * s_weight).
+        for node in nodes:
+            self._weights(node)
+        for name, params in list(self.params.items()):
+            self._insert(name, params)
+        self._embeddings()
+        self.counts["nodes"] = len(nodes)
+        self.changed = bool(self.counts["activations"] or self.counts["weights"] or self.counts["embeddings"])
+
+    def _embeddings(self) -> None:
+        if (
+            not self.config.embeddings
+            or "Gather" not in self.config.op_types
+            or "Gather" in self.config.exclude_op_types
+        ):
+            return
+        for node in [n for n in self.graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
+            if not excluded(node, self.config) and qdq.quantize_gather_table(self.graph, node, self.taken):
+                self.counts["embeddings"] += 1
+
+    def _activation(self, value: ir.Value, node: ir.Node) -> None:
+        producer = value.producer()
+        if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.op_type in self.config.op_types:
+            source = producer.inputs[0]
+            if source is not None and source.name in self.params:
+                self.params[value.name] = self.params[source.name]
+                return
+        rng = self.ranges.get(value.name)
+        if rng is None:
+            logger.debug("quantize: no calibrated range for %s; left in float", value.name)
+            return
+        qtype = self.config.tensor_types.get(value.name, self.config.activation_type)
+        symmetric = self.config.activation_symmetric
+        self.params[value.name] = quant.compute_params(rng[0], rng[1], qtype, symmetric=symmetric)
+
+    def _weights(self, node: ir.Node) -> None:
+        if node.op_type not in COMPUTE_OPS:
+            self._constant_inputs(node)
+            return
+        w_index, b_index = COMPUTE_OPS[node.op_type]
+        weight = node.inputs[w_index] if len(node.inputs) > w_index else None
+        if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
+            return
+        array = weight.const_value.numpy()
+        trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+        axis = (
+            quant.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=trans_b)
+            if self.config.per_channel
+            else None
+        )
+        params = quant.weight_params(
+            array,
+            self.config.weight_type,
+            axis=axis,
+            symmetric=self.config.weight_symmetric,
+            reduce_range=self.reduce_range,
+        )
+        dq_out = self._weight_dq(weight, array, params)
+        node.replace_input_with(w_index, dq_out)
+        qdq.drop_if_unused(self.graph, weight)
+        self._bias(node, b_index, params)
+
+    def _weight_dq(self, weight: ir.Value, array: np.ndarray, params: quant.QuantParams) -> ir.Value:
+        key = f"{weight.name}|{params.axis}"
+        if key not in self.weights:
+            self.weights[key] = qdq.insert_weight_dq(self.graph, weight, params.quantize(array), params, self.taken)
+            self.counts["weights"] += 1
+        return self.weights[key]
+
+    def _bias(self, node: ir.Node, b_index: int | None, w_params: quant.QuantParams) -> None:
+        if b_index is None or len(node.inputs) <= b_index:
+            return
+        bias, x = node.inputs[b_index], node.inputs[0]
+        if bias is None or bias.const_value is None or x is None or x.name not in self.params:
+            return
+        array = bias.const_value.numpy()
+        if array.ndim != 1:
+            return
+        x_scale = self.params[x.name].scale
+        b_params = quant.bias_params(x_scale, w_params.scale, 0 if w_params.axis is not None else None)
+        quantized = quant.quantize_bias(array, b_params)
+        node.replace_input_with(b_index, qdq.insert_weight_dq(self.graph, bias, quantized, b_params, self.taken))
+        qdq.drop_if_unused(self.graph, bias)
+        self.counts["biases"] += 1
+
+    def _constant_inputs(self, node: ir.Node) -> None:
+        """Constant operands of Add/Mul/Concat are quantized like activations (same integer type)."""
+        if node.op_type not in ("Add", "Mul", "Concat"):
+            return
+        for index, value in enumerate(node.inputs):
+            if value is None or value.const_value is None or not value.dtype.is_floating_point():
+                continue
+            array = value.const_value.numpy()
+            qtype = self.config.activation_type
+            params = quant.weight_params(array, qtype, axis=None, symmetric=self.config.activation_symmetric)
+            node.replace_input_with(index, self._weight_dq(value, array, params))
+            qdq.drop_if_unused(self.graph, value)
+
+    def _insert(self, name: str, params: quant.QuantParams) -> None:
+        value = self._value(name)
+        if value is None or not value.uses():
+            return
+        relu = self._removable_relu(value, params)
+        if relu is not None:
+            # The Q of the ReLU's output reads the ReLU's input; the ReLU goes away.
+            out = relu.outputs[0]
+            qdq.insert_qdq(self.graph, out, self.params.get(out.name, params), self.taken, source=value)
+            self.graph.remove(relu, safe=True)
+            self.counts["relu_removed"] += 1
+            self.counts["activations"] += 1
+            return
+        qdq.insert_qdq(self.graph, value, params, self.taken)
+        self.counts["activations"] += 1
+
+    def _value(self, name: str) -> ir.Value | None:
+        value = self.values.get(name)
+        # A removed ReLU's output no longer belongs to the graph.
+        return (
+            value if value is not None and (value.producer() is None or value.producer().graph is self.graph) else None
+        )
+
+    def _removable_relu(self, value: ir.Value, params: quant.QuantParams) -> ir.Node | None:
+        """A ReLU/Clip(0, c) reading only ``value`` that asymmetric Q saturation reproduces."""
+        if self.config.activation_symmetric or value.is_graph_output() or len(value.uses()) != 1:
+            return None
+        node = next(iter(value.uses())).node
+        out = node.outputs[0]
+        if node.op_type not in RELU_LIKE or node.op_type not in self.config.op_types or out.is_graph_output():
+            return None
+        if excluded(node, self.config):
+            return None
+        out_params = self.params.get(out.name)
+        if out_params is None or not _saturates_at_zero(out_params):
+            return None
+        if node.op_type == "Clip" and not _clip_covered(node, self.ranges.get(out.name)):
+            return None
+        return node
+
+
+def _saturates_at_zero(params: quant.QuantParams) -> bool:
+    qmin = quant.qrange(params.qtype, symmetric=False)[0]
+    return bool(np.all(params.zero_point.astype(np.int64) == qmin))
+
+
+def _clip_covered(node: ir.Node, rng: Range | None) -> bool:
+    """Clip(lo, hi) is redundant after Q when lo == 0 and the calibrated max is <= hi."""
+    bounds = [v.const_value.numpy() if v is not None and v.const_value is not None else None for v in node.inputs[1:3]]
+    lo = bounds[0] if bounds else None
+    hi = bounds[1] if len(bounds) > 1 else None
+    if lo is None or float(lo) != 0.0 or rng is None:
+        return False
+    return hi is None or rng[1] <= float(hi)
+
+
+def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> dict[str, Range]:
+    """Calibrate the activation ranges the pass needs (the registry runs this before the pass)."""
+    from graphopt.calibration.observers import ObserverConfig, observe_ranges
+    from graphopt.calibration.sources import require_data
+
+    names = calibration_targets(model, config)
+    if not names:
+        return {}
+    data = require_data(data, "quantize")
+
+    def observer(qtype: str) -> ObserverConfig:
+        return ObserverConfig(
+            method=config.method,
+            percentile=config.percentile,
+            symmetric=config.activation_symmetric,
+            num_bits=16 if qtype.endswith("16") else 8,
+            unsigned=qtype.startswith("u"),
+        )
+
+    per_tensor = {name: observer(config.tensor_types.get(name, config.activation_type)) for name in names}
+    # Large models are observed in groups of tensors so their activations never coexist.
+    group = (
+        64 if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value) > 2**30 else None
+    )
+    return observe_ranges(model, data, names, per_tensor, group_size=group)  # type: ignore[arg-type]

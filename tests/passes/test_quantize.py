@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt import io, recipe, runtime, verify
+from graphopt.calibration.sources import DataSpec
+from graphopt.errors import DataError, PassError, RecipeError
+from tests import toy
+
+DATA = Path(str(resources.files("graphopt") / "data"))
+
+
+def _ort_ops(model: ir.Model, tmp_path: Path) -> Counter[str]:
+    """Op histogram of the graph ONNX Runtime actually runs after its own fusions."""
+    path = tmp_path / "ort_optimized.onnx"
+    runtime.create_session(model, threads=1, optimized_model_path=path)
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _synthetic_ranges(
+    model: ir.Model, config: QuantizeConfig, lo: float = -4.0, hi: float = 4.0
+) -> dict[str, tuple[float, float]]:
+    return {name: (lo, hi) for name in calibration_targets(model, config)}
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    with np.load(DATA / "digits_test.npz") as test, np.load(DATA / "digits_calib.npz") as calib:
+        return {"test": test["input"], "labels": test["labels"], "calib": calib["input"]}
+
+
+@pytest.fixture(scope="module")
+def quantized_cnn(digits: dict[str, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> tuple[ir.Model, ir.Model]:
+    reference = io.load_model(DATA / "digits_cnn.onnx")
+    FoldConstantsPass()(reference)
+    model = reference.clone()
+    calib = tmp_path_factory.mktemp("calib") / "calib.npz"
+    np.savez(calib, input=digits["calib"])
+    config = QuantizeConfig()
+    ranges = collect_ranges(model, DataSpec(source=str(calib), samples=128, batch_size=32), config)
+    result = QuantizeQDQPass(config, ranges)(model)
+    assert result.modified
+    return reference, model
+
+
+def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model], tmp_path: Path) -> None:
+    _, model = quantized_cnn
+    io.check_model(model)
+    ops = _ort_ops(model, tmp_path)
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1
+    assert ops["Conv"] == 0 and ops["Relu"] == 0 and ops["FusedConv"] == 0
+
+
+def test_cnn_accuracy_and_size(quantized_cnn: tuple[ir.Model, ir.Model], digits: dict[str, np.ndarray]) -> None:
+    reference, model = quantized_cnn
+    before = verify.label_accuracy(reference, {"input": digits["test"]}, digits["labels"])
+    after = verify.label_accuracy(model, {"input": digits["test"]}, digits["labels"])
+    assert after >= before - 0.005
+    assert io.model_bytes(model) < 0.3 * io.model_bytes(reference)
+
+
+def test_second_run_and_qat_models_are_left_alone(quantized_cnn: tuple[ir.Model, ir.Model], tmp_path: Path) -> None:
+    _, model = quantized_cnn
+    copy = model.clone()
+    assert not QuantizeQDQPass(QuantizeConfig(), {})(copy).modified
+    qat = io.load_model(toy.save(toy.qdq_weight(), tmp_path / "qat.onnx"))
+    assert not QuantizeQDQPass(QuantizeConfig(), {})(qat).modified
+    assert [n.op_type for n in qat.graph] == ["QuantizeLinear", "DequantizeLinear", "MatMul"]
+
+
+def test_nothing_to_quantize(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"])],
+        "softmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "s.onnx"))
+    assert calibration_targets(model, QuantizeConfig()) == []
+    assert not QuantizeQDQPass(QuantizeConfig(), {})(model).modified
+
+
+def _relu_mlp(tmp_path: Path) -> ir.Model:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1"),
+            numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W2"),
+        ],
+    )
+    return io.load_model(toy.save(toy._model(graph), tmp_path / "mlp.onnx"))
+
+
+def test_relu_is_absorbed_only_with_asymmetric_activations(tmp_path: Path) -> None:
+    for symmetric, relus in ((False, 0), (True, 1)):
+        model = _relu_mlp(tmp_path)
+        config = QuantizeConfig(activation_symmetric=symmetric, activation_type="int8" if symmetric else "uint8")
+        ranges = collect_ranges(model, DataSpec(samples=32, batch_size=8), config)
+        QuantizeQDQPass(config, ranges)(model)
+        assert [n.op_type for n in model.graph].count("Relu") == relus
+        x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
+        reference = _relu_mlp(tmp_path)
+        expected = runtime.run(runtime.create_session(reference), {"x": x})["y"]
+        got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+        assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_exact_zeros_stay_zero(tmp_path: Path) -> None:
+    model = _relu_mlp(tmp_path)
+    weight = model.graph.initializers["W1"]
+    pruned = weight.const_value.numpy().copy()
+    pruned[::2] = 0.0
+    weight.const_value = ir.tensor(pruned, name="W1")
+    config = QuantizeConfig()
+    QuantizeQDQPass(config, _synthetic_ranges(model, config))(model)
+    stored = model.graph.initializers["W1_quantized"].const_value.numpy()
+    assert np.all(stored[::2] == 0)
+
+
+def test_excluded_nodes_stay_float(tmp_path: Path) -> None:
+    model = _relu_mlp(tmp_path)
+    config = QuantizeConfig(exclude_nodes=("fc2",))
+    QuantizeQDQPass(config, _synthetic_ranges(model, config))(model)
+    assert "W2" in model.graph.initializers and "W1_quantized" in model.graph.initializers
+
+
+def test_dynamic_mode_fuses_matmuls_and_needs_no_data(tmp_path: Path) -> None:
+    model = _relu_mlp(tmp_path)
+    config = QuantizeConfig(mode="dynamic")
+    assert collect_ranges(model, None, config) == {}
+    assert QuantizeQDQPass(config, {})(model).modified
+    assert _ort_ops(model, tmp_path)["DynamicQuantizeMatMul"] == 2
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    expected = runtime.run(runtime.create_session(_relu_mlp(tmp_path)), {"x": x})["y"]
+    got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_embedding_tables_shrink(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((100, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"])],
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5, 64])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "emb.onnx"))
+    assert QuantizeQDQPass(QuantizeConfig(), {})(model).modified
+    assert io.model_bytes(model) < 0.3 * table.nbytes
+    ids = rng.integers(0, 100, (3, 5)).astype(np.int64)
+    got = runtime.run(runtime.create_session(model), {"ids": ids})["y"]
+    np.testing.assert_allclose(got, table[ids], atol=np.abs(table).max() / 127)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_static_needs_calibration_data(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="pass 'quantize' needs calibration data"):
+        graphopt.optimize(_relu_mlp(tmp_path), ["quantize"])
+
+
+def test_old_opset_is_a_clear_error(tmp_path: Path) -> None:
+    proto = toy.already_folded()
+    proto.opset_import[0].version = 11
+    model = io.load_model(toy.save(proto, tmp_path / "old.onnx"))
+    with pytest.raises(PassError, match="opset is 11"):
+        QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))(model)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"activation_type": "int4"}, "'int4' is not one of 'uint8', 'int8', 'uint16', 'int16'"),
+        ({"method": "kl"}, "'kl' is not one of 'minmax', 'percentile', 'entropy', 'mse'"),
+        ({"mode": "qat"}, "'qat' is not one of 'static', 'dynamic'"),
+        ({"op_types": "Conv"}, "op_types: expected a list; got 'Conv'"),
+        ({"per_channel": 1}, "per_channel: expected bool; got 1 (int)"),
+        ({"tensor_types": ["x"]}, "tensor_types: expected a mapping"),
+    ],
+)
+def test_bad_configs(options: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        recipe.make_step("quantize", options, "recipe")
+    assert message in str(info.value)
