@@ -99,7 +99,9 @@ def create_session(
     check_device(device)
     options = _session_options(threads, optimization, optimized_model_path)
     if isinstance(model, ir.Model):
-        model = io.to_bytes(model, ir_version=min(model.ir_version, max_ir_version()))
+        # Every ORT that graphopt supports loads IR 10; probe only for newer models.
+        ir_version = model.ir_version if model.ir_version <= 10 else min(model.ir_version, max_ir_version())
+        model = io.to_bytes(model, ir_version=ir_version)
     elif not isinstance(model, bytes):
         model = str(model)
     session = ort.InferenceSession(model, options, providers=_PROVIDERS[device])

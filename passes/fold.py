@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
@@ -54,6 +56,16 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _fingerprint(model)
+        outputs = [v.name for v in model.graph.outputs]
+        with _shielded(model):
+            self._optimize(model)
+        if [v.name for v in model.graph.outputs] != outputs:
+            raise RuntimeError(f"fold changed the graph outputs {outputs} (a bug in graphopt or its dependencies)")
+        modified = _fingerprint(model) != before
+        logger.debug("fold: modified=%s", modified)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _optimize(self, model: ir.Model) -> None:
         optimizer.optimize_ir(
             model,
             num_iterations=self.config.iterations,
@@ -64,13 +76,10 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             inline=self.config.inline_functions,
         )
         ir.passes.Sequential(
-            common_passes.IdentityEliminationPass(),
+            _IdentityEliminationPass(),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.TopologicalSortPass(),
         )(model)
-        modified = _fingerprint(model) != before
-        logger.debug("fold: modified=%s", modified)
-        return ir.passes.PassResult(model, modified=modified)
 
     def _should_fold(self, node: ir.Node) -> bool | None:
         """Veto folds that would drop quantization, duplicate a shared weight or pass the size limit."""
@@ -83,6 +92,64 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             if size > self.config.size_limit or (size > _SHARED_INPUT_LIMIT and len(value.uses()) > 1):
                 return False
         return None
+
+
+class _IdentityEliminationPass(common_passes.IdentityEliminationPass):
+    """onnx_ir's pass, except ``b = Identity(a)`` with both graph outputs (it would merge them)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
+_SHIELD_DOMAIN = "graphopt.shielded"
+
+
+def _needs_shield(node: ir.Node) -> bool:
+    """Nodes that onnxscript 0.7's evaluators mishandle: keep them away from the optimizer.
+
+    CastLike loses its ``saturate``/``round_mode`` attributes when turned into Cast, and
+    SplitToSequence with a split that is not a constant crashes the evaluator.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "CastLike":
+        return "saturate" in node.attributes or "round_mode" in node.attributes
+    if node.op_type == "SplitToSequence" and len(node.inputs) > 1 and node.inputs[1] is not None:
+        return node.inputs[1].const_value is None
+    return False
+
+
+@contextlib.contextmanager
+def _shielded(model: ir.Model) -> Iterator[None]:
+    """Move fragile nodes to a private domain while the optimizer runs, then restore them.
+
+    Only default-domain nodes are shielded, so restoring means the default domain again;
+    copies made by function inlining are restored too.
+    """
+    nodes = [n for n in _all_nodes(model) if _needs_shield(n)]
+    if not nodes:
+        yield
+        return
+    model.opset_imports.setdefault(_SHIELD_DOMAIN, 1)
+    for node in nodes:
+        node.domain = _SHIELD_DOMAIN
+    try:
+        yield
+    finally:
+        for node in _all_nodes(model):
+            if node.domain == _SHIELD_DOMAIN:
+                node.domain = ""
+        model.opset_imports.pop(_SHIELD_DOMAIN, None)
+
+
+def _all_nodes(model: ir.Model) -> list[ir.Node]:
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
 
 
 def _fingerprint(model: ir.Model) -> tuple[object, ...]:

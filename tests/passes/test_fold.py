@@ -117,3 +117,60 @@ def test_bad_configs(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError) as info:
         recipe.make_step("fold", options, "recipe")
     assert message in str(info.value)
+
+
+def test_identity_between_two_graph_outputs_is_kept(tmp_path: Path) -> None:
+    # onnx_ir's identity elimination would rename `a` to `b`, leaving outputs (b, b).
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Identity", ["a"], ["b"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [3]),
+        ],
+    )
+    model = _load(toy._model(graph), tmp_path)
+    FoldConstantsPass()(model)
+    assert [v.name for v in model.graph.outputs] == ["a", "b"]
+
+
+def test_castlike_keeps_saturate(tmp_path: Path) -> None:
+    # onnxscript turns CastLike into Cast and drops saturate=0; fold must not.
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("CastLike", ["x", "like"], ["y"], saturate=0)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FN, [2])],
+        [onnx.helper.make_tensor("like", TensorProto.FLOAT8E4M3FN, [1], [0.0])],
+    )
+    model = _load(toy._model(graph, opset=19), tmp_path)
+    FoldConstantsPass()(model)
+    kept = [n for n in model.graph if n.op_type in ("Cast", "CastLike")]
+    assert kept and kept[0].attributes.get_int("saturate", 1) == 0
+    assert all(n.domain == "" for n in model.graph) and "graphopt.shielded" not in model.opset_imports
+
+
+def test_split_to_sequence_with_dynamic_split_does_not_crash(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("SplitToSequence", ["x", "s"], ["seq"], axis=1),
+            helper.make_node("SequenceLength", ["seq"], ["n"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 6]),
+            helper.make_tensor_value_info("s", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+    )
+    model = _load(toy._model(graph), tmp_path)
+    FoldConstantsPass()(model)
+    assert [n.op_type for n in model.graph] == ["SplitToSequence", "SequenceLength"]
