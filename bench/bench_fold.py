@@ -11,6 +11,8 @@ against the input in ONNX Runtime on the model's evaluation data.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import sys
@@ -40,7 +42,8 @@ def run_graphopt(src: Path, dst: Path) -> None:
 def run_onnxslim(src: Path, dst: Path) -> None:
     import onnxslim
 
-    onnxslim.slim(str(src), str(dst))
+    with contextlib.redirect_stdout(io.StringIO()):  # onnxslim prints a summary table per call
+        onnxslim.slim(str(src), str(dst))
 
 
 def run_onnxsim(src: Path, dst: Path) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from onnxscript import optimizer
+from graphopt.passes.fold_optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +66,13 @@ class FoldConstantsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=modified)
 
     def _optimize(self, model: ir.Model) -> None:
-        optimizer.optimize_ir(
-            model,
-            num_iterations=self.config.iterations,
-            onnx_shape_inference=self.config.shape_inference,
-            input_size_limit=self.config.size_limit,
-            output_size_limit=self.config.size_limit,
+        build_optimizer(
+            iterations=self.config.iterations,
+            shape_inference=self.config.shape_inference,
+            size_limit=self.config.size_limit,
             should_fold=self._should_fold,
             inline=self.config.inline_functions,
-        )
+        )(model)
         ir.passes.Sequential(
             _IdentityEliminationPass(),
             common_passes.RemoveUnusedNodesPass(),
