@@ -14,6 +14,7 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
+from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
 
 # (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
 Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
@@ -68,6 +69,7 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
     {
         "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
         "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
+        "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
     }
 )
 

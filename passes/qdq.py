@@ -98,7 +98,8 @@ def insert_weight_dq(
     dq_out = ir.Value(
         name=unique_name(graph, f"{weight.name}_DequantizeLinear", taken), shape=weight.shape, type=weight.type
     )
-    dq = ir.node("DequantizeLinear", [stored, scale, zero], _axis_attrs(params), outputs=[dq_out], name=dq_out.name)
+    inputs = [stored, scale] if zero is None else [stored, scale, zero]
+    dq = ir.node("DequantizeLinear", inputs, _axis_attrs(params), outputs=[dq_out], name=dq_out.name)
     graph.insert_before(next(iter(graph)), dq)
     return dq_out
 
@@ -142,6 +143,39 @@ def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bo
         ir.node("Gather", [table_s, indices], {"axis": 0}, outputs=[rows_s], name=rows_s.name),
         ir.node("Cast", [rows_q], {"to": ir.DataType.FLOAT}, outputs=[rows_f], name=rows_f.name),
         ir.node("Mul", [rows_f, rows_s], outputs=[result], name=result.name),
+    ]
+    graph.insert_after(node, new_nodes)
+    name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, result.name = f"{name}_replaced", name
+    drop_if_unused(graph, table)
+    return True
+
+
+def quantize_slice_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
+    """Store a Slice's constant float table as int8 (one scale) and dequantize the slice.
+
+    Learned position embeddings are read this way (``pos_emb[:seq]``). Returns False
+    (graph untouched) when the node does not fit.
+    """
+    table = node.inputs[0]
+    if table is None or table.const_value is None or table.dtype != ir.DataType.FLOAT or len(table.uses()) != 1:
+        return False
+    array = table.const_value.numpy()
+    if array.size < 1024:
+        return False
+    absmax = float(np.abs(array).max())
+    scale = np.float32(absmax / 127.0 if absmax > 0 else 1.0)
+    quantized = np.clip(np.rint(array / scale), -127, 127).astype(np.int8)
+    table_q = add_initializer(graph, unique_name(graph, f"{table.name}_quantized", taken), quantized)
+    table_s = add_initializer(graph, unique_name(graph, f"{table.name}_scale", taken), np.asarray(scale, np.float32))
+    out = node.outputs[0]
+    sliced = ir.Value(name=unique_name(graph, f"{out.name}_int8", taken), type=ir.TensorType(ir.DataType.INT8))
+    result = ir.Value(name=unique_name(graph, f"{out.name}_dequantized", taken), shape=out.shape, type=out.type)
+    new_nodes = [
+        ir.node("Slice", [table_q, *node.inputs[1:]], outputs=[sliced], name=sliced.name),
+        ir.node("DequantizeLinear", [sliced, table_s], outputs=[result], name=result.name),
     ]
     graph.insert_after(node, new_nodes)
     name = out.name

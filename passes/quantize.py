@@ -10,10 +10,10 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from graphopt.passes import qdq
-from graphopt.passes.quantize_dynamic import quantize_matmul
 
 from graphopt import quant, runtime
+from graphopt.passes import qdq
+from graphopt.passes.quantize_dynamic import quantize_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ SAME_SCALE_OPS = frozenset(
 )
 RELU_LIKE = frozenset({"Relu", "Clip"})
 DEFAULT_OPS = (
-    "Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool",
+    "Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
     "Concat", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Gather", "Resize", "Sigmoid", "LeakyRelu",
 )  # fmt: skip
 ALREADY_QUANTIZED = frozenset(
@@ -88,7 +88,8 @@ class QuantizeConfig:
     exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
     exclude_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names to leave in float."})
     embeddings: bool = field(
-        default=True, metadata={"help": "Store Gather embedding tables as int8 with per-row scales (4x smaller)."}
+        default=True,
+        metadata={"help": "Store constant tables read by Gather (per-row scales) or Slice (one scale) as int8."},
     )
     max_abs_range: float = field(
         default=65504.0,
@@ -231,9 +232,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 taken=taken,
             )
         embeddings = 0
-        if self.config.embeddings and "Gather" in self.config.op_types:
-            for node in [n for n in model.graph if n.op_type == "Gather" and not excluded(n, self.config)]:
-                embeddings += qdq.quantize_gather_table(model.graph, node, taken)
+        if self.config.embeddings:
+            for node in [n for n in model.graph if n.op_type in ("Gather", "Slice") and not excluded(n, self.config)]:
+                quantize_table = qdq.quantize_gather_table if node.op_type == "Gather" else qdq.quantize_slice_table
+                embeddings += quantize_table(model.graph, node, taken)
         self.details = {
             "dynamic_matmuls": count,
             "embeddings": embeddings,
@@ -302,14 +304,13 @@ class _Editor:
         self.changed = bool(self.counts["activations"] or self.counts["weights"] or self.counts["embeddings"])
 
     def _embeddings(self) -> None:
-        if (
-            not self.config.embeddings
-            or "Gather" not in self.config.op_types
-            or "Gather" in self.config.exclude_op_types
-        ):
+        if not self.config.embeddings:
             return
-        for node in [n for n in self.graph if n.op_type == "Gather" and n.domain in ("", "ai.onnx")]:
-            if not excluded(node, self.config) and qdq.quantize_gather_table(self.graph, node, self.taken):
+        for node in list(self.graph):
+            if node.domain not in ("", "ai.onnx") or excluded(node, self.config):
+                continue
+            quantize_table = {"Gather": qdq.quantize_gather_table, "Slice": qdq.quantize_slice_table}.get(node.op_type)
+            if quantize_table is not None and quantize_table(self.graph, node, self.taken):
                 self.counts["embeddings"] += 1
 
     def _activation(self, value: ir.Value, node: ir.Node) -> None:

@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphopt.passes.fold import FoldConstantsPass
-from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt import io, recipe, runtime, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
+from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
@@ -58,9 +58,8 @@ def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model]
     _, model = quantized_cnn
     io.check_model(model)
     ops = _ort_ops(model, tmp_path)
-    # Every Conv and the Gemm run as integer kernels; the residual Add between two
-    # QLinearConvs is fused too (the last one feeds the float ReduceMean, so stays float).
-    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
+    # Every Conv, both residual Adds and the Gemm run as integer kernels.
+    assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1
     assert ops["Conv"] == 0 and ops["FusedConv"] == 0
 
 
