@@ -6,6 +6,7 @@ it ships inside the package so the demo needs neither torch nor the network.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -13,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from graphopt import io, render, verify
+from graphopt import io, recipe, render, verify
+from graphopt.calibration.sources import DataSpec
 from graphopt.pipeline import optimize
+from graphopt.verify import Budget
 
 
 def _data_file(name: str) -> Path:
@@ -22,7 +25,7 @@ def _data_file(name: str) -> Path:
 
 
 def run_demo(console: Console, out_dir: Path | None = None) -> int:
-    """Optimize the bundled model, save it, and print the report and test accuracy."""
+    """Optimize the bundled model with the default recipe, save it, print the report and test accuracy."""
     model_path = _data_file("digits_cnn.onnx")
     with np.load(_data_file("digits_test.npz")) as data:
         images, labels = data["input"], data["labels"]
@@ -31,18 +34,24 @@ def run_demo(console: Console, out_dir: Path | None = None) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         verify_data = folder / "verify.npz"
         np.savez(verify_data, input=images[:64])
-        recipe = {
-            "passes": ["fold"],
-            "verify": {"data": str(verify_data), "samples": 64, "batch_size": 16},
-            "budget": {"max_rel_l2": 1e-4, "min_top1": 1.0},
-        }
-        console.print(f"[bold]graphopt demo[/bold]: recipe {recipe['passes']} on {model_path.name}")
-        result = optimize(model_path, recipe)
+        base = recipe.load_recipe(_data_file("../recipes/default.yaml"))
+        plan = dataclasses.replace(
+            base,
+            verify=dataclasses.replace(base.verify, data=DataSpec(source=str(verify_data), samples=64, batch_size=64)),
+            budget=Budget(min_top1=0.98),
+        )
+        calibration = DataSpec(source=str(_data_file("digits_calib.npz")), samples=128, batch_size=32)
+        console.print(
+            f"[bold]graphopt demo[/bold]: default recipe {[s.name for s in plan.passes]} on {model_path.name}"
+        )
+        result = optimize(model_path, plan, calibration=calibration)
         saved = io.save_model(result.model, folder / "digits_cnn.opt.onnx", protect=[model_path])
         result.report.output_path, result.report.output_bytes_on_disk = str(saved.path), saved.bytes_on_disk
         render.render_report(console, result.report)
         before = verify.label_accuracy(io.load_model(model_path), {"input": images}, labels)
         after = verify.label_accuracy(result.model, {"input": images}, labels)
+        size = model_path.stat().st_size
+        console.print(f"file size: {size:,} B → {saved.bytes_on_disk:,} B ({saved.bytes_on_disk / size:.1%})")
         console.print(f"digits test accuracy ({len(labels)} images): {before:.2%} → {after:.2%}")
         console.print(f"wrote {saved.path}" if out_dir else "(output discarded; use --out DIR to keep it)")
     return 0

@@ -57,10 +57,11 @@ _ACT_INPUTS = {
 class QuantizeConfig:
     """Options of the ``quantize`` pass."""
 
-    mode: Literal["static", "dynamic"] = field(
-        default="static",
+    mode: Literal["auto", "static", "dynamic"] = field(
+        default="auto",
         metadata={
-            "help": "static: calibrated Q/DQ everywhere; dynamic: int8 MatMul weights, activation scales at run time."
+            "help": "static: calibrated Q/DQ; dynamic: int8 MatMul weights, activation scales at run time; "
+            "auto: static when calibration data is given, else dynamic."
         },
     )
     activation_type: Literal["uint8", "int8", "uint16", "int16"] = field(
@@ -196,13 +197,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
 
     Attributes:
         config: The pass options.
-        ranges: Calibrated (min, max) per activation tensor name.
+        ranges: Calibrated (min, max) per activation tensor name; None (mode auto without
+            calibration data) selects dynamic quantization.
     """
 
-    def __init__(self, config: QuantizeConfig, ranges: Mapping[str, Range]) -> None:
+    def __init__(self, config: QuantizeConfig, ranges: Mapping[str, Range] | None) -> None:
         super().__init__()
         self.config = config
-        self.ranges = dict(ranges)
+        self.dynamic = config.mode == "dynamic" or (config.mode == "auto" and ranges is None)
+        self.ranges = dict(ranges or {})
         self.details: dict[str, object] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -213,7 +216,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         _check_opset(model, self.config)
         infer_types(model)
-        if self.config.mode == "dynamic":
+        if self.dynamic:
             return self._dynamic(model)
         editor = _Editor(graph, self.config, self.ranges)
         editor.run(selected_nodes(graph, self.config))
@@ -237,6 +240,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 quantize_table = qdq.quantize_gather_table if node.op_type == "Gather" else qdq.quantize_slice_table
                 embeddings += quantize_table(model.graph, node, taken)
         self.details = {
+            "mode": "dynamic",
             "dynamic_matmuls": count,
             "embeddings": embeddings,
             "reduce_range": resolve_reduce_range(self.config),
@@ -285,7 +289,7 @@ class _Editor:
         self.changed = False
 
     def summary(self) -> dict[str, object]:
-        return {**self.counts, "reduce_range": self.reduce_range}
+        return {"mode": "static", **self.counts, "reduce_range": self.reduce_range}
 
     def run(self, nodes: list[ir.Node]) -> None:
         self.values = {v.name: v for v in self.graph.inputs if v.name}
@@ -451,11 +455,16 @@ def _clip_covered(node: ir.Node, rng: Range | None) -> bool:
     return hi is None or rng[1] <= float(hi)
 
 
-def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> dict[str, Range]:
-    """Calibrate the activation ranges the pass needs (the registry runs this before the pass)."""
+def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> dict[str, Range] | None:
+    """Calibrate the activation ranges the pass needs (the registry runs this before the pass).
+
+    Returns None when ``mode`` is auto and there is no data: the pass then quantizes dynamically.
+    """
     from graphopt.calibration.observers import ObserverConfig, observe_ranges
     from graphopt.calibration.sources import require_data
 
+    if config.mode == "auto" and data is None:
+        return None
     names = calibration_targets(model, config)
     if not names:
         return {}

@@ -175,9 +175,11 @@ def test_embedding_tables_shrink(tmp_path: Path) -> None:
     assert [v.name for v in model.graph.outputs] == ["y"]
 
 
-def test_static_needs_calibration_data(tmp_path: Path) -> None:
+def test_static_needs_calibration_data_and_auto_falls_back_to_dynamic(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="pass 'quantize' needs calibration data"):
-        graphopt.optimize(_relu_mlp(tmp_path), ["quantize"])
+        graphopt.optimize(_relu_mlp(tmp_path), ["quantize:mode=static"])
+    result = graphopt.optimize(_relu_mlp(tmp_path), {"passes": ["quantize"], "budget": {"min_cosine": 0.99}})
+    assert result.report.passes[0].details["mode"] == "dynamic"
 
 
 def test_old_opset_is_a_clear_error(tmp_path: Path) -> None:
@@ -193,7 +195,7 @@ def test_old_opset_is_a_clear_error(tmp_path: Path) -> None:
     [
         ({"activation_type": "int4"}, "'int4' is not one of 'uint8', 'int8', 'uint16', 'int16'"),
         ({"method": "kl"}, "'kl' is not one of 'minmax', 'percentile', 'entropy', 'mse'"),
-        ({"mode": "qat"}, "'qat' is not one of 'static', 'dynamic'"),
+        ({"mode": "qat"}, "'qat' is not one of 'auto', 'static', 'dynamic'"),
         ({"op_types": "Conv"}, "op_types: expected a list; got 'Conv'"),
         ({"per_channel": 1}, "per_channel: expected bool; got 1 (int)"),
         ({"tensor_types": ["x"]}, "tensor_types: expected a mapping"),
