@@ -81,6 +81,13 @@ def _read_proto(path: Path) -> onnx.ModelProto:
             f"{path}: parses as protobuf but is not an ONNX model (no graph, IR version or "
             "opset). Give the path to an .onnx file exported by a framework."
         )
+    newest = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise ModelLoadError(
+                f"{path}: uses ONNX opset {opset.version}, newer than this onnx {onnx.__version__} knows "
+                f"(up to {newest}). Re-export with an older opset or upgrade onnx and onnxruntime."
+            )
     return proto
 
 

@@ -20,7 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphopt import io
-from graphopt.errors import DeviceError, ModelSaveError
+from graphopt.errors import DeviceError, ModelLoadError, ModelSaveError
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,14 @@ def create_session(
         model = io.to_bytes(model, ir_version=ir_version)
     elif not isinstance(model, bytes):
         model = str(model)
-    session = ort.InferenceSession(model, options, providers=_PROVIDERS[device])
+    try:
+        session = ort.InferenceSession(model, options, providers=_PROVIDERS[device])
+    except Exception as exc:  # ORT's exception types share no public base class
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"ONNX Runtime {ort.__version__} cannot load the model: {message[:400]}. graphopt checks models in "
+            "ONNX Runtime; make sure it runs there (custom ops need their library registered)."
+        ) from exc
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
         raise DeviceError(
             "device 'cuda' asked for, but ONNX Runtime fell back to the CPU: the CUDA 13 or "

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from graphopt import runtime
 from graphopt.calibration.sources import Batch, DataSpec, input_specs, iter_batches
-from graphopt.errors import DataError
+from graphopt.errors import DataError, ModelLoadError, PassError
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,10 @@ def compare(
 ) -> VerifyResult:
     """Run both models on ``batches`` and reduce per-output metrics."""
     ref_session = runtime.create_session(reference, device, threads=threads)
-    cand_session = runtime.create_session(candidate, device, threads=threads)
+    try:
+        cand_session = runtime.create_session(candidate, device, threads=threads)
+    except ModelLoadError as exc:
+        raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
     ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in ref_names if n not in cand_names]

@@ -20,6 +20,9 @@ from graphopt.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
+# Random inputs larger than this (elements, ~1 GiB of float32) are refused, not allocated.
+MAX_GENERATED_ELEMENTS = 1 << 28
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -76,6 +79,11 @@ def resolve_shape(spec: InputSpec, dims: Mapping[str, int], batch: int) -> tuple
                 f"input {spec.name!r} has dimension {axis} = {dim!r} with no value. Give it one: "
                 f"--dim {dim or f'{spec.name}:{axis}'}=N (recipe: verify.dims)."
             )
+    if int(np.prod(shape, dtype=np.float64)) > MAX_GENERATED_ELEMENTS:
+        raise DataError(
+            f"input {spec.name!r} has shape {tuple(shape)}, too large to generate random data for. "
+            "Give real inputs (--verify-data / --calib) or smaller --dim values."
+        )
     return tuple(shape)
 
 
