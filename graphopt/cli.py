@@ -69,6 +69,7 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
         budget=base.budget,
         device=args.device or base.device,
         check=base.check or args.check,
+        fallback=base.fallback,
     )
 
 

@@ -10,6 +10,7 @@ it, with the passes that ran before it named too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import io, recipe, registry, runtime, stats, verify
+from graphopt import fallback, io, recipe, registry, runtime, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.report import PassRecord, Report
@@ -29,6 +30,7 @@ from graphopt.report import PassRecord, Report
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
+_COLLECT = object()  # sentinel: the step collects its own statistics
 RecipeLike = recipe.Recipe | str | os.PathLike[str] | Mapping[str, Any] | Sequence[str | recipe.PassStep]
 
 
@@ -46,26 +48,50 @@ class Pipeline:
 
     steps: Sequence[recipe.PassStep]
     check: bool = False
+    keep_snapshots: bool = False
     records: list[PassRecord] = field(default_factory=list)
+    # (step index, model before the step, the step's statistics) for lossy steps that can
+    # exclude nodes: what the accuracy fallback re-runs with more nodes left in float.
+    snapshots: list[tuple[int, ir.Model, Any]] = field(default_factory=list)
 
     def run(
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
     ) -> list[PassRecord]:
         """Run every step on ``model`` (in place) and return one record per step."""
-        self.records = []
-        for index, step in enumerate(self.steps):
-            if progress is not None:
-                progress(index, len(self.steps), step.name)
-            self.records.append(self._run_step(model, index, step, calibration))
-        if progress is not None:
-            progress(len(self.steps), len(self.steps), "done")
+        self.records, self.snapshots = [], []
+        self.run_from(model, 0, calibration=calibration, progress=progress)
         return self.records
 
-    def _run_step(self, model: ir.Model, index: int, step: recipe.PassStep, calibration: DataSpec | None) -> PassRecord:
+    def run_from(
+        self,
+        model: ir.Model,
+        first: int,
+        *,
+        calibration: DataSpec | None = None,
+        progress: ProgressCallback | None = None,
+        statistics: Any = _COLLECT,
+    ) -> None:
+        """Run steps ``first``... in place, replacing their records; ``statistics`` feeds step ``first``."""
+        del self.records[first:]
+        for index in range(first, len(self.steps)):
+            step = self.steps[index]
+            if progress is not None:
+                progress(index, len(self.steps), step.name)
+            given = statistics if index == first else _COLLECT
+            self.records.append(self._run_step(model, index, step, calibration, given))
+        if progress is not None:
+            progress(len(self.steps), len(self.steps), "done")
+
+    def _run_step(
+        self, model: ir.Model, index: int, step: recipe.PassStep, calibration: DataSpec | None, statistics: Any
+    ) -> PassRecord:
         spec = registry.get_spec(step.name)
         before = stats.model_stats(model)
         start = time.perf_counter()
-        statistics = self._calibrate(model, spec, step, calibration)
+        if statistics is _COLLECT:
+            statistics = self._calibrate(model, spec, step, calibration)
+        if self.keep_snapshots and not spec.exact and hasattr(step.config, "exclude_nodes"):
+            self.snapshots.append((index, model.clone(), statistics))
         pass_ = spec.build(step.config, statistics)
         try:
             result = pass_(model)
@@ -157,7 +183,9 @@ def optimize(
     source = None if isinstance(model_or_path, ir.Model) else Path(model_or_path)
     reference = model_or_path if isinstance(model_or_path, ir.Model) else io.load_model(model_or_path)
     candidate = reference.clone()
-    pipeline = Pipeline(plan.passes, check=plan.check)
+    pipeline = Pipeline(
+        list(plan.passes), check=plan.check, keep_snapshots=plan.verify.enabled and plan.fallback.enabled
+    )
     records = pipeline.run(candidate, calibration=calibration, progress=progress)
     report = Report(
         input_path=str(source) if source else None,
@@ -167,23 +195,27 @@ def optimize(
         after=stats.model_stats(candidate),
     )
     if plan.verify.enabled:
-        _verify_into(report, reference, candidate, plan, device, calibration)
+        candidate = _verify(report, pipeline, reference, candidate, plan, device, calibration)
     return Result(candidate, report)
 
 
-def _verify_into(
+def _verify(
     report: Report,
+    pipeline: Pipeline,
     reference: ir.Model,
     candidate: ir.Model,
     plan: recipe.Recipe,
     device: str,
     calibration: DataSpec | None,
-) -> None:
+) -> ir.Model:
+    """Verify; over budget, try the fallback; then time the final model and raise if still over."""
     data = plan.verify.data
     if data.source is None and calibration is not None and calibration.source is not None:
         data = DataSpec(source=calibration.source, samples=data.samples, batch_size=data.batch_size, dims=data.dims)
     threads = plan.verify.threads
     result = verify.verify_models(reference, candidate, data, device=device, budget=plan.budget, threads=threads)
+    if not result.passed and pipeline.snapshots:
+        candidate, result = _fall_back(report, pipeline, reference, candidate, plan, device, calibration, data, result)
     report.verification = result
     if plan.verify.latency_runs > 0:
         feeds = next(iter_batches(data, input_specs(reference)))
@@ -196,10 +228,45 @@ def _verify_into(
         suspects = [r.name for r in report.passes if r.modified and not r.exact] or [
             r.name for r in report.passes if r.modified
         ]
+        tried = " The fallback found no set of float layers within its limits." if report.fallback else ""
         raise AccuracyBudgetError(
             "over the accuracy budget: "
             + "; ".join(result.violations)
             + (f". Passes that changed the model: {', '.join(suspects)}." if suspects else ".")
+            + tried
             + " Loosen the budget, exclude layers, or set verify.report_only.",
             report=report,
         )
+    return candidate
+
+
+def _fall_back(
+    report: Report,
+    pipeline: Pipeline,
+    reference: ir.Model,
+    candidate: ir.Model,
+    plan: recipe.Recipe,
+    device: str,
+    calibration: DataSpec | None,
+    data: DataSpec,
+    result: verify.VerifyResult,
+) -> tuple[ir.Model, verify.VerifyResult]:
+    """Re-run the last lossy step with the fewest layers in float that meet the budget."""
+    index, before, statistics = pipeline.snapshots[-1]
+    step = pipeline.steps[index]
+    evaluate = fallback.evaluator(reference, data, plan.budget, device, plan.verify.threads)
+    baseline = fallback.budget_score(result, plan.budget)
+    found, outcome = fallback.search(step.name, step.config, before, statistics, evaluate, baseline, plan.fallback)
+    report.fallback = outcome.to_dict()
+    if found is None:
+        return candidate, result
+    excluded = (*step.config.exclude_nodes, *outcome.float_nodes)
+    pipeline.steps[index] = recipe.PassStep(step.name, dataclasses.replace(step.config, exclude_nodes=excluded))
+    candidate = before.clone()
+    pipeline.keep_snapshots = False
+    pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)
+    report.passes, report.after = pipeline.records, stats.model_stats(candidate)
+    threads = plan.verify.threads
+    return candidate, verify.verify_models(
+        reference, candidate, data, device=device, budget=plan.budget, threads=threads
+    )

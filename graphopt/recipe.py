@@ -30,6 +30,7 @@ import yaml
 from graphopt import registry, runtime
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
+from graphopt.fallback import FallbackSettings
 from graphopt.verify import Budget
 
 
@@ -62,9 +63,10 @@ class Recipe:
     budget: Budget = field(default_factory=Budget)
     device: str = "cpu"
     check: bool = False
+    fallback: FallbackSettings = field(default_factory=FallbackSettings)
 
 
-_TOP_KEYS = ("passes", "calibration", "verify", "budget", "device", "check")
+_TOP_KEYS = ("passes", "calibration", "verify", "budget", "fallback", "device", "check")
 _DATA_KEYS = ("data", "samples", "batch_size", "seed", "dims")
 _VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads")
 
@@ -101,6 +103,7 @@ def parse_recipe(data: Mapping[str, Any], *, base_dir: Path | None = None, where
         calibration=calibration,
         verify=_verify_settings(data.get("verify") or {}, base_dir, f"{where}: verify"),
         budget=make_dataclass(Budget, data.get("budget") or {}, f"{where}: budget"),
+        fallback=make_dataclass(FallbackSettings, data.get("fallback") or {}, f"{where}: fallback"),
         device=device,
         check=_coerce(data.get("check", False), bool, f"{where}: check"),
     )
@@ -136,8 +139,20 @@ def parse_pass_arg(text: str) -> PassStep:
         key, sep, value = item.partition("=")
         if not sep:
             raise RecipeError(f"--pass {text!r}: option {item!r} is not key=value.")
-        options[key.strip()] = yaml.safe_load(value)
+        options[key.strip()] = _scalar(value)
     return make_step(name.strip(), options, f"--pass {text!r}")
+
+
+def _scalar(text: str) -> Any:
+    """A CLI value: YAML, except that numbers YAML 1.1 leaves as strings (``1e40``) are numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                continue
+    return value
 
 
 def _split_options(text: str) -> list[str]:

@@ -40,6 +40,12 @@ def render_report(console: Console, report: Report) -> None:
             f"latency on {report.device} (median of {opt.runs} interleaved runs): "
             f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
         )
+    if report.fallback:
+        f = report.fallback
+        console.print(
+            f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
+            f"the budget after {f['trials']} trials; kept in float: {', '.join(f['float_nodes']) or 'none'}"
+        )
     if report.verification:
         render_verification(console, report.verification)
 

@@ -53,6 +53,7 @@ class Report:
     latency: dict[str, Latency] | None = None
     output_path: str | None = None
     output_bytes_on_disk: int | None = None
+    fallback: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class Report:
             "after": self.after.to_dict(),
             "verification": self.verification.to_dict() if self.verification else None,
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
+            "fallback": self.fallback,
         }
 
     def to_json(self) -> str:
@@ -92,6 +94,15 @@ class Report:
                 f"{opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
             )
             lines.append("")
+        if self.fallback:
+            f = self.fallback
+            kept = ", ".join(f["float_nodes"]) or "none"
+            lines += [
+                f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
+                f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
+                f"layers kept in float: {kept}.",
+                "",
+            ]
         if self.verification:
             v = self.verification
             lines += [f"Verification on {v.device}, {v.samples} samples: {'PASSED' if v.passed else 'FAILED'}", ""]

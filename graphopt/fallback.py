@@ -1,0 +1,174 @@
+"""Accuracy budget fallback: keep the fewest, most sensitive layers in float until the budget holds.
+
+When the optimized model is over budget, the last lossy pass that can exclude nodes
+(``quantize``, ``weight_only``, pruning) is re-run from the model as it was before it,
+with the statistics it already collected:
+
+1. sensitivity: each candidate layer (Conv/MatMul/Gemm/Gather) alone is left in float and
+   the end-to-end budget score is measured; layers are ranked by how much that helps;
+2. greedy: among the most sensitive remaining layers, the one that helps most is left in
+   float, and gains are re-measured after each choice, until the budget holds;
+3. pruning: each chosen layer is put back (least helpful first) if the budget still holds.
+
+Exact passes after the lossy one cannot change accuracy, so trials skip them; the
+pipeline re-runs them once on the final model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt import registry, verify
+from graphopt.calibration.sources import DataSpec
+
+logger = logging.getLogger(__name__)
+
+CANDIDATE_OPS = ("Conv", "MatMul", "Gemm", "Gather")
+
+
+@dataclass(frozen=True)
+class FallbackSettings:
+    """How the pipeline searches for layers to keep in float when the budget fails."""
+
+    enabled: bool = True
+    max_float_nodes: int = 32
+    max_candidates: int = 96
+    width: int = 8  # candidates re-measured per greedy step
+
+
+@dataclass
+class FallbackResult:
+    """What the search found and what it cost."""
+
+    pass_name: str
+    float_nodes: list[str] = field(default_factory=list)
+    passed: bool = False
+    trials: int = 0
+    score_before: float = math.inf
+    score_after: float = math.inf
+    sensitivity: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def budget_score(result: verify.VerifyResult, budget: verify.Budget) -> float:
+    """The worst budget ratio over outputs and limits: <= 1 means within budget."""
+    worst = 0.0
+    for out in result.outputs:
+        if budget.outputs and out.name not in budget.outputs:
+            continue
+        ratios = []
+        if budget.max_abs is not None:
+            ratios.append(out.max_abs / budget.max_abs if budget.max_abs > 0 else math.inf * out.max_abs)
+        if budget.max_rel_l2 is not None:
+            ratios.append(out.rel_l2 / budget.max_rel_l2 if budget.max_rel_l2 > 0 else math.inf * out.rel_l2)
+        if budget.min_cosine is not None:
+            ratios.append(_shortfall(out.cosine_min, budget.min_cosine))
+        if budget.min_top1 is not None and out.top1 is not None:
+            ratios.append(_shortfall(out.top1, budget.min_top1))
+        worst = max([worst, *[r for r in ratios if not math.isnan(r)]])
+    return worst
+
+
+def _shortfall(value: float, limit: float) -> float:
+    """(1 - value) / (1 - limit): 1 exactly at the limit, 0 when perfect."""
+    if limit >= 1.0:
+        return 0.0 if value >= 1.0 else math.inf
+    return max(0.0, 1.0 - value) / (1.0 - limit)
+
+
+@dataclass
+class _Search:
+    """One fallback search over a lossy step of a pipeline."""
+
+    spec: registry.PassSpec
+    config: Any
+    before: ir.Model
+    statistics: Any
+    evaluate: Callable[[ir.Model], float]
+    result: FallbackResult
+
+    def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
+        model = self.before.clone()
+        config = dataclasses.replace(self.config, exclude_nodes=(*self.config.exclude_nodes, *excluded))
+        self.spec.build(config, self.statistics)(model)
+        self.result.trials += 1
+        return model, self.evaluate(model)
+
+    def rank(self, candidates: Sequence[str], baseline: float) -> list[str]:
+        gains = {}
+        for name in candidates:
+            _, score = self.trial([name])
+            gains[name] = baseline - score
+        self.result.sensitivity = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
+        return list(self.result.sensitivity)  # most helpful first; interactions may rescue the rest
+
+    def greedy(self, order: Sequence[str], baseline: float, limit: int, width: int) -> list[str] | None:
+        """Add, one at a time, whichever of the ``width`` most sensitive remaining layers helps most.
+
+        Layers interact (leaving one in float changes which neighbours stay integer), so
+        gains are re-measured after each choice instead of summed from the first ranking.
+        """
+        chosen: list[str] = []
+        score = baseline
+        pool = list(order)
+        while score > 1.0 and pool and len(chosen) < limit:
+            trials = [(self.trial([*chosen, name])[1], name) for name in pool[:width]]
+            best_score, best = min(trials)
+            if best_score >= score:
+                return None
+            chosen.append(best)
+            pool.remove(best)
+            score = best_score
+        return chosen if score <= 1.0 else None
+
+    def prune(self, chosen: list[str]) -> list[str]:
+        for name in sorted(chosen, key=lambda n: self.result.sensitivity.get(n, 0.0)):
+            rest = [n for n in chosen if n != name]
+            if rest and self.trial(rest)[1] <= 1.0:
+                chosen = rest
+        return chosen
+
+
+def search(
+    step_name: str,
+    config: Any,
+    before: ir.Model,
+    statistics: Any,
+    evaluate: Callable[[ir.Model], float],
+    baseline: float,
+    settings: FallbackSettings,
+) -> tuple[ir.Model | None, FallbackResult]:
+    """Find the fewest layers to keep in float so that ``evaluate`` scores <= 1."""
+    result = FallbackResult(step_name, score_before=baseline)
+    state = _Search(registry.get_spec(step_name), config, before, statistics, evaluate, result)
+    excluded = set(config.exclude_nodes)
+    candidates = [n.name for n in before.graph if n.op_type in CANDIDATE_OPS and n.name and n.name not in excluded]
+    order = state.rank(candidates[: settings.max_candidates], baseline)
+    chosen = state.greedy(order, baseline, settings.max_float_nodes, settings.width)
+    if chosen is None:
+        logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
+        return None, result
+    chosen = state.prune(chosen)
+    model, score = state.trial(chosen)
+    result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
+    return model, result
+
+
+def evaluator(
+    reference: ir.Model, data: DataSpec, budget: verify.Budget, device: str, threads: int | None
+) -> Callable[[ir.Model], float]:
+    """Score a candidate model against ``reference`` on ``data`` (<= 1: within budget)."""
+
+    def evaluate(model: ir.Model) -> float:
+        return budget_score(verify.verify_models(reference, model, data, device=device, threads=threads), budget)
+
+    return evaluate

@@ -1,0 +1,130 @@
+"""Layer-wise error localisation: which tensors of the candidate drift from the reference.
+
+Tensors are matched by name; a tensor that the candidate quantizes is compared at its
+DequantizeLinear output (what its readers actually see). Both models run on the same
+batches with the matched tensors as extra outputs, and per tensor only running sums are
+kept, so memory is one batch of activations whatever the sample count. The ranking is
+by SQNR (signal-to-quantization-noise ratio, dB): the lowest is the worst.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt import runtime
+from graphopt.calibration.collect import with_outputs
+from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+
+
+@dataclass
+class LayerError:
+    """How far one intermediate tensor of the candidate is from the reference."""
+
+    tensor: str
+    node: str
+    op_type: str
+    sqnr_db: float
+    rel_l2: float
+    max_abs: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _producers(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {out.name: node for node in graph for out in node.outputs if out.name}
+
+
+def match_tensors(reference: ir.Model, candidate: ir.Model) -> dict[str, str]:
+    """Reference float tensor name -> candidate tensor name that carries the same value."""
+    ref_producers = _producers(reference.graph)
+    cand_producers = _producers(candidate.graph)
+    matched: dict[str, str] = {}
+    for name, node in ref_producers.items():
+        value = next(v for v in node.outputs if v.name == name)
+        if value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            continue
+        seen = _seen_by_readers(name, cand_producers)
+        if seen is not None:
+            matched[name] = seen
+    return matched
+
+
+def _seen_by_readers(name: str, producers: dict[str, ir.Node]) -> str | None:
+    """The DQ output that stands in for ``name`` when the candidate quantized it, else ``name``.
+
+    Quantizers (graphopt's and ONNX Runtime's) name that output ``<name>_DequantizeLinear``;
+    matching by name rather than by wiring keeps a Q that absorbed a ReLU (it reads the
+    pre-ReLU tensor) from being compared with the pre-ReLU reference.
+    """
+    stand_in = producers.get(f"{name}_DequantizeLinear")
+    if stand_in is not None and stand_in.op_type == "DequantizeLinear":
+        return f"{name}_DequantizeLinear"
+    return name if name in producers else None
+
+
+@dataclass
+class _Sums:
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
+        diff = r - c
+        self.diff_sq += float(np.sum(diff * diff))
+        self.ref_sq += float(np.sum(r * r))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
+
+
+def layer_errors(
+    reference: ir.Model,
+    candidate: ir.Model,
+    data: DataSpec,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    group_size: int | None = None,
+) -> list[LayerError]:
+    """Compare every matched intermediate tensor over ``data``; worst (lowest SQNR) first."""
+    matched = match_tensors(reference, candidate)
+    names = list(matched)
+    size = group_size or max(len(names), 1)
+    sums = {name: _Sums() for name in names}
+    specs = input_specs(reference)
+    for start in range(0, len(names), size):
+        group = names[start : start + size]
+        ref_session = runtime.create_session(with_outputs(reference, group), device, threads=threads)
+        cand_session = runtime.create_session(
+            with_outputs(candidate, [matched[n] for n in group]), device, threads=threads
+        )
+        for batch in iter_batches(data, specs):
+            ref_out = runtime.run(ref_session, batch, group)
+            cand_out = runtime.run(cand_session, batch, [matched[n] for n in group])
+            for name in group:
+                if ref_out[name].shape == cand_out[matched[name]].shape:
+                    sums[name].add(ref_out[name], cand_out[matched[name]])
+    producers = _producers(reference.graph)
+    rows = [_row(name, producers[name], s) for name, s in sums.items() if s.ref_sq > 0 or s.diff_sq > 0]
+    return sorted(rows, key=lambda r: r.sqnr_db)
+
+
+def _row(name: str, node: ir.Node, sums: _Sums) -> LayerError:
+    if sums.diff_sq == 0:
+        sqnr = math.inf
+    elif sums.ref_sq == 0:
+        sqnr = -math.inf
+    else:
+        sqnr = 10.0 * math.log10(sums.ref_sq / sums.diff_sq)
+    rel = math.sqrt(sums.diff_sq / sums.ref_sq) if sums.ref_sq > 0 else math.sqrt(sums.diff_sq)
+    return LayerError(name, node.name or name, node.op_type, sqnr, rel, sums.max_abs)
+
+
+def worst_nodes(errors: Sequence[LayerError], op_types: Sequence[str], limit: int) -> list[str]:
+    """Names of the ``limit`` worst nodes of the given op types, by the SQNR of their output."""
+    return [e.node for e in errors if e.op_type in op_types][:limit]

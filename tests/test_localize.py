@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from graphopt import io
+from graphopt.calibration.sources import DataSpec
+from graphopt.localize import layer_errors, match_tensors
+from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
+
+DATA = Path(str(resources.files("graphopt") / "data"))
+
+
+def test_quantized_tensors_are_compared_where_their_readers_see_them(tmp_path: Path) -> None:
+    reference = io.load_model(DATA / "digits_cnn.onnx")
+    FoldConstantsPass()(reference)
+    candidate = reference.clone()
+    data = DataSpec(source=str(DATA / "digits_calib.npz"), samples=32, batch_size=16)
+    config = QuantizeConfig(method="minmax")
+    QuantizeQDQPass(config, collect_ranges(candidate, data, config))(candidate)
+    matched = match_tensors(reference, candidate)
+    assert any(cand.endswith("_DequantizeLinear") for cand in matched.values())
+    errors = layer_errors(reference, candidate, data)
+    sqnr = [e.sqnr_db for e in errors]
+    assert sqnr == sorted(sqnr) and all(np.isfinite(sqnr)) and 10 < sqnr[0] < 60
+    assert {e.op_type for e in errors} >= {"Conv", "Gemm"}
+
+
+def test_identical_models_have_infinite_sqnr() -> None:
+    reference = io.load_model(DATA / "digits_cnn.onnx")
+    errors = layer_errors(
+        reference, reference.clone(), DataSpec(source=str(DATA / "digits_calib.npz"), samples=4), group_size=3
+    )
+    assert errors and all(math.isinf(e.sqnr_db) and e.max_abs == 0 for e in errors)
