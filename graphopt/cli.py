@@ -110,6 +110,15 @@ def _write_reports(report: Report, args: argparse.Namespace) -> None:
         Path(args.report).write_text(report.to_json(), encoding="utf-8")
     if args.report_md:
         Path(args.report_md).write_text(report.to_markdown(), encoding="utf-8")
+    if args.report_dir:
+        from graphopt.plots import write_plots
+
+        folder = Path(args.report_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(report.to_json(), encoding="utf-8")
+        (folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+        written = write_plots(report, folder)
+        console.print(f"report in {folder}: report.json, report.md" + "".join(f", {p.name}" for p in written))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -197,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for verification and latency")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--report-md", help="write the Markdown report here")
+    p.add_argument("--report-dir", help="write report.json, report.md and PNG plots into this folder")
     p.add_argument("--check", action="store_true", help="run onnx.checker after every pass")
     p.add_argument("--no-verify", action="store_true", help="skip verification against the input model")
     p.add_argument("--report-only", action="store_true", help="report budget violations without failing")

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import fallback, io, recipe, registry, runtime, stats, verify
+from graphopt import fallback, io, localize, ort_view, recipe, registry, runtime, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.report import PassRecord, Report
@@ -217,6 +217,10 @@ def _verify(
     if not result.passed and pipeline.snapshots:
         candidate, result = _fall_back(report, pipeline, reference, candidate, plan, device, calibration, data, result)
     report.verification = result
+    report.runtime = _runtime_view(candidate, device, threads)
+    if plan.verify.layerwise and any(r.modified and not r.exact for r in report.passes):
+        errors = localize.layer_errors(reference, candidate, data, device=device, threads=threads)
+        report.layers = [e.to_dict() for e in errors]
     if plan.verify.latency_runs > 0:
         feeds = next(iter_batches(data, input_specs(reference)))
         sessions = {
@@ -238,6 +242,14 @@ def _verify(
             report=report,
         )
     return candidate
+
+
+def _runtime_view(candidate: ir.Model, device: str, threads: int | None) -> dict[str, Any] | None:
+    try:
+        return ort_view.inspect_runtime(candidate, device, threads=threads).to_dict()
+    except GraphoptError as exc:  # the summary is advice; never fail a run over it
+        logger.warning("could not summarise ONNX Runtime's optimized graph: %s", exc)
+        return None
 
 
 def _fall_back(

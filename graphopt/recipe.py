@@ -51,6 +51,7 @@ class VerifySettings:
     report_only: bool = False
     latency_runs: int = 20
     threads: int | None = None
+    layerwise: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Recipe:
 
 _TOP_KEYS = ("passes", "calibration", "verify", "budget", "fallback", "device", "check")
 _DATA_KEYS = ("data", "samples", "batch_size", "seed", "dims")
-_VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads")
+_VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads", "layerwise")
 
 
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
@@ -270,4 +271,5 @@ def _verify_settings(data: Any, base_dir: Path | None, where: str) -> VerifySett
         report_only=_coerce(data.get("report_only", False), bool, f"{where}: report_only"),
         latency_runs=_coerce(data.get("latency_runs", 20), int, f"{where}: latency_runs"),
         threads=_coerce(data.get("threads"), int | None, f"{where}: threads"),
+        layerwise=_coerce(data.get("layerwise", True), bool, f"{where}: layerwise"),
     )

@@ -46,6 +46,15 @@ def render_report(console: Console, report: Report) -> None:
             f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
             f"the budget after {f['trials']} trials; kept in float: {', '.join(f['float_nodes']) or 'none'}"
         )
+    if report.runtime:
+        r = report.runtime
+        console.print(
+            f"ONNX Runtime on {r['device']} runs {r['integer_kernels']} integer kernels and {r['float_compute']} float "
+            f"Conv/MatMul/Gemm ({r['integer_weight_share']:.0%} of weights in integer kernels); unfused Q/DQ: "
+            f"{r['unfused_quantize']}/{r['unfused_dequantize']}"
+        )
+        for warning in r["warnings"]:
+            console.print(f"[yellow]warning[/yellow]: {warning}")
     if report.verification:
         render_verification(console, report.verification)
 

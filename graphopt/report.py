@@ -54,6 +54,8 @@ class Report:
     output_path: str | None = None
     output_bytes_on_disk: int | None = None
     fallback: dict[str, Any] | None = None
+    runtime: dict[str, Any] | None = None
+    layers: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,8 @@ class Report:
             "verification": self.verification.to_dict() if self.verification else None,
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
             "fallback": self.fallback,
+            "runtime": self.runtime,
+            "layers": self.layers,
         }
 
     def to_json(self) -> str:
@@ -103,6 +107,23 @@ class Report:
                 f"layers kept in float: {kept}.",
                 "",
             ]
+        if self.runtime:
+            r = self.runtime
+            lines += [
+                f"What ONNX Runtime runs on {r['device']} ({', '.join(r['providers'])}): "
+                f"{r['integer_kernels']} integer kernels, {r['float_compute']} float Conv/MatMul/Gemm, "
+                f"{r['integer_weight_share']:.0%} of weights in integer kernels, {r['unfused_quantize']} "
+                f"QuantizeLinear and {r['unfused_dequantize']} DequantizeLinear left unfused.",
+                *[f"- warning: {w}" for w in r["warnings"]],
+                "",
+            ]
+        if self.layers:
+            lines += ["Worst layers (candidate vs reference, by SQNR):", "", "| tensor | op | SQNR dB | rel L2 |"]
+            lines += ["|---|---|---:|---:|"]
+            lines += [
+                f"| {e['tensor']} | {e['op_type']} | {e['sqnr_db']:.1f} | {e['rel_l2']:.3g} |" for e in self.layers[:10]
+            ]
+            lines.append("")
         if self.verification:
             v = self.verification
             lines += [f"Verification on {v.device}, {v.samples} samples: {'PASSED' if v.passed else 'FAILED'}", ""]

@@ -8,9 +8,9 @@ package, keeps the ~1400 that ONNX Runtime reproduces at baseline and checks eac
 from __future__ import annotations
 
 import pytest
-from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 
 from bench.peer_suite import SuiteResult, run_suite
+from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 
 # Floors well under what was measured (onnx 1.23.2, ORT 1.31.1: 1884 cases, 1424 ran,
 # ~375 modified) so an onnx/ORT upgrade does not trip them, but a harness that silently

@@ -36,6 +36,26 @@ def test_optimize_writes_model_and_reports(
     assert "| fold |" in md.read_text()
 
 
+def test_report_dir_has_json_markdown_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import resources
+
+    data = Path(str(resources.files("graphopt") / "data"))
+    args = [
+        "optimize",
+        str(data / "digits_cnn.onnx"),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "--calib",
+        str(data / "digits_calib.npz"),
+    ]
+    code, text = _run(capsys, *args, "--report-dir", str(tmp_path / "rep"))
+    assert code == 0, text
+    names = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert names == ["latency.png", "layer_errors.png", "report.json", "report.md", "size.png"]
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["runtime"]["integer_kernels"] >= 7 and report["layers"][0]["sqnr_db"] > 10
+
+
 def test_over_budget_exits_1_and_writes_no_model(
     tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], with_noise_pass: list[object]
 ) -> None:

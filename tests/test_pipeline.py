@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graphopt.passes.fold import FoldConstantsPass
 
 import graphopt
 from graphopt import io
 from graphopt.errors import AccuracyBudgetError, DataError, PassError
+from graphopt.passes.fold import FoldConstantsPass
 from tests import toy
 
 

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from graphopt.passes.fold import FoldConfig
 
 from graphopt import recipe
 from graphopt.errors import RecipeError
+from graphopt.passes.fold import FoldConfig
 
 
 def test_yaml_recipe_with_every_section(tmp_path: Path) -> None:

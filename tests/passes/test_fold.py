@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 
 from graphopt import io, recipe, runtime
 from graphopt.errors import RecipeError
+from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from tests import toy
 
 
