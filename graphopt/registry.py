@@ -13,6 +13,7 @@ import onnx_ir as ir
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
 
@@ -70,6 +71,7 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
         "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
         "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
         "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
+        "fp16": PassSpec("fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes),
     }
 )
 

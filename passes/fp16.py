@@ -1,0 +1,200 @@
+"""Mixed precision: float32 -> float16 with range-sensitive ops kept in float32."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes import qdq
+from graphopt.passes.quantize import infer_types
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+# Kept in float32 by default: reductions and normalisations accumulate over many values,
+# Softmax/exp-like ops overflow early, Resize/Range/shape arithmetic take exact scales.
+DEFAULT_BLOCKED = (
+    "ReduceSum", "ReduceMean", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare", "ReduceProd", "Softmax", "LogSoftmax",
+    "Exp", "Pow", "Resize", "Upsample", "Range", "CumSum", "TopK", "NonMaxSuppression", "RandomNormal",
+    "RandomNormalLike", "RandomUniform", "RandomUniformLike", "EyeLike", "Multinomial", "Bernoulli",
+)  # fmt: skip
+_FLOAT_TYPES = (ir.DataType.FLOAT,)
+
+
+@dataclass(frozen=True)
+class Fp16Config:
+    """Options of the ``fp16`` pass."""
+
+    keep_io_types: bool = field(
+        default=True, metadata={"help": "Keep graph inputs and outputs in float32 (Casts at the edges)."}
+    )
+    block_op_types: tuple[str, ...] = field(default=DEFAULT_BLOCKED, metadata={"help": "Op types kept in float32."})
+    block_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names kept in float32."})
+    max_abs: float = field(
+        default=0.5 * FP16_MAX,
+        metadata={"help": "With calibration data: nodes touching values beyond this magnitude stay float32."},
+    )
+
+
+class Float16Pass(ir.passes.InPlacePass):
+    """Convert the main graph to float16, keeping range-sensitive ops and out-of-range values in float32.
+
+    Each node is coloured float16 or float32; float32 weights read only by float16 nodes
+    are stored as float16; a Cast is inserted (once per value and direction) wherever a
+    value crosses between colours, and at the graph edges when ``keep_io_types``. Nodes
+    whose calibrated inputs or outputs exceed ``max_abs`` stay float32, so activations
+    that would overflow float16 never do. Graph input/output names are kept. Subgraphs
+    and functions are left in float32.
+
+    Attributes:
+        config: The pass options.
+        magnitudes: Calibrated max |x| per tensor (empty without calibration data).
+    """
+
+    def __init__(self, config: Fp16Config, magnitudes: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.config, self.magnitudes = config, dict(magnitudes or {})
+        self.details: dict[str, object] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        infer_types(model)
+        if any(v.dtype == ir.DataType.FLOAT16 for v in graph.initializers.values()):
+            self.details = {"skipped": "already holds float16 weights"}
+            return ir.passes.PassResult(model, modified=False)
+        half = {id(n) for n in graph if self._convertible(n)}
+        if not half:
+            return ir.passes.PassResult(model, modified=False)
+        taken: set[str] = set()
+        casts = _CastCache(graph, taken)
+        weights = self._convert_initializers(graph, half)
+        converted = self._retype_nodes(graph, half)
+        self._insert_boundaries(graph, half, casts)
+        self.details = {"float16_nodes": len(half), "float32_nodes": len(graph) - len(half) - casts.count,
+                        "weights_converted": weights, "casts": casts.count, "retyped_values": converted}  # fmt: skip
+        return ir.passes.PassResult(model, modified=True)
+
+    def _convertible(self, node: ir.Node) -> bool:
+        if node.domain not in ("", "ai.onnx") or node.op_type in self.config.block_op_types:
+            return False
+        if node.name and node.name in self.config.block_nodes:
+            return False
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        if not any(v.dtype in _FLOAT_TYPES for v in values) and node.op_type not in ("Cast", "Constant"):
+            return False
+        if node.op_type == "Cast" and node.attributes.get_int("to", 0) != ir.DataType.FLOAT.value:
+            return node.inputs[0] is not None and node.inputs[0].dtype in _FLOAT_TYPES
+        return all(self.magnitudes.get(v.name, 0.0) <= self.config.max_abs for v in values if v.dtype in _FLOAT_TYPES)
+
+    def _convert_initializers(self, graph: ir.Graph, half: set[int]) -> int:
+        count = 0
+        for value in list(graph.initializers.values()):
+            if value.dtype not in _FLOAT_TYPES or value.is_graph_input() or value.is_graph_output():
+                continue
+            users = [u.node for u in value.uses()]
+            if users and all(id(n) in half for n in users):
+                array = value.const_value.numpy()
+                if np.abs(array).max(initial=0.0) > FP16_MAX:
+                    continue
+                value.const_value = ir.tensor(array.astype(np.float16), name=value.name)
+                value.type = ir.TensorType(ir.DataType.FLOAT16)
+                count += 1
+        return count
+
+    def _retype_nodes(self, graph: ir.Graph, half: set[int]) -> int:
+        count = 0
+        for node in graph:
+            if id(node) not in half:
+                continue
+            if node.op_type == "Cast" and node.attributes.get_int("to", 0) == ir.DataType.FLOAT.value:
+                node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT16.value)
+            if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+                tensor = node.attributes["value"].as_tensor()
+                if tensor.dtype == ir.DataType.FLOAT:
+                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16)))
+            for out in node.outputs:
+                if out.dtype in _FLOAT_TYPES:
+                    out.type = ir.TensorType(ir.DataType.FLOAT16)
+                    count += 1
+        return count
+
+    def _insert_boundaries(self, graph: ir.Graph, half: set[int], casts: _CastCache) -> None:
+        for node in list(graph):
+            if node.op_type == "Cast" and node.name in casts.names:
+                continue
+            is_half = id(node) in half
+            for index, value in enumerate(node.inputs):
+                if value is None or value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+                    continue
+                wanted = ir.DataType.FLOAT16 if is_half else ir.DataType.FLOAT
+                if value.dtype != wanted:
+                    node.replace_input_with(index, casts.get(value, wanted, before=node))
+        for value in list(graph.inputs):
+            if value.dtype == ir.DataType.FLOAT and not self.config.keep_io_types:
+                value.type = ir.TensorType(ir.DataType.FLOAT16)
+        for index, value in enumerate(list(graph.outputs)):
+            if value.dtype == ir.DataType.FLOAT16 and self.config.keep_io_types:
+                graph.outputs[index] = casts.output(value)
+
+
+class _CastCache:
+    """One Cast per (value, target type), inserted right after the value is produced."""
+
+    def __init__(self, graph: ir.Graph, taken: set[str]) -> None:
+        self.graph, self.taken = graph, taken
+        self.cache: dict[tuple[int, ir.DataType], ir.Value] = {}
+        self.names: set[str] = set()
+        self.count = 0
+
+    def get(self, value: ir.Value, dtype: ir.DataType, before: ir.Node) -> ir.Value:
+        key = (id(value), dtype)
+        if key not in self.cache:
+            suffix = "fp16" if dtype == ir.DataType.FLOAT16 else "fp32"
+            out = ir.Value(
+                name=qdq.unique_name(self.graph, f"{value.name}_{suffix}", self.taken),
+                shape=value.shape,
+                type=ir.TensorType(dtype),
+            )
+            cast = ir.node("Cast", [value], {"to": dtype.value}, outputs=[out], name=out.name)
+            producer = value.producer()
+            if producer is not None and producer.graph is self.graph:
+                self.graph.insert_after(producer, cast)
+            else:
+                self.graph.insert_before(next(iter(self.graph)), cast)
+            self.names.add(cast.name)
+            self.cache[key] = out
+            self.count += 1
+        return self.cache[key]
+
+    def output(self, value: ir.Value) -> ir.Value:
+        """A float32 copy of a float16 graph output that takes over the output's name."""
+        name = value.name
+        value.name = qdq.unique_name(self.graph, f"{name}_fp16", self.taken)
+        out = ir.Value(name=name, shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT))
+        cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, outputs=[out], name=f"{name}_to_fp32")
+        self.graph.insert_after(value.producer(), cast) if value.producer() is not None else self.graph.append(cast)
+        self.names.add(cast.name)
+        self.count += 1
+        return out
+
+
+def collect_magnitudes(model: ir.Model, data: object, config: Fp16Config) -> dict[str, float] | None:
+    """Max |x| of every float tensor of the main graph on the calibration data (None without data)."""
+    if data is None:
+        return None
+    from graphopt.calibration.collect import stream_activations
+
+    infer_types(model)
+    names = [out.name for node in model.graph for out in node.outputs if out.name and out.dtype == ir.DataType.FLOAT]
+    magnitudes: dict[str, float] = {}
+
+    def consume(name: str, array: np.ndarray) -> None:
+        finite = np.abs(array[np.isfinite(array)]) if array.size else array
+        magnitudes[name] = max(magnitudes.get(name, 0.0), float(finite.max(initial=0.0)))
+
+    stream_activations(model, data, names, consume)  # type: ignore[arg-type]
+    return magnitudes

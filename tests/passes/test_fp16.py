@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import io, recipe, runtime
+from graphopt.calibration.sources import DataSpec
+from graphopt.errors import RecipeError
+from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
+from tests import toy
+
+DATA = Path(str(resources.files("graphopt") / "data"))
+
+
+def _cnn() -> ir.Model:
+    model = io.load_model(DATA / "digits_cnn.onnx")
+    FoldConstantsPass()(model)
+    return model
+
+
+def test_cnn_in_fp16_matches_fp32_and_halves_weights() -> None:
+    reference, model = _cnn(), _cnn()
+    assert Float16Pass(Fp16Config())(model).modified
+    io.check_model(model)
+    assert io.model_bytes(model) < 0.51 * io.model_bytes(reference)
+    assert [v.dtype for v in [*model.graph.inputs, *model.graph.outputs]] == [ir.DataType.FLOAT, ir.DataType.FLOAT]
+    x = np.load(DATA / "digits_test.npz")["input"][:32]
+    expected = runtime.run(runtime.create_session(reference), {"input": x})["logits"]
+    got = runtime.run(runtime.create_session(model), {"input": x})["logits"]
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
+    assert not Float16Pass(Fp16Config())(model).modified  # second run: already float16
+
+
+def test_blocked_ops_and_io_types() -> None:
+    model = _cnn()
+    Float16Pass(Fp16Config(keep_io_types=False, block_op_types=("Gemm",)))(model)
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16
+    gemm = next(n for n in model.graph if n.op_type == "Gemm")
+    assert all(v.dtype == ir.DataType.FLOAT for v in gemm.inputs if v is not None)
+
+
+def test_values_beyond_fp16_range_stay_float32(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "big"], ["h"], name="scale_up"),
+            helper.make_node("Div", ["h", "big"], ["y"], name="scale_down"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [numpy_helper.from_array(np.array(1e6, np.float32), "big")],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "big.onnx"))
+    magnitudes = collect_magnitudes(model, DataSpec(samples=4, dims={"batch": 2}), Fp16Config())
+    assert magnitudes is not None and magnitudes["h"] > 1e5
+    assert not Float16Pass(Fp16Config(), magnitudes)(model).modified
+    x = np.full((2, 4), 3.0, np.float32)
+    np.testing.assert_allclose(runtime.run(runtime.create_session(model), {"x": x})["y"], x)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"keep_io_types": "no"}, "keep_io_types: expected bool"), ({"block_op_types": "Softmax"}, "expected a list")],
+)
+def test_bad_configs(options: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        recipe.make_step("fp16", options, "recipe")
