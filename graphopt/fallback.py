@@ -6,8 +6,9 @@ with the statistics it already collected:
 
 1. sensitivity: each candidate layer (Conv/MatMul/Gemm/Gather) alone is left in float and
    the end-to-end budget score is measured; layers are ranked by how much that helps;
-2. greedy: among the most sensitive remaining layers, the one that helps most is left in
-   float, and gains are re-measured after each choice, until the budget holds;
+2. search: the shortest prefix of that ranking within budget (doubling, then bisection);
+   if none, greedy: the remaining layer that helps most is left in float, gains being
+   re-measured after each choice, until the budget holds;
 3. pruning: each chosen layer is put back (least helpful first) if the budget still holds.
 
 Exact passes after the lossy one cannot change accuracy, so trials skip them; the
@@ -39,7 +40,7 @@ class FallbackSettings:
 
     enabled: bool = True
     max_float_nodes: int = 32
-    max_candidates: int = 96
+    max_candidates: int = 48
     width: int = 8  # candidates re-measured per greedy step
 
 
@@ -72,6 +73,8 @@ def budget_score(result: verify.VerifyResult, budget: verify.Budget) -> float:
             ratios.append(out.rel_l2 / budget.max_rel_l2 if budget.max_rel_l2 > 0 else math.inf * out.rel_l2)
         if budget.min_cosine is not None:
             ratios.append(_shortfall(out.cosine_min, budget.min_cosine))
+        if budget.min_cosine_mean is not None:
+            ratios.append(_shortfall(out.cosine_mean, budget.min_cosine_mean))
         if budget.min_top1 is not None and out.top1 is not None:
             ratios.append(_shortfall(out.top1, budget.min_top1))
         worst = max([worst, *[r for r in ratios if not math.isnan(r)]])
@@ -98,8 +101,7 @@ class _Search:
 
     def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
         model = self.before.clone()
-        config = dataclasses.replace(self.config, exclude_nodes=(*self.config.exclude_nodes, *excluded))
-        self.spec.build(config, self.statistics)(model)
+        self.spec.build(with_excluded(self.config, excluded), self.statistics)(model)
         self.result.trials += 1
         return model, self.evaluate(model)
 
@@ -130,6 +132,22 @@ class _Search:
             score = best_score
         return chosen if score <= 1.0 else None
 
+    def prefix(self, order: Sequence[str], limit: int) -> list[str] | None:
+        """The shortest prefix of the ranking within budget: doubling, then bisection."""
+        k, last_fail = 1, 0
+        top = min(limit, len(order))
+        while k <= top:
+            if self.trial(order[:k])[1] <= 1.0:
+                while last_fail + 1 < k:
+                    mid = (last_fail + k) // 2
+                    if self.trial(order[:mid])[1] <= 1.0:
+                        k = mid
+                    else:
+                        last_fail = mid
+                return list(order[:k])
+            last_fail, k = k, (k * 2 if k * 2 <= top or k == top else top)
+        return None
+
     def prune(self, chosen: list[str]) -> list[str]:
         for name in sorted(chosen, key=lambda n: self.result.sensitivity.get(n, 0.0)):
             rest = [n for n in chosen if n != name]
@@ -146,14 +164,22 @@ def search(
     evaluate: Callable[[ir.Model], float],
     baseline: float,
     settings: FallbackSettings,
+    suspects: Sequence[str] = (),
 ) -> tuple[ir.Model | None, FallbackResult]:
-    """Find the fewest layers to keep in float so that ``evaluate`` scores <= 1."""
+    """Find the fewest layers to keep in float so that ``evaluate`` scores <= 1.
+
+    ``suspects`` (node names, worst first, e.g. from layer-wise SQNR) are tried first.
+    """
     result = FallbackResult(step_name, score_before=baseline)
     state = _Search(registry.get_spec(step_name), config, before, statistics, evaluate, result)
-    excluded = set(config.exclude_nodes)
-    candidates = [n.name for n in before.graph if n.op_type in CANDIDATE_OPS and n.name and n.name not in excluded]
-    order = state.rank(candidates[: settings.max_candidates], baseline)
-    chosen = state.greedy(order, baseline, settings.max_float_nodes, settings.width)
+    candidates = _candidates(before, config, suspects)[: settings.max_candidates]
+    order = state.rank(candidates, baseline)
+    # Gains of separate layers roughly add up on some models (a prefix of the ranking
+    # suffices, in log trials) and interact on others (greedy with re-measured gains).
+    helpful = [name for name in order if result.sensitivity[name] > 0]
+    chosen = state.prefix(helpful, settings.max_float_nodes) if helpful else None
+    if chosen is None:
+        chosen = state.greedy(order, baseline, settings.max_float_nodes, settings.width)
     if chosen is None:
         logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
         return None, result
@@ -161,6 +187,31 @@ def search(
     model, score = state.trial(chosen)
     result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
     return model, result
+
+
+def with_excluded(config: Any, excluded: Sequence[str]) -> Any:
+    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to exclude_nodes."""
+    tensors = tuple(e.removeprefix("tensor:") for e in excluded if e.startswith("tensor:"))
+    nodes = tuple(e for e in excluded if not e.startswith("tensor:"))
+    changes: dict[str, tuple[str, ...]] = {"exclude_nodes": (*config.exclude_nodes, *nodes)}
+    if tensors:
+        changes["exclude_tensors"] = (*config.exclude_tensors, *tensors)
+    return dataclasses.replace(config, **changes)
+
+
+def _candidates(before: ir.Model, config: Any, suspects: Sequence[str]) -> list[str]:
+    """What the search may keep in float, most suspicious first.
+
+    Suspects are ``tensor:NAME`` (activations where the layer-wise comparison saw SQNR
+    drop; only for passes with ``exclude_tensors``) and node names; then come the other
+    nodes of the op types the pass targets.
+    """
+    op_types = set(getattr(config, "op_types", ()) or CANDIDATE_OPS)
+    excluded = set(config.exclude_nodes)
+    names = [n.name for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
+    tensors_ok = hasattr(config, "exclude_tensors")
+    ordered = [s for s in dict.fromkeys(suspects) if (s.startswith("tensor:") and tensors_ok) or s in set(names)]
+    return ordered + [n for n in names if n not in set(ordered)]
 
 
 def evaluator(

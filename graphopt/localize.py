@@ -31,6 +31,7 @@ class LayerError:
     sqnr_db: float
     rel_l2: float
     max_abs: float
+    sqnr_drop_db: float = 0.0  # SQNR lost at this node: worst input SQNR minus this output's
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -110,8 +111,12 @@ def layer_errors(
                 if ref_out[name].shape == cand_out[matched[name]].shape:
                     sums[name].add(ref_out[name], cand_out[matched[name]])
     producers = _producers(reference.graph)
-    rows = [_row(name, producers[name], s) for name, s in sums.items() if s.ref_sq > 0 or s.diff_sq > 0]
-    return sorted(rows, key=lambda r: r.sqnr_db)
+    rows = {name: _row(name, producers[name], s) for name, s in sums.items() if s.ref_sq > 0 or s.diff_sq > 0}
+    for row in rows.values():
+        inputs = [rows[v.name].sqnr_db for v in producers[row.tensor].inputs if v is not None and v.name in rows]
+        source = min(inputs, default=math.inf)
+        row.sqnr_drop_db = source - row.sqnr_db if math.isfinite(source) or math.isfinite(row.sqnr_db) else 0.0
+    return sorted(rows.values(), key=lambda r: r.sqnr_db)
 
 
 def _row(name: str, node: ir.Node, sums: _Sums) -> LayerError:
@@ -128,3 +133,25 @@ def _row(name: str, node: ir.Node, sums: _Sums) -> LayerError:
 def worst_nodes(errors: Sequence[LayerError], op_types: Sequence[str], limit: int) -> list[str]:
     """Names of the ``limit`` worst nodes of the given op types, by the SQNR of their output."""
     return [e.node for e in errors if e.op_type in op_types][:limit]
+
+
+def blame(reference: ir.Model, candidate: ir.Model, errors: Sequence[LayerError]) -> list[str]:
+    """Quantized tensors to suspect, in order of where SQNR drops most.
+
+    A drop at a quantized tensor blames it; a drop at a float op (a Softmax reading a
+    quantized score tensor, say) blames that op's quantized inputs. SQNR alone can miss a
+    tensor whose huge range (a -3.4e38 mask) hides the rounding of its ordinary values.
+    """
+    matched = match_tensors(reference, candidate)
+    quantized = {name for name, seen in matched.items() if seen != name}
+    producers = _producers(reference.graph)
+    order: dict[str, None] = {}
+    for row in sorted(errors, key=lambda r: -r.sqnr_drop_db):
+        if row.tensor in quantized:
+            order[row.tensor] = None
+            continue
+        node = producers.get(row.tensor)
+        for value in node.inputs if node is not None else ():
+            if value is not None and value.name in quantized:
+                order[value.name] = None
+    return list(order)

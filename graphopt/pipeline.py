@@ -53,12 +53,15 @@ class Pipeline:
     # (step index, model before the step, the step's statistics) for lossy steps that can
     # exclude nodes: what the accuracy fallback re-runs with more nodes left in float.
     snapshots: list[tuple[int, ir.Model, Any]] = field(default_factory=list)
+    # The model right after the last step that changes the function on purpose (an
+    # adapter merge): what the output must then match instead of the input.
+    new_reference: ir.Model | None = None
 
     def run(
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
     ) -> list[PassRecord]:
         """Run every step on ``model`` (in place) and return one record per step."""
-        self.records, self.snapshots = [], []
+        self.records, self.snapshots, self.new_reference = [], [], None
         self.run_from(model, 0, calibration=calibration, progress=progress)
         return self.records
 
@@ -101,6 +104,8 @@ class Pipeline:
             raise PassError(f"{self._where(index)} failed: {type(exc).__name__}: {exc}") from exc
         if result.model is not model:
             raise PassError(f"{self._where(index)} returned a new model; graphopt passes must work in place.")
+        if spec.changes_function is not None and spec.changes_function(step.config):
+            self.new_reference = model.clone()
         seconds = time.perf_counter() - start
         if self.check:
             self._check(model, index)
@@ -195,7 +200,8 @@ def optimize(
         after=stats.model_stats(candidate),
     )
     if plan.verify.enabled:
-        candidate = _verify(report, pipeline, reference, candidate, plan, device, calibration)
+        target = pipeline.new_reference or reference
+        candidate = _verify(report, pipeline, target, candidate, plan, device, calibration)
     return Result(candidate, report)
 
 
@@ -268,7 +274,16 @@ def _fall_back(
     step = pipeline.steps[index]
     evaluate = fallback.evaluator(reference, data, plan.budget, device, plan.verify.threads)
     baseline = fallback.budget_score(result, plan.budget)
-    found, outcome = fallback.search(step.name, step.config, before, statistics, evaluate, baseline, plan.fallback)
+    # The worst tensors by SQNR point at the nodes to try first (one run, ~1.3x a verification).
+    errors = localize.layer_errors(reference, candidate, data, device=device, threads=plan.verify.threads)
+    suspects = []
+    for name in localize.blame(reference, candidate, errors):
+        # A tensor can stay quantized because other readers need it; its readers can go float whole.
+        readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
+        suspects += [f"tensor:{name}", *readers]
+    found, outcome = fallback.search(
+        step.name, step.config, before, statistics, evaluate, baseline, plan.fallback, suspects=suspects
+    )
     report.fallback = outcome.to_dict()
     if found is None:
         return candidate, result

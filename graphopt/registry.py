@@ -34,6 +34,9 @@ class PassSpec:
         exact: True when the pass keeps outputs equal up to float rounding.
         calibrate: Collects the statistics the pass needs on the model as it is right
             before the pass runs; None for passes that need no data.
+        changes_function: True for configs that change what the model computes on purpose
+            (merging an external adapter): verification then compares with the model as
+            it is after that step, not with the input.
     """
 
     name: str
@@ -41,6 +44,7 @@ class PassSpec:
     config_class: type
     exact: bool
     calibrate: Calibrator | None = None
+    changes_function: Callable[[Any], bool] | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -64,6 +68,10 @@ class PassSpec:
         if self.calibrate is None:
             return self.pass_class(config)  # type: ignore[call-arg]
         return self.pass_class(config, statistics)  # type: ignore[call-arg]
+
+
+def _uses_adapters(config: Any) -> bool:
+    return bool(config.adapters)
 
 
 REGISTRY: Mapping[str, PassSpec] = MappingProxyType(

@@ -29,6 +29,7 @@ class Budget:
         max_abs: Largest allowed absolute difference.
         max_rel_l2: Largest allowed ||cand - ref|| / ||ref||.
         min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
+        min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
         min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
         outputs: Outputs the budget applies to; empty means all.
     """
@@ -36,6 +37,7 @@ class Budget:
     max_abs: float | None = None
     max_rel_l2: float | None = None
     min_cosine: float | None = None
+    min_cosine_mean: float | None = None
     min_top1: float | None = None
     outputs: tuple[str, ...] = ()
 
@@ -62,6 +64,8 @@ class OutputMetrics:
             found.append(f"output {self.name!r}: relative L2 {self.rel_l2:.3g} > budget {budget.max_rel_l2:.3g}")
         if budget.min_cosine is not None and not self.cosine_min >= budget.min_cosine:
             found.append(f"output {self.name!r}: min cosine {self.cosine_min:.6f} < budget {budget.min_cosine}")
+        if budget.min_cosine_mean is not None and not self.cosine_mean >= budget.min_cosine_mean:
+            found.append(f"output {self.name!r}: mean cosine {self.cosine_mean:.6f} < budget {budget.min_cosine_mean}")
         if budget.min_top1 is not None and self.top1 is not None and not self.top1 >= budget.min_top1:
             found.append(f"output {self.name!r}: top-1 agreement {self.top1:.4f} < budget {budget.min_top1}")
         return found

@@ -88,9 +88,16 @@ class QuantizeConfig:
     op_types: tuple[str, ...] = field(default=DEFAULT_OPS, metadata={"help": "Op types to quantize."})
     exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
     exclude_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names to leave in float."})
+    exclude_tensors: tuple[str, ...] = field(
+        default=(), metadata={"help": "Activation tensors to leave unquantized (what the accuracy fallback sets)."}
+    )
     embeddings: bool = field(
         default=True,
         metadata={"help": "Store constant tables read by Gather (per-row scales) or Slice (one scale) as int8."},
+    )
+    islands: bool = field(
+        default=True,
+        metadata={"help": "Quantize non-compute ops only between quantized ops (False: every listed op, as ORT does)."},
     )
     max_abs_range: float = field(
         default=65504.0,
@@ -114,7 +121,7 @@ def selected_nodes(graph: ir.Graph, config: QuantizeConfig) -> list[ir.Node]:
     """
     candidates = [n for n in graph if _wanted(n, config)]
     chosen = {id(n) for n in candidates}
-    changed = True
+    changed = config.islands
     while changed:
         changed = False
         for node in candidates:
@@ -318,6 +325,8 @@ class _Editor:
                 self.counts["embeddings"] += 1
 
     def _activation(self, value: ir.Value, node: ir.Node) -> None:
+        if value.name in self.config.exclude_tensors:
+            return
         producer = value.producer()
         if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.op_type in self.config.op_types:
             source = producer.inputs[0]
