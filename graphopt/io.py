@@ -7,7 +7,11 @@ drop) are densified into ordinary initializers so nothing is lost.
 
 Saving never writes over the input: it writes into a temporary folder beside the
 destination, checks the result with ``onnx.checker`` and an ONNX Runtime load, and only
-then renames the files into place.
+then renames the files into place. Pruned weights can be stored as sparse initializers
+(COO): onnx_ir 1.1 can neither read nor write them, so the conversion is the very last
+step, on the protobuf about to be written. onnx.checker accepts only int64 indices, which
+makes a 50%-dense float32 weight 1.5x its dense size, and ONNX Runtime densifies sparse
+initializers when it loads them: they save disk, not memory or time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -30,6 +35,17 @@ logger = logging.getLogger(__name__)
 
 # Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Bytes a COO sparse initializer spends on each non-zero's index: onnx.checker accepts
+# only int64 indices.
+SPARSE_INDEX_BYTES = 8
+# Sparse initializers exist from IR version 6 on.
+SPARSE_MIN_IR_VERSION = 6
+# sparse="always" stores weights at least this sparse: pruned ones, not a dense table that
+# happens to hold a zero row (an embedding's padding token), which COO would triple.
+SPARSE_MIN_ZEROS = 0.1
+
+SparseMode = Literal["never", "auto", "always"]
+_SPARSE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class SavedModel:
     data_path: Path | None
     bytes_on_disk: int
     ir_version: int
+    sparse_initializers: int = 0
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
@@ -255,6 +272,7 @@ def save_model(
     protect: Sequence[str | os.PathLike[str]] = (),
     external_data: bool | None = None,
     overwrite: bool = True,
+    sparse: SparseMode = "auto",
 ) -> SavedModel:
     """Check ``model`` and write it atomically to ``path``.
 
@@ -266,25 +284,75 @@ def save_model(
         external_data: True to write tensors to ``<name>.data``; False to inline them;
             None (default) to use external data only when the model is over ~1.8 GB.
         overwrite: Whether an existing output (not a protected file) may be replaced.
+        sparse: Which pruned float weights (main-graph initializers of rank >= 2 with at
+            least 10% exact zeros) to store as COO sparse initializers: ``auto`` (default)
+            those that get smaller, ``always`` all of them, ``never`` none. Written inline only, so with external
+            data ``auto`` keeps them dense and ``always`` is an error. ONNX Runtime turns
+            them back into dense tensors when it loads the model.
     """
     from graphopt import runtime  # runtime builds sessions from what io writes
 
     path = Path(path)
     use_external = model_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = f"{path.name}.data" if use_external else None
+    _check_sparse_mode(path, sparse, data_name)
     _check_destination(model, path, data_name, protect, overwrite)
     ir_version = _target_ir_version(model, runtime.max_ir_version())
+    sparse_names = sparse_candidates(model, sparse) if data_name is None and ir_version >= SPARSE_MIN_IR_VERSION else []
     with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        _write(model, tmp_path, data_name, ir_version)
+        _write(model, tmp_path, data_name, ir_version, sparse_names)
         _verify_written(tmp_path)
         if data_name is not None:
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         os.replace(tmp_path, path)
     data_path = path.parent / data_name if data_name else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    logger.info("saved %s (%d bytes, IR %d)", path, size, ir_version)
-    return SavedModel(path, data_path, size, ir_version)
+    logger.info("saved %s (%d bytes, IR %d, %d sparse initializers)", path, size, ir_version, len(sparse_names))
+    return SavedModel(path, data_path, size, ir_version, len(sparse_names))
+
+
+def _check_sparse_mode(path: Path, sparse: str, data_name: str | None) -> None:
+    if sparse not in ("never", "auto", "always"):
+        raise ModelSaveError(f"sparse={sparse!r} is not one of 'never', 'auto', 'always'.")
+    if data_name is not None and sparse == "always":
+        raise ModelSaveError(
+            f"{path}: sparse initializers are written inline, but this model is saved with external data. "
+            "Save it with external_data=False (models under 2 GB), or use sparse='auto' or 'never'."
+        )
+
+
+def sparse_candidates(model: ir.Model, sparse: SparseMode) -> list[str]:
+    """Main-graph initializers that ``sparse`` stores as COO sparse initializers."""
+    if sparse == "never":
+        return []
+    graph_inputs = {v.name for v in model.graph.inputs}
+    names = []
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or name in graph_inputs or tensor.dtype not in _SPARSE_DTYPES or len(tensor.shape) < 2:
+            continue
+        nonzero = int(np.count_nonzero(tensor.numpy()))
+        coo_bytes = nonzero * (int(tensor.dtype.itemsize) + SPARSE_INDEX_BYTES)
+        pruned = nonzero < tensor.size and tensor.size - nonzero >= int(SPARSE_MIN_ZEROS * tensor.size)
+        if pruned and (sparse == "always" or coo_bytes < tensor.nbytes):
+            names.append(name)
+    return names
+
+
+def _to_sparse(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Move the initializers ``names`` into ``graph.sparse_initializer`` (COO, linear int64 indices)."""
+    wanted = set(names)
+    dense = [t for t in graph.initializer if t.name not in wanted]
+    for tensor in [t for t in graph.initializer if t.name in wanted]:
+        array = onnx.numpy_helper.to_array(tensor)
+        flat = array.reshape(-1)
+        nonzero = np.flatnonzero(flat).astype(np.int64)
+        values = onnx.numpy_helper.from_array(flat[nonzero], tensor.name)
+        indices = onnx.numpy_helper.from_array(nonzero, f"{tensor.name}_indices")
+        graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, list(array.shape)))
+    del graph.initializer[:]
+    graph.initializer.extend(dense)
 
 
 def _check_destination(
@@ -314,7 +382,9 @@ def _target_ir_version(model: ir.Model, runtime_max: int) -> int:
     return max(wanted, min(min_ir_version(model), runtime_max))
 
 
-def _write(model: ir.Model, tmp_path: Path, data_name: str | None, ir_version: int) -> None:
+def _write(
+    model: ir.Model, tmp_path: Path, data_name: str | None, ir_version: int, sparse_names: Sequence[str] = ()
+) -> None:
     original = model.ir_version
     model.ir_version = ir_version
     try:
@@ -322,7 +392,13 @@ def _write(model: ir.Model, tmp_path: Path, data_name: str | None, ir_version: i
             # Tensors still mapped from the input's data file would be saved as references
             # to a file that is not beside the output: load them so the output is whole.
             ir.external_data.load_to_model(model)
-            ir.save(model, tmp_path)
+            if sparse_names:
+                # onnx_ir cannot write sparse initializers: convert the serialized proto.
+                proto = ir.serde.serialize_model(model)
+                _to_sparse(proto.graph, sparse_names)
+                tmp_path.write_bytes(proto.SerializeToString())
+            else:
+                ir.save(model, tmp_path)
         else:
             ir.save(model, tmp_path, external_data=data_name, size_threshold_bytes=1024)
     except (OSError, ValueError) as exc:

@@ -14,6 +14,12 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
+from graphopt.passes.prune import PruneConfig, PruneWeightsPass, collect_prune_statistics
+from graphopt.passes.prune_structured import (
+    PruneStructuredConfig,
+    PruneStructuredPass,
+    collect_structured_statistics,
+)
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
 
@@ -80,6 +86,14 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
         "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
         "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
         "fp16": PassSpec("fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes),
+        "prune": PassSpec("prune", PruneWeightsPass, PruneConfig, exact=False, calibrate=collect_prune_statistics),
+        "prune_structured": PassSpec(
+            "prune_structured",
+            PruneStructuredPass,
+            PruneStructuredConfig,
+            exact=False,
+            calibrate=collect_structured_statistics,
+        ),
     }
 )
 
