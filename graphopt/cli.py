@@ -96,7 +96,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                 _write_reports(exc.report, args)
                 render.render_report(console, exc.report)
             raise
-    saved = io.save_model(result.model, output, protect=[source], external_data=True if args.external_data else None)
+    saved = io.save_model(
+        result.model, output, protect=[source], external_data=True if args.external_data else None, sparse=args.sparse
+    )
     result.report.output_path = str(saved.path)
     result.report.output_bytes_on_disk = saved.bytes_on_disk
     render.render_report(console, result.report)
@@ -211,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verification against the input model")
     p.add_argument("--report-only", action="store_true", help="report budget violations without failing")
     p.add_argument("--external-data", action="store_true", help="save weights to <output>.data")
+    p.add_argument(
+        "--sparse",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="store pruned weights as sparse initializers: auto = when smaller (ORT densifies them at load)",
+    )
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("inspect", help="ops, parameters, bytes by dtype, sparsity, Q/DQ, opsets")
