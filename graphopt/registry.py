@@ -22,6 +22,7 @@ from graphopt.passes.prune_structured import (
 )
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
+from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians
 
 # (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
 Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
@@ -93,6 +94,9 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             PruneStructuredConfig,
             exact=False,
             calibrate=collect_structured_statistics,
+        ),
+        "weight_only": PassSpec(
+            "weight_only", WeightOnlyQuantizePass, WeightOnlyConfig, exact=False, calibrate=collect_hessians
         ),
     }
 )

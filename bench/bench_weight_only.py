@@ -1,0 +1,352 @@
+"""graphopt weight_only vs ONNX Runtime's MatMulNBitsQuantizer / MatMulBnb4Quantizer, measured in one run.
+
+Per zoo model, every variant is written to a file and evaluated in ONNX Runtime on the CPU:
+size on disk, bits per quantized weight, output cosine to fp32 on the model's evaluation
+data (MiniLM: the sentence embedding), latency at batch 1 and 64 (1 thread, all variants of
+a model timed interleaved, medians) and the kernels ORT really runs (its optimized graph,
+compared with what the pass predicted). Then a generated >= 3 GB model with external data is
+quantized in a subprocess each by graphopt and by ORT's quantizer, for wall time and peak RSS.
+
+    python bench/bench_weight_only.py [--models minilm,transformer] [--runs 20] [--large-gb 3.2]
+                                      [--skip-large] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import TensorProto, helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from graphopt import io, runtime  # noqa: E402
+from graphopt.calibration.sources import DataSpec  # noqa: E402
+from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians  # noqa: E402
+from graphopt.passes.weight_only_ort import observed_kernels  # noqa: E402
+from models import zoo  # noqa: E402
+
+Variant = Callable[[Path, Path], dict[str, object]]
+OUTPUT = {"minilm": "sentence_embedding"}
+QUANTIZED_OPS = {"MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "DequantizeLinear"}
+
+
+def ort_nbits(bits: int, accuracy_level: int | None = None) -> Variant:
+    def run(src: Path, dst: Path) -> dict[str, object]:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True, accuracy_level=accuracy_level
+        )
+        quantizer.process()
+        onnx.save(quantizer.model.model, str(dst))
+        return {}
+
+    return run
+
+
+def ort_bnb4(src: Path, dst: Path) -> dict[str, object]:
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
+    quantizer = MatMulBnb4Quantizer(onnx.load(str(src)), MatMulBnb4Quantizer.NF4, 64)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(dst))
+    return {}
+
+
+def graphopt_variant(name: str, **options: object) -> Variant:
+    def run(src: Path, dst: Path) -> dict[str, object]:
+        config = WeightOnlyConfig(**options)  # type: ignore[arg-type]
+        model = io.load_model(src)
+        start = time.perf_counter()
+        hessians = collect_hessians(model, DataSpec(source=zoo.calibration_data(name, 64), samples=64), config)
+        quantize = WeightOnlyQuantizePass(config, hessians)
+        quantize(model)
+        seconds = time.perf_counter() - start
+        io.save_model(model, dst, protect=[src])
+        return {**quantize.details, "seconds": seconds}
+
+    return run
+
+
+def variants(name: str) -> dict[str, Variant]:
+    """Same bits and block size (32; NF4 64), symmetric; ORT's quantizers with their defaults otherwise."""
+    matmul = ("MatMul", "Gemm")
+    return {
+        "ORT RTN int4": ort_nbits(4),
+        "ORT RTN int4, accuracy_level 4": ort_nbits(4, 4),
+        "graphopt rtn int4": graphopt_variant(name, op_types=matmul),
+        "graphopt rtn int4, accuracy_level 4": graphopt_variant(name, op_types=matmul, accuracy_level=4),
+        "graphopt gptq int4": graphopt_variant(name, op_types=matmul, method="gptq"),
+        "graphopt rtn int4 + embeddings": graphopt_variant(name),
+        "graphopt qdq int4": graphopt_variant(name, op_types=matmul, format="qdq"),
+        "ORT RTN int8": ort_nbits(8),
+        "ORT RTN int8, accuracy_level 4": ort_nbits(8, 4),
+        "graphopt rtn int8": graphopt_variant(name, op_types=matmul, bits=8),
+        "ORT NF4": ort_bnb4,
+        "graphopt nf4": graphopt_variant(name, op_types=matmul, format="nf4"),
+        "graphopt gptq nf4": graphopt_variant(name, op_types=matmul, format="nf4", method="gptq"),
+    }
+
+
+def quantized_bits(path: Path) -> float | None:
+    """Bits per quantized weight: bytes of everything stored for the quantized kernels, over their weights."""
+    model = io.load_model(path)
+    producers = {out.name: node for node in model.graph for out in node.outputs}
+    seen: set[str] = set()
+
+    def stored_bytes(value: ir.Value | None) -> int | None:
+        """Bytes of the constant subgraph computing ``value`` (Cast of scales, absmax dequantization)."""
+        if value is None or value.name in seen:
+            return 0
+        seen.add(value.name)
+        if value.const_value is not None:
+            return value.const_value.nbytes
+        node = producers.get(value.name)
+        parts = [stored_bytes(v) for v in node.inputs] if node is not None else [None]
+        return None if None in parts else sum(parts)  # type: ignore[arg-type]
+
+    total = params = 0
+    for node in model.graph:
+        if node.op_type in ("MatMulNBits", "MatMulBnb4"):
+            inputs, count = node.inputs[1:], node.attributes.get_int("K") * node.attributes.get_int("N")
+        elif node.op_type == "GatherBlockQuantized":
+            inputs, count = [node.inputs[0], *node.inputs[2:]], int(np.prod(node.inputs[0].shape.numpy()))  # type: ignore[union-attr]
+        elif node.op_type == "DequantizeLinear" and "block_size" in node.attributes:
+            inputs, count = list(node.inputs), int(np.prod(node.inputs[0].shape.numpy()))  # type: ignore[union-attr]
+        else:
+            continue
+        total += sum(stored_bytes(v) or 0 for v in inputs)
+        params += count
+    return 8 * total / params if params else None
+
+
+def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    a = reference.reshape(len(reference), -1).astype(np.float64)
+    b = candidate.reshape(len(candidate), -1).astype(np.float64)
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
+def bench_model(name: str, runs: int, workdir: Path) -> list[dict[str, object]]:
+    src = zoo.export(name)
+    data = zoo.eval_data(name, 64)
+    output = OUTPUT.get(name)
+    sessions = {"fp32": runtime.create_session(src, threads=1)}
+    reference = runtime.run(sessions["fp32"], data.inputs, [output] if output else None)
+    rows: list[dict[str, object]] = [{"model": name, "variant": "fp32", "bytes": src.stat().st_size, "cos_mean": 1.0}]
+    for label, run in variants(name).items():
+        dst = workdir / f"{name}.{label.replace(' ', '_').replace(',', '')}.onnx"
+        details = run(src, dst)
+        sessions[label] = runtime.create_session(dst, threads=1)
+        got = runtime.run(sessions[label], data.inputs, [output] if output else None)
+        cos = cosines(next(iter(reference.values())), next(iter(got.values())))
+        observed = observed_kernels(dst)
+        predicted = details.get("ort_cpu_kernels")
+        rows.append(
+            {
+                "model": name,
+                "variant": label,
+                "bytes": dst.stat().st_size,
+                "bits_per_weight": quantized_bits(dst),
+                "cos_mean": float(cos.mean()),
+                "cos_min": float(cos.min()),
+                "kernels": observed,
+                "kernels_predicted_ok": None if predicted is None else predicted == observed,
+                "pass_seconds": details.get("seconds"),
+            }
+        )
+    _latency_into(rows, sessions, data.inputs, runs)
+    return rows
+
+
+def _latency_into(rows: list[dict[str, object]], sessions: dict, inputs: dict[str, np.ndarray], runs: int) -> None:
+    for batch in (1, 64):
+        feeds = {k: v[:batch] for k, v in inputs.items()}
+        big = batch > 1  # a MiniLM batch of 64 takes ~1 s: fewer runs, all still interleaved
+        latency = runtime.interleaved_latency(
+            sessions, feeds, warmup=2 if big else 5, runs=max(5, runs // 4) if big else runs
+        )
+        for row in rows:
+            row[f"ms_b{batch}"] = latency[str(row["variant"])].median_ms
+
+
+def to_markdown(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| model | variant | size (% fp32) | bits/weight | cosine mean / min | ms b=1 (fp32/x) | ms b=64 (fp32/x) "
+        "| ORT CPU kernels (predicted = observed) |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    fp32 = {r["model"]: r for r in rows if r["variant"] == "fp32"}
+    for r in rows:
+        base = fp32[r["model"]]
+        bits = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "32"
+        kernels = ", ".join(f"{k} ×{v}" for k, v in (r.get("kernels") or {}).items()) or "MatMul (float)"
+        check = {True: " ✓", False: " ✗", None: ""}[r.get("kernels_predicted_ok")]  # type: ignore[index]
+        cos = f"{r['cos_mean']:.5f} / {r.get('cos_min', 1.0):.5f}"
+        speed = [f"{r[f'ms_b{b}']:.2f} ({base[f'ms_b{b}'] / r[f'ms_b{b}']:.2f}×)" for b in (1, 64)]
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {100 * r['bytes'] / base['bytes']:.1f}% | {bits} | {cos} "
+            f"| {speed[0]} | {speed[1]} | {kernels}{check} |"
+        )
+    return "\n".join(lines)
+
+
+def make_large_model(folder: Path, *, layers: int = 12, dim: int = 8192, seed: int = 0) -> Path:
+    """A chain of ``layers`` MatMuls with ``dim x dim`` float32 weights in external data, written tensor by tensor."""
+    rng = np.random.default_rng(seed)
+    path, data = folder / "large.onnx", folder / "large.onnx.data"
+    initializers, nodes, previous = [], [], "x"
+    with data.open("wb") as f:
+        for i in range(layers):
+            weight = rng.standard_normal((dim, dim), dtype=np.float32)
+            weight *= np.float32(1.0 / np.sqrt(dim))
+            offset = f.tell()
+            weight.tofile(f)
+            tensor = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(weight.nbytes))):
+                tensor.external_data.add(key=key, value=value)
+            initializers.append(tensor)
+            nodes.append(helper.make_node("MatMul", [previous, f"W{i}"], [f"h{i}"], name=f"fc{i}"))
+            previous = f"h{i}"
+            del weight
+    nodes.append(helper.make_node("Identity", [previous], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _status_mb(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return float(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _reset_peak() -> None:
+    """Restart the peak-RSS count here, so that imports (ORT maps and drops ~250 MB) do not count."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def child(job: str, src: str, dst: str) -> None:
+    """One measured job in this (fresh) process; prints its figures as JSON."""
+    logging.disable(logging.WARNING)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    import graphopt
+
+    _reset_peak()
+    marks = {"baseline": _status_mb("VmRSS")}
+    start = time.perf_counter()
+    if job == "graphopt":
+        model = graphopt.load(src)
+        marks["after_load"] = _status_mb("VmHWM")
+        WeightOnlyQuantizePass(WeightOnlyConfig())(model)
+        marks["after_pass"] = _status_mb("VmHWM")
+        graphopt.save(model, dst, protect=[src], external_data=True)
+    elif job == "ort":
+        quantizer = MatMulNBitsQuantizer(onnx.load(src), bits=4, block_size=32, is_symmetric=True)
+        quantizer.process()
+        quantizer.model.save_model_to_file(dst, use_external_data_format=True)
+    elif job == "checker":
+        onnx.checker.check_model(src)
+    elif job == "ort_load":
+        runtime.check_loads(Path(src))
+    marks["peak"] = _status_mb("VmHWM")
+    print(json.dumps({"seconds": time.perf_counter() - start, **marks}))
+
+
+def run_child(job: str, src: Path, dst: Path) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", job, str(src), str(dst)], capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_large(gigabytes: float, workdir: Path) -> list[dict[str, object]]:
+    layers = max(1, round(gigabytes * 1e9 / (4 * 8192 * 8192)))
+    start = time.perf_counter()
+    src = make_large_model(workdir, layers=layers)
+    generated = time.perf_counter() - start
+    size = src.stat().st_size + (workdir / "large.onnx.data").stat().st_size
+    rows = []
+    for job, dst in (("graphopt", workdir / "ours.onnx"), ("ort", workdir / "ort.onnx")):
+        (workdir / job).mkdir(exist_ok=True)
+        result = run_child(job, src, workdir / job / dst.name)
+        out_bytes = sum(p.stat().st_size for p in (workdir / job).iterdir())
+        rows.append({"job": job, "input_bytes": size, "output_bytes": out_bytes, "generate_s": generated, **result})
+    ours = workdir / "graphopt" / "ours.onnx"
+    for job in ("checker", "ort_load"):
+        rows.append({"job": f"{job} of graphopt output", **run_child(job, ours, ours)})
+    rows.append({"job": "ort_load of the fp32 input", **run_child("ort_load", src, src)})
+    return rows
+
+
+def large_markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| job | input → output | wall (s) | peak RSS above baseline (MB) | milestones (MB above baseline) |"]
+    lines.append("|---|---:|---:|---:|---|")
+    for r in rows:
+        base = float(r["baseline"])  # type: ignore[arg-type]
+        marks = ", ".join(f"{k} {float(r[k]) - base:.0f}" for k in ("after_load", "after_pass") if k in r)
+        sizes = f"{r['input_bytes'] / 1e9:.2f} GB → {r['output_bytes'] / 1e9:.2f} GB" if "input_bytes" in r else ""
+        lines.append(f"| {r['job']} | {sizes} | {r['seconds']:.1f} | {float(r['peak']) - base:.0f} | {marks} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="minilm,transformer")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--large-gb", type=float, default=3.2)
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--json", help="write all rows as JSON here")
+    parser.add_argument("--child", nargs=3, metavar=("JOB", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return 0
+    logging.disable(logging.WARNING)
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows.extend(bench_model(name, args.runs, Path(tmp)))
+    print(to_markdown(rows))
+    large: list[dict[str, object]] = []
+    if not args.skip_large:
+        with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
+            if shutil.disk_usage(tmp).free < 3 * args.large_gb * 1e9:
+                print("\n(large model skipped: not enough free disk)")
+            else:
+                large = bench_large(args.large_gb, Path(tmp))
+                print("\n" + large_markdown(large))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"models": rows, "large": large}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""GPTQ for the ``weight_only`` pass: Hessians from calibration data and the column-by-column update.
+
+GPTQ (Frantar et al., 2022) quantizes a layer's input rows one at a time and spreads each
+row's rounding error over the rows not yet quantized, weighted by the inverse Hessian of
+the layer's reconstruction error ``H = X^T X / n``. Here the block scales are fixed before
+the update (computed by round-to-nearest with clip search, as GPTQ's ``static_groups``),
+which keeps every format's layout (NF4 double quantization included) unchanged.
+
+The Hessians are accumulated while calibration batches stream through ONNX Runtime: memory
+is one batch plus one ``K x K`` float64 matrix per distinct layer input (Q, K and V of an
+attention block share one), whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.calibration.collect import stream_activations
+from graphopt.calibration.sources import DataSpec, require_data
+
+if TYPE_CHECKING:
+    from graphopt.passes.weight_only import WeightOnlyConfig
+
+logger = logging.getLogger(__name__)
+
+_LAZY_BATCH = 128  # rows updated together before the rest of the weight is touched (GPTQ's lazy batch)
+_DAMP_RETRIES = 4
+
+
+class Grid(Protocol):
+    """A quantized weight whose scales are fixed: rows can be snapped onto it and codes re-derived."""
+
+    def snap(self, row: int, values: np.ndarray) -> np.ndarray: ...
+
+    def encode(self, w: np.ndarray) -> Grid: ...
+
+    def dequantize(self) -> np.ndarray: ...
+
+
+def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyConfig) -> dict[str, np.ndarray] | None:
+    """Calibrate ``X^T X / n`` of every quantized MatMul/Gemm input (only for ``method: gptq``)."""
+    from graphopt.passes.weight_only import plan_layers  # the pass imports this module
+
+    if config.method != "gptq":
+        return None
+    data = require_data(data, "weight_only")
+    layers, _ = plan_layers(model.graph, config)
+    grams = {layer.activation.name: _Gram(layer.k) for layer in layers if layer.activation is not None}
+    if grams:
+        stream_activations(model, data, list(grams), lambda name, array: grams[name].add(array))
+    logger.debug("weight_only: Hessians of %d layer inputs", len(grams))
+    return {name: gram.mean() for name, gram in grams.items()}
+
+
+class _Gram:
+    """``sum(x^T x)`` over streamed rows, in float64, fed by float32 products of a few hundred rows at once."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.total = np.zeros((k, k), np.float64)
+        self.rows = 0
+        self._pending: list[np.ndarray] = []
+        # Batching rows makes the product BLAS-efficient; the buffer never outgrows the K x K sum.
+        self._flush_at = max(256, min(k, 2048))
+
+    def add(self, array: np.ndarray) -> None:
+        self._pending.append(np.asarray(array, dtype=np.float32).reshape(-1, self.k))
+        if sum(len(p) for p in self._pending) >= self._flush_at:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            x = np.concatenate(self._pending)
+            self.total += x.T @ x
+            self.rows += len(x)
+            self._pending = []
+
+    def mean(self) -> np.ndarray:
+        self._flush()
+        return (self.total / max(self.rows, 1)).astype(np.float32)
+
+
+def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray | None:
+    """Upper ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``; None if H stays singular."""
+    h = np.array(hessian, dtype=np.float32)
+    diagonal = np.diag_indices(len(h))
+    # An input that calibration never saw active carries no information: weigh it like a unit input.
+    dead = h[diagonal] <= 0
+    h[diagonal[0][dead], diagonal[1][dead]] = 1.0
+    mean = float(np.mean(h[diagonal]))
+    for attempt in range(_DAMP_RETRIES):
+        damped = h.copy()
+        damped[diagonal] += np.float32(damp * (10.0**attempt) * mean)
+        try:
+            inverse = np.linalg.inv(damped)
+            return np.linalg.cholesky((inverse + inverse.T) / 2).T
+        except np.linalg.LinAlgError:
+            continue
+    return None
+
+
+def gptq(w: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
+    """GPTQ-quantize ``w [K, N]`` onto ``grid`` given ``U`` of :func:`inverse_cholesky`; the rounded weight."""
+    work = np.array(w, dtype=np.float32)
+    rounded = np.empty_like(work)
+    k = len(work)
+    for start in range(0, k, _LAZY_BATCH):
+        end = min(start + _LAZY_BATCH, k)
+        rows = work[start:end].copy()
+        errors = np.empty_like(rows)
+        for i in range(end - start):
+            row = start + i
+            rounded[row] = grid.snap(row, rows[i])
+            errors[i] = (rows[i] - rounded[row]) / u[row, row]
+            rows[i + 1 :] -= np.outer(u[row, row + 1 : end], errors[i])
+        # Rows after this lazy batch receive its accumulated update in one product.
+        work[end:] -= u[start:end, end:].T @ errors
+    return rounded
+
+
+def output_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
+    """The layer's mean squared output error ``tr(D^T H D)`` for ``D = w - approx``."""
+    d = np.asarray(w, dtype=np.float32) - approx
+    return float(np.einsum("kn,kn->", hessian @ d, d, dtype=np.float64))
+
+
+def refine(w: np.ndarray, hessian: np.ndarray, u: np.ndarray | None, grid: Grid) -> tuple[Grid, dict[str, float]]:
+    """``grid`` re-rounded by GPTQ, kept only if its output error beats round-to-nearest's."""
+    before = output_error(w, grid.dequantize(), hessian)
+    if u is None:
+        logger.info("weight_only: Hessian is singular even after dampening; kept round-to-nearest")
+        return grid, {"rtn_error": before, "gptq_error": before}
+    refined = grid.encode(gptq(w, u, grid))
+    after = output_error(w, refined.dequantize(), hessian)
+    return (refined if after < before else grid), {"rtn_error": before, "gptq_error": min(after, before)}
