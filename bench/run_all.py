@@ -16,6 +16,10 @@ BENCHES = {
     "fold": ["bench_fold.py"],
     "peer_suite": ["peer_suite.py"],
     "quantize": ["bench_quantize.py"],
+    "guardrails": ["bench_guardrails.py"],
+    "lora": ["bench_lora.py"],
+    "weight_only": ["bench_weight_only.py"],
+    "prune": ["bench_prune.py"],
     "hostile": ["hostile_files.py"],
 }
 

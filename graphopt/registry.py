@@ -14,6 +14,7 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
+from graphopt.passes.lora import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
 from graphopt.passes.prune import PruneConfig, PruneWeightsPass, collect_prune_statistics
 from graphopt.passes.prune_structured import (
     PruneStructuredConfig,
@@ -84,6 +85,12 @@ def _uses_adapters(config: Any) -> bool:
 REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
     {
         "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
+        "merge_lora": PassSpec(
+            "merge_lora", MergeLoraPass, MergeLoraConfig, exact=True, changes_function=_uses_adapters
+        ),
+        "unmerge_lora": PassSpec(
+            "unmerge_lora", UnmergeLoraPass, UnmergeLoraConfig, exact=True, changes_function=_uses_adapters
+        ),
         "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
         "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
         "fp16": PassSpec("fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes),

@@ -8,9 +8,9 @@ handled: ConvInteger is several times slower than float Conv on ORT's CPU EP.
 from __future__ import annotations
 
 import onnx_ir as ir
-from graphopt.passes import qdq
 
 from graphopt import quant
+from graphopt.passes import qdq
 
 
 def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce_range: bool, taken: set[str]) -> bool:
