@@ -98,7 +98,11 @@ def _warnings(model: ir.Model, view: RuntimeView) -> list[str]:
             f"{view.sparse_initializers} sparse initializer(s): ONNX Runtime densifies them at load, so they save "
             "disk, not memory or time."
         )
-    fp16 = any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
+    # float16 compute, not float16 scales of int4 weights (MatMulNBits reads those as they are).
+    fp16 = any(
+        v.dtype == ir.DataType.FLOAT16 and any(u.node.op_type in FLOAT_COMPUTE for u in v.uses())
+        for v in model.graph.initializers.values()
+    )
     if view.device == "cpu" and fp16:
         found.append("float16 weights on the CPU EP: ORT computes most ops in float32, so fp16 brings no speed here.")
     return found

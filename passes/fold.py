@@ -90,7 +90,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             size = value.const_value.size
             if size > self.config.size_limit or (size > _SHARED_INPUT_LIMIT and len(value.uses()) > 1):
                 return False
-        return None
+        return False if _widens(node) else None
 
 
 class _IdentityEliminationPass(common_passes.IdentityEliminationPass):
@@ -149,6 +149,16 @@ def _all_nodes(model: ir.Model) -> list[ir.Node]:
     for function in model.functions.values():
         nodes.extend(ir.traversal.RecursiveGraphIterator(function))
     return nodes
+
+
+def _widens(node: ir.Node) -> bool:
+    """Folding would store compressed constants in a wider type (float16 scales cast to float32)."""
+    inputs = [v for v in node.inputs if v is not None]
+    if not inputs or any(v.const_value is None for v in inputs) or sum(v.const_value.size for v in inputs) < 1024:
+        return False
+    out = node.outputs[0].dtype if node.outputs else None
+    widest = max(v.const_value.dtype.itemsize for v in inputs)
+    return out is not None and out.itemsize > widest
 
 
 def _fingerprint(model: ir.Model) -> tuple[object, ...]:

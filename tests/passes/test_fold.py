@@ -174,3 +174,23 @@ def test_split_to_sequence_with_dynamic_split_does_not_crash(tmp_path: Path) -> 
     model = _load(toy._model(graph), tmp_path)
     FoldConstantsPass()(model)
     assert [n.op_type for n in model.graph] == ["SplitToSequence", "SequenceLength"]
+
+
+def test_compressed_constants_are_not_widened(tmp_path: Path) -> None:
+    # float16 scales (as weight_only stores them) must not be folded into float32 copies.
+    from onnx import TensorProto, helper, numpy_helper
+
+    scales = np.random.default_rng(5).random((64, 64)).astype(np.float16)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["s16"], ["s32"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["x", "s32"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64])],
+        [numpy_helper.from_array(scales, "s16")],
+    )
+    model = _load(toy._model(graph), tmp_path)
+    FoldConstantsPass()(model)
+    assert [n.op_type for n in model.graph] == ["Cast", "MatMul"]
