@@ -29,7 +29,7 @@ from models import zoo  # noqa: E402
 
 BUDGETS = {
     "cnn": {"min_cosine": 0.9999},
-    "minilm": {"min_cosine_mean": 0.945, "outputs": ["sentence_embedding"]},
+    "minilm": {"min_cosine_mean": 0.94, "outputs": ["sentence_embedding"]},
 }
 # Recipes that break those budgets: on the CNN, every listed op quantized ORT's way with
 # minmax; on MiniLM, graphopt's own placement with minmax ranges (cosine min 0.91).
@@ -51,6 +51,7 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
         "passes": ["fold", {"quantize": RECIPES[name]}, "fold"],
         "verify": {"data": str(eval_npz), "samples": samples, "batch_size": 16, "latency_runs": 0, "layerwise": False},
         "budget": BUDGETS[name],
+        "fallback": {"max_candidates": 24},
     }
     start = time.perf_counter()
     result = graphopt.optimize(zoo.export(name), recipe, calibration=DataSpec(source=str(calib), samples=64))
@@ -64,6 +65,7 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
         "trials": fallback.get("trials", 0),
         "optimize_s": seconds,
         "budget": BUDGETS[name],
+        "fallback": {"max_candidates": 24},
     }
 
 

@@ -400,18 +400,23 @@ def format_table(result: SuiteResult, slowest: int = 5) -> str:
     return "\n".join(lines)
 
 
-def _factory(pass_name: str) -> PassFactory:
+def _factory(pass_arg: str) -> PassFactory:
+    """A pass from ``NAME[:k=v,...]``; passes with calibrators run with no data (rtn, dynamic)."""
+    from graphopt.recipe import parse_pass_arg
     from graphopt.registry import get_spec
 
-    spec = get_spec(pass_name)
-    if spec.needs_calibration:
-        raise SystemExit(f"pass {pass_name!r} needs calibration data; call run_suite() from Python instead.")
-    return lambda: spec.build(spec.config_class())
+    step = parse_pass_arg(pass_arg)
+    spec = get_spec(step.name)
+    return lambda: spec.build(step.config, None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pass", dest="pass_name", default="fold", help="registered pass to test (default: fold)")
+    parser.add_argument(
+        "--pass", dest="pass_name", default="fold", help="registered pass NAME[:k=v,...] to test (default: fold)"
+    )
+    parser.add_argument("--rtol", type=float, default=0.0, help="extra relative tolerance for lossy passes")
+    parser.add_argument("--atol", type=float, default=0.0, help="extra absolute tolerance for lossy passes")
     parser.add_argument("--limit", type=int, default=None, help="run only the first N cases")
     parser.add_argument("--match", default=None, help="only the cases whose name matches this regex")
     parser.add_argument("--json", type=Path, default=None, help="write the result, case by case, to this file")
@@ -422,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     cases = [c for c in collect_cases() if args.match is None or re.search(args.match, c.name)]
     collect_s = time.perf_counter() - start
-    result = run_suite(factory, name=args.pass_name, cases=cases[: args.limit])
+    tolerance = Tolerance(args.rtol, args.atol) if args.rtol or args.atol else None
+    result = run_suite(factory, name=args.pass_name, cases=cases[: args.limit], tolerance=tolerance)
     result.collect_s, result.wall_s = collect_s, result.wall_s + collect_s
     if args.json is not None:
         args.json.write_text(json.dumps(result.to_dict(), indent=1))

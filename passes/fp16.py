@@ -23,6 +23,16 @@ DEFAULT_BLOCKED = (
     "RandomNormalLike", "RandomUniform", "RandomUniformLike", "EyeLike", "Multinomial", "Bernoulli",
 )  # fmt: skip
 _FLOAT_TYPES = (ir.DataType.FLOAT,)
+# Ops converted: their output type follows their float inputs (type constraint T) and ORT
+# has float16 kernels or casts around them itself. Anything else stays float32: ops with
+# fixed float outputs (TfIdfVectorizer), statistics outputs, sequences, control flow.
+FP16_OPS = frozenset(
+    {"MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "Sigmoid", "Tanh",
+     "Erf", "Gelu", "Sqrt", "Neg", "Abs", "Clip", "Max", "Min", "Reshape", "Transpose", "Flatten", "Squeeze",
+     "Unsqueeze", "Concat", "Split", "Slice", "Gather", "Expand", "Identity", "MaxPool", "AveragePool",
+     "GlobalAveragePool", "BatchNormalization", "LayerNormalization", "Softplus", "HardSigmoid", "HardSwish", "Pad",
+     "Tile", "Where", "Cast", "Constant", "Dropout", "InstanceNormalization", "PRelu", "Elu", "Selu", "Floor", "Ceil"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,13 +69,16 @@ class Float16Pass(ir.passes.InPlacePass):
         super().__init__()
         self.config, self.magnitudes = config, dict(magnitudes or {})
         self.details: dict[str, object] = {}
+        self._float_outputs: set[int] = set()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         infer_types(model)
-        if any(v.dtype == ir.DataType.FLOAT16 for v in graph.initializers.values()):
-            self.details = {"skipped": "already holds float16 weights"}
+        values = [*graph.initializers.values(), *graph.inputs, *(o for n in graph for o in n.outputs)]
+        if any(v.dtype == ir.DataType.FLOAT16 for v in values):
+            self.details = {"skipped": "already holds float16 values"}
             return ir.passes.PassResult(model, modified=False)
+        self._float_outputs = {id(v) for v in graph.outputs if v.dtype == ir.DataType.FLOAT}
         half = {id(n) for n in graph if self._convertible(n)}
         if not half:
             return ir.passes.PassResult(model, modified=False)
@@ -81,6 +94,11 @@ class Float16Pass(ir.passes.InPlacePass):
     def _convertible(self, node: ir.Node) -> bool:
         if node.domain not in ("", "ai.onnx") or node.op_type in self.config.block_op_types:
             return False
+        if node.op_type not in FP16_OPS or (node.op_type == "LayerNormalization" and len(node.outputs) > 1):
+            return False
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        if any(v.type is None or not isinstance(v.type, ir.TensorType) for v in values):
+            return False  # unknown or non-tensor types: a boundary Cast could not be placed
         if node.name and node.name in self.config.block_nodes:
             return False
         values = [v for v in (*node.inputs, *node.outputs) if v is not None]
@@ -137,7 +155,7 @@ class Float16Pass(ir.passes.InPlacePass):
             if value.dtype == ir.DataType.FLOAT and not self.config.keep_io_types:
                 value.type = ir.TensorType(ir.DataType.FLOAT16)
         for index, value in enumerate(list(graph.outputs)):
-            if value.dtype == ir.DataType.FLOAT16 and self.config.keep_io_types:
+            if value.dtype == ir.DataType.FLOAT16 and self.config.keep_io_types and id(value) in self._float_outputs:
                 graph.outputs[index] = casts.output(value)
 
 

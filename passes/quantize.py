@@ -171,10 +171,37 @@ def _activation_inputs(node: ir.Node) -> list[ir.Value | None]:
     return [node.inputs[i] for i in indices if i < len(node.inputs)]
 
 
+# Ops whose outputs may be sequences or optionals: ONNX's inference has typed those as tensors.
+_NON_TENSOR_PRODUCERS = frozenset(
+    {"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",
+     "OptionalGetElement", "Loop", "If", "Scan", "SequenceMap"}
+)  # fmt: skip
+
+
 def infer_types(model: ir.Model) -> None:
-    """Fill in missing tensor types (exporters do not always write value_info)."""
-    if any(out.dtype is None for node in model.graph for out in node.outputs):
-        common_passes.ShapeInferencePass(strict_mode=False)(model)
+    """Fill in missing tensor types of main-graph values (exporters do not always write value_info).
+
+    Inference runs on a copy and only missing main-graph tensor types are copied back:
+    ONNX's inference can also rewrite subgraph types in ways ORT then rejects.
+    """
+    missing = {
+        out.name: out
+        for node in model.graph
+        if node.op_type not in _NON_TENSOR_PRODUCERS
+        for out in node.outputs
+        if out.dtype is None and out.name
+    }
+    if not missing:
+        return
+    clone = model.clone()
+    common_passes.ShapeInferencePass(strict_mode=False)(clone)
+    for node in clone.graph:
+        for out in node.outputs:
+            target = missing.get(out.name)
+            if target is not None and isinstance(out.type, ir.TensorType):
+                target.type = out.type
+                if target.shape is None and out.shape is not None:
+                    target.shape = out.shape
 
 
 def calibration_targets(model: ir.Model, config: QuantizeConfig) -> list[str]:
@@ -221,14 +248,35 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             logger.info("quantize: the model already holds Q/DQ or integer ops; left unchanged")
             self.details = {"skipped": "already quantized"}
             return ir.passes.PassResult(model, modified=False)
-        _check_opset(model, self.config)
         infer_types(model)
+        if not self._has_work(model):
+            self.details = {"skipped": "nothing to quantize"}
+            return ir.passes.PassResult(model, modified=False)
+        _check_opset(model, self.config)
         if self.dynamic:
             return self._dynamic(model)
         editor = _Editor(graph, self.config, self.ranges)
         editor.run(selected_nodes(graph, self.config))
         self.details = editor.summary()
         return ir.passes.PassResult(model, modified=editor.changed)
+
+    def _has_work(self, model: ir.Model) -> bool:
+        tables = self.config.embeddings and any(
+            n.op_type in ("Gather", "Slice")
+            and n.inputs
+            and n.inputs[0] is not None
+            and n.inputs[0].const_value is not None
+            for n in model.graph
+        )
+        if self.dynamic:
+            return tables or any(
+                n.op_type == "MatMul"
+                and len(n.inputs) > 1
+                and n.inputs[1] is not None
+                and n.inputs[1].const_value is not None
+                for n in model.graph
+            )
+        return tables or bool(selected_nodes(model.graph, self.config))
 
     def _dynamic(self, model: ir.Model) -> ir.passes.PassResult:
         taken: set[str] = set()
