@@ -297,7 +297,9 @@ def save_model(
     data_name = f"{path.name}.data" if use_external else None
     _check_sparse_mode(path, sparse, data_name)
     _check_destination(model, path, data_name, protect, overwrite)
-    ir_version = _target_ir_version(model, runtime.max_ir_version())
+    # Every ONNX Runtime graphopt supports loads IR 10: probe the installed one only above that.
+    needs_probe = max(model.ir_version or onnx.IR_VERSION, min_ir_version(model)) > 10
+    ir_version = _target_ir_version(model, runtime.max_ir_version() if needs_probe else 10)
     sparse_names = sparse_candidates(model, sparse) if data_name is None and ir_version >= SPARSE_MIN_IR_VERSION else []
     with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
