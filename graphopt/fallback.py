@@ -200,18 +200,22 @@ def with_excluded(config: Any, excluded: Sequence[str]) -> Any:
 
 
 def _candidates(before: ir.Model, config: Any, suspects: Sequence[str]) -> list[str]:
-    """What the search may keep in float, most suspicious first.
+    """What the search may keep in float: weighted layers first, suspects before the rest.
 
-    Suspects are ``tensor:NAME`` (activations where the layer-wise comparison saw SQNR
-    drop; only for passes with ``exclude_tensors``) and node names; then come the other
-    nodes of the op types the pass targets.
+    Suspects are node names and ``tensor:NAME`` entries (activations where the layer-wise
+    comparison saw SQNR drop; only for passes with ``exclude_tensors``). Weighted layers
+    (Conv/MatMul/Gemm/Gather) come first: keeping one in float removes the rounding of its
+    weights and of the activations only it reads, which a single tensor rarely does.
     """
     op_types = set(getattr(config, "op_types", ()) or CANDIDATE_OPS)
     excluded = set(config.exclude_nodes)
-    names = [n.name for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
+    nodes = [n for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
+    rank = {name: i for i, name in enumerate(dict.fromkeys(suspects))}
+    nodes.sort(key=lambda n: (n.op_type not in CANDIDATE_OPS, rank.get(n.name, len(rank))))
     tensors_ok = hasattr(config, "exclude_tensors")
-    ordered = [s for s in dict.fromkeys(suspects) if (s.startswith("tensor:") and tensors_ok) or s in set(names)]
-    return ordered + [n for n in names if n not in set(ordered)]
+    tensors = [s for s in rank if s.startswith("tensor:") and tensors_ok]
+    weighted = [n.name for n in nodes if n.op_type in CANDIDATE_OPS]
+    return weighted + tensors + [n.name for n in nodes if n.op_type not in CANDIDATE_OPS]
 
 
 def evaluator(

@@ -332,6 +332,7 @@ class _Editor:
         self.params: dict[str, quant.QuantParams] = {}
         self.weights: dict[str, ir.Value] = {}
         self.values: dict[str, ir.Value] = {}
+        self.skipped: set[str] = set(config.exclude_tensors)
         self.counts = {
             "activations": 0,
             "weights": 0,
@@ -373,9 +374,13 @@ class _Editor:
                 self.counts["embeddings"] += 1
 
     def _activation(self, value: ir.Value, node: ir.Node) -> None:
-        if value.name in self.config.exclude_tensors:
-            return
         producer = value.producer()
+        # An excluded tensor stays float through the Reshape/Transpose chain that carries
+        # it: quantizing it one op later would put back the same rounding.
+        carried = producer is not None and producer.op_type in SAME_SCALE_OPS and producer.inputs[0] is not None
+        if value.name in self.skipped or (carried and producer.inputs[0].name in self.skipped):
+            self.skipped.add(value.name)
+            return
         if producer is not None and producer.op_type in SAME_SCALE_OPS and producer.op_type in self.config.op_types:
             source = producer.inputs[0]
             if source is not None and source.name in self.params:
