@@ -115,6 +115,16 @@ def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
         del graph.initializers[value.name]
 
 
+def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Put ``new_nodes`` in place of ``node``; ``result`` takes over its output's readers and name."""
+    out = node.outputs[0]
+    graph.insert_after(node, new_nodes)
+    name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, result.name = f"{name}_replaced", name
+
+
 def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:
     """Store a Gather's constant [rows, dim] table as int8 with one scale per row.
 
@@ -144,11 +154,7 @@ def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bo
         ir.node("Cast", [rows_q], {"to": ir.DataType.FLOAT}, outputs=[rows_f], name=rows_f.name),
         ir.node("Mul", [rows_f, rows_s], outputs=[result], name=result.name),
     ]
-    graph.insert_after(node, new_nodes)
-    name = out.name
-    out.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name, result.name = f"{name}_replaced", name
+    replace_node(graph, node, new_nodes, result)
     drop_if_unused(graph, table)
     return True
 
@@ -177,10 +183,6 @@ def quantize_slice_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> boo
         ir.node("Slice", [table_q, *node.inputs[1:]], outputs=[sliced], name=sliced.name),
         ir.node("DequantizeLinear", [sliced, table_s], outputs=[result], name=result.name),
     ]
-    graph.insert_after(node, new_nodes)
-    name = out.name
-    out.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name, result.name = f"{name}_replaced", name
+    replace_node(graph, node, new_nodes, result)
     drop_if_unused(graph, table)
     return True

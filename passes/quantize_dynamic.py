@@ -51,10 +51,6 @@ def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce
         ir.node("Mul", [x_s, w_s], outputs=[scale], name=scale.name),
         ir.node("Mul", [acc_f, scale], outputs=[result], name=result.name),
     ]
-    graph.insert_after(node, new_nodes)
-    name = out.name
-    out.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name, result.name = f"{name}_replaced", name
+    qdq.replace_node(graph, node, new_nodes, result)
     qdq.drop_if_unused(graph, weight)
     return True
