@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +29,16 @@ from typing import Literal
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelLoadError, ModelSaveError
 
 logger = logging.getLogger(__name__)
+
+_TEMP_PREFIX = ".graphopt-"
+# A temporary folder this old beside an output was left by a save that was killed.
+STALE_TEMP_SECONDS = 3600
 
 # Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -76,6 +83,11 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
             "Re-export the model; `python -m onnx.checker` shows the first structural problem."
         ) from exc
     ir.external_data.set_base_dir(model.graph, path.parent.resolve())
+    names = [n.name for n in model.graph if n.name]
+    if len(names) != len(set(names)):
+        # ONNX allows duplicate node names but ONNX Runtime refuses them; values keep their names.
+        ir.passes.common.NameFixPass()(model)
+        logger.info("%s: renamed duplicate node names so ONNX Runtime accepts the model", path)
     return model
 
 
@@ -301,7 +313,8 @@ def save_model(
     needs_probe = max(model.ir_version or onnx.IR_VERSION, min_ir_version(model)) > 10
     ir_version = _target_ir_version(model, runtime.max_ir_version() if needs_probe else 10)
     sparse_names = sparse_candidates(model, sparse) if data_name is None and ir_version >= SPARSE_MIN_IR_VERSION else []
-    with tempfile.TemporaryDirectory(prefix=".graphopt-", dir=path.parent) as tmp:
+    _remove_stale_temporaries(path.parent)
+    with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
         _write(model, tmp_path, data_name, ir_version, sparse_names)
         _verify_written(tmp_path)
@@ -355,6 +368,18 @@ def _to_sparse(graph: onnx.GraphProto, names: Sequence[str]) -> None:
         graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, list(array.shape)))
     del graph.initializer[:]
     graph.initializer.extend(dense)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete temporary folders that a killed save left behind (old enough to be nobody's now)."""
+    now = time.time()
+    for entry in folder.glob(f"{_TEMP_PREFIX}*"):
+        try:
+            if entry.is_dir() and not entry.is_symlink() and now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(entry)
+                logger.info("removed %s, left by an interrupted save", entry)
+        except OSError:
+            continue
 
 
 def _check_destination(

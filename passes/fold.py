@@ -57,11 +57,11 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _fingerprint(model)
-        outputs = [v.name for v in model.graph.outputs]
+        names = ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs])
         with _shielded(model):
             self._optimize(model)
-        if [v.name for v in model.graph.outputs] != outputs:
-            raise RuntimeError(f"fold changed the graph outputs {outputs} (a bug in graphopt or its dependencies)")
+        if ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]) != names:
+            raise RuntimeError(f"fold renamed graph inputs/outputs {names} (a bug in graphopt or its dependencies)")
         modified = _fingerprint(model) != before
         logger.debug("fold: modified=%s", modified)
         return ir.passes.PassResult(model, modified=modified)

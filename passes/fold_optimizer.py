@@ -89,7 +89,8 @@ def build_optimizer(
         common_passes.LiftSubgraphInitializersToMainGraphPass(),
         common_passes.DeduplicateInitializersPass(),
         common_passes.CommonSubexpressionEliminationPass(),
-        common_passes.OutputFixPass(),
+        # Not OutputFixPass: for an output that is also an input it renames the input
+        # (x -> x_orig) behind an Identity; ONNX allows the plain form, and input names must stay.
         common_passes.NameFixPass(),
     ]
     if inline:

@@ -108,3 +108,17 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["optimize"])
     assert info.value.code == 2
+
+
+def test_ctrl_c_during_a_pass_exits_130_and_writes_nothing(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphopt.passes.fold import FoldConstantsPass
+
+    def interrupted(self: FoldConstantsPass, model: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FoldConstantsPass, "call", interrupted)
+    code, text = _run(capsys, "optimize", str(model_path), "-o", str(tmp_path / "o.onnx"))
+    assert code == 130 and "interrupted: nothing was written" in text
+    assert not (tmp_path / "o.onnx").exists()
