@@ -12,7 +12,6 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from graphopt.errors import PassError
 from graphopt.passes import prune_recovery, prune_scoring
@@ -20,6 +19,7 @@ from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_sta
 from graphopt.passes.prune_groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
 from graphopt.passes.prune_recovery import RecoveryStatistics
 from graphopt.passes.prune_surgery import prune_group
+from graphopt.passes.quantize import infer_types
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,9 @@ class StructuredStatistics:
 
 def find_groups(model: ir.Model, config: PruneStructuredConfig) -> list[ChannelGroup]:
     """Channel groups of the main graph (shapes are inferred first: the rules need them)."""
-    common_passes.ShapeInferencePass(strict_mode=False)(model)
+    # Inferred on a copy, only missing main-graph tensor types/shapes copied back: ONNX's
+    # inference can type sequence values as tensors, which ORT then refuses.
+    infer_types(model)
     return GroupFinder(config.excluded).find_all(model.graph)
 
 

@@ -179,7 +179,7 @@ _NON_TENSOR_PRODUCERS = frozenset(
 
 
 def infer_types(model: ir.Model) -> None:
-    """Fill in missing tensor types of main-graph values (exporters do not always write value_info).
+    """Fill in missing tensor types and shapes of main-graph values (exporters do not always write value_info).
 
     Inference runs on a copy and only missing main-graph tensor types are copied back:
     ONNX's inference can also rewrite subgraph types in ways ORT then rejects.
@@ -189,7 +189,7 @@ def infer_types(model: ir.Model) -> None:
         for node in model.graph
         if node.op_type not in _NON_TENSOR_PRODUCERS
         for out in node.outputs
-        if out.dtype is None and out.name
+        if (out.dtype is None or out.shape is None) and out.name
     }
     if not missing:
         return
@@ -199,7 +199,8 @@ def infer_types(model: ir.Model) -> None:
         for out in node.outputs:
             target = missing.get(out.name)
             if target is not None and isinstance(out.type, ir.TensorType):
-                target.type = out.type
+                if target.type is None:
+                    target.type = out.type
                 if target.shape is None and out.shape is not None:
                     target.shape = out.shape
 
