@@ -351,8 +351,12 @@ class _Editor:
     def run(self, nodes: list[ir.Node]) -> None:
         self.values = {v.name: v for v in self.graph.inputs if v.name}
         self.values.update({out.name: out for node in self.graph for out in node.outputs if out.name})
+        selected = {id(n) for n in nodes}
         for node in nodes:
-            for value in [*_activation_inputs(node), *node.outputs]:
+            # An output no quantized op reads stays float: ORT then runs the producer as
+            # MatMulIntegerToFloat (bias Add fused) instead of QLinearMatMul -> DQ -> Add.
+            read = [v for v in node.outputs if any(id(u.node) in selected for u in v.uses())]
+            for value in [*_activation_inputs(node), *read]:
                 if _is_float_activation(value) and value.name not in self.params:
                     self._activation(value, node)
         # Weights first use activation params (bias scale = s_input * s_weight).
