@@ -26,8 +26,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt import registry, verify
-from graphopt.calibration.sources import DataSpec
+from graphopt import registry, runtime, verify
+from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 
 logger = logging.getLogger(__name__)
 
@@ -218,12 +218,22 @@ def _candidates(before: ir.Model, config: Any, suspects: Sequence[str]) -> list[
     return weighted + tensors + [n.name for n in nodes if n.op_type not in CANDIDATE_OPS]
 
 
-def evaluator(
-    reference: ir.Model, data: DataSpec, budget: verify.Budget, device: str, threads: int | None
-) -> Callable[[ir.Model], float]:
-    """Score a candidate model against ``reference`` on ``data`` (<= 1: within budget)."""
+class Checker:
+    """Verifies candidates against one reference session, opened once for every trial."""
 
-    def evaluate(model: ir.Model) -> float:
-        return budget_score(verify.verify_models(reference, model, data, device=device, threads=threads), budget)
+    def __init__(self, reference: ir.Model, data: DataSpec, budget: verify.Budget, device: str, threads: int | None):
+        self.reference, self.data, self.budget, self.device, self.threads = reference, data, budget, device, threads
+        self.ref_session = runtime.create_session(reference, device, threads=threads)
+        self.specs = input_specs(reference)
 
-    return evaluate
+    def check(self, candidate: ir.Model) -> tuple[Any, verify.VerifyResult]:
+        """The candidate's session and its verification result."""
+        session = verify.open_candidate(candidate, self.device, self.threads)
+        batches = iter_batches(self.data, self.specs)
+        return session, verify.compare_sessions(
+            self.ref_session, session, batches, device=self.device, budget=self.budget
+        )
+
+    def score(self, candidate: ir.Model) -> float:
+        """Budget score of ``candidate`` (<= 1: within budget)."""
+        return budget_score(self.check(candidate)[1], self.budget)

@@ -309,9 +309,8 @@ def save_model(
     data_name = f"{path.name}.data" if use_external else None
     _check_sparse_mode(path, sparse, data_name)
     _check_destination(model, path, data_name, protect, overwrite)
-    # Every ONNX Runtime graphopt supports loads IR 10: probe the installed one only above that.
-    needs_probe = max(model.ir_version or onnx.IR_VERSION, min_ir_version(model)) > 10
-    ir_version = _target_ir_version(model, runtime.max_ir_version() if needs_probe else 10)
+    needed = max(model.ir_version or onnx.IR_VERSION, min_ir_version(model))
+    ir_version = _target_ir_version(model, runtime.ir_ceiling(needed))
     sparse_names = sparse_candidates(model, sparse) if data_name is None and ir_version >= SPARSE_MIN_IR_VERSION else []
     _remove_stale_temporaries(path.parent)
     with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=path.parent) as tmp:

@@ -130,11 +130,6 @@ def _row(name: str, node: ir.Node, sums: _Sums) -> LayerError:
     return LayerError(name, node.name or name, node.op_type, sqnr, rel, sums.max_abs)
 
 
-def worst_nodes(errors: Sequence[LayerError], op_types: Sequence[str], limit: int) -> list[str]:
-    """Names of the ``limit`` worst nodes of the given op types, by the SQNR of their output."""
-    return [e.node for e in errors if e.op_type in op_types][:limit]
-
-
 def blame(reference: ir.Model, candidate: ir.Model, errors: Sequence[LayerError]) -> list[str]:
     """Quantized tensors to suspect, in order of where SQNR drops most.
 

@@ -10,7 +10,6 @@ it, with the passes that ran before it named too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -89,7 +88,8 @@ class Pipeline:
         self, model: ir.Model, index: int, step: recipe.PassStep, calibration: DataSpec | None, statistics: Any
     ) -> PassRecord:
         spec = registry.get_spec(step.name)
-        before = stats.model_stats(model)
+        # The previous step measured this model already (records stop right before ``index``).
+        before = self.records[-1].after if self.records else stats.model_stats(model)
         start = time.perf_counter()
         if statistics is _COLLECT:
             statistics = self._calibrate(model, spec, step, calibration)
@@ -196,8 +196,8 @@ def optimize(
         input_path=str(source) if source else None,
         device=device,
         passes=records,
-        before=stats.model_stats(reference),
-        after=stats.model_stats(candidate),
+        before=records[0].before if records else stats.model_stats(reference),
+        after=records[-1].after if records else stats.model_stats(candidate),
     )
     if plan.verify.enabled:
         target = pipeline.new_reference or reference
@@ -219,9 +219,13 @@ def _verify(
     if data.source is None and calibration is not None and calibration.source is not None:
         data = DataSpec(source=calibration.source, samples=data.samples, batch_size=data.batch_size, dims=data.dims)
     threads = plan.verify.threads
-    result = verify.verify_models(reference, candidate, data, device=device, budget=plan.budget, threads=threads)
+    # One reference session serves the verification, every fallback trial and the timing.
+    checker = fallback.Checker(reference, data, plan.budget, device, threads)
+    cand_session, result = checker.check(candidate)
     if not result.passed and pipeline.snapshots:
-        candidate, result = _fall_back(report, pipeline, reference, candidate, plan, device, calibration, data, result)
+        candidate, cand_session, result = _fall_back(
+            report, pipeline, checker, candidate, cand_session, result, plan, calibration
+        )
     report.verification = result
     report.runtime = _runtime_view(candidate, device, threads)
     if plan.verify.layerwise and any(r.modified and not r.exact for r in report.passes):
@@ -229,10 +233,7 @@ def _verify(
         report.layers = [e.to_dict() for e in errors]
     if plan.verify.latency_runs > 0:
         feeds = next(iter_batches(data, input_specs(reference)))
-        sessions = {
-            "reference": runtime.create_session(reference, device, threads=threads),
-            "optimized": runtime.create_session(candidate, device, threads=threads),
-        }
+        sessions = {"reference": checker.ref_session, "optimized": cand_session}
         report.latency = runtime.interleaved_latency(sessions, feeds, runs=plan.verify.latency_runs)
     if not result.passed and not plan.verify.report_only:
         suspects = [r.name for r in report.passes if r.modified and not r.exact] or [
@@ -261,39 +262,36 @@ def _runtime_view(candidate: ir.Model, device: str, threads: int | None) -> dict
 def _fall_back(
     report: Report,
     pipeline: Pipeline,
-    reference: ir.Model,
+    checker: fallback.Checker,
     candidate: ir.Model,
-    plan: recipe.Recipe,
-    device: str,
-    calibration: DataSpec | None,
-    data: DataSpec,
+    cand_session: Any,
     result: verify.VerifyResult,
-) -> tuple[ir.Model, verify.VerifyResult]:
+    plan: recipe.Recipe,
+    calibration: DataSpec | None,
+) -> tuple[ir.Model, Any, verify.VerifyResult]:
     """Re-run the last lossy step with the fewest layers in float that meet the budget."""
     index, before, statistics = pipeline.snapshots[-1]
     step = pipeline.steps[index]
-    evaluate = fallback.evaluator(reference, data, plan.budget, device, plan.verify.threads)
-    baseline = fallback.budget_score(result, plan.budget)
     # The worst tensors by SQNR point at the nodes to try first (one run, ~1.3x a verification).
-    errors = localize.layer_errors(reference, candidate, data, device=device, threads=plan.verify.threads)
+    errors = localize.layer_errors(
+        checker.reference, candidate, checker.data, device=checker.device, threads=checker.threads
+    )
     suspects = []
-    for name in localize.blame(reference, candidate, errors):
+    for name in localize.blame(checker.reference, candidate, errors):
         # A tensor can stay quantized because other readers need it; its readers can go float whole.
         readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
         suspects += [f"tensor:{name}", *readers]
+    baseline = fallback.budget_score(result, plan.budget)
     found, outcome = fallback.search(
-        step.name, step.config, before, statistics, evaluate, baseline, plan.fallback, suspects=suspects
+        step.name, step.config, before, statistics, checker.score, baseline, plan.fallback, suspects=suspects
     )
     report.fallback = outcome.to_dict()
     if found is None:
-        return candidate, result
-    excluded = (*step.config.exclude_nodes, *outcome.float_nodes)
-    pipeline.steps[index] = recipe.PassStep(step.name, dataclasses.replace(step.config, exclude_nodes=excluded))
+        return candidate, cand_session, result
+    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(step.config, outcome.float_nodes))
     candidate = before.clone()
     pipeline.keep_snapshots = False
     pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)
-    report.passes, report.after = pipeline.records, stats.model_stats(candidate)
-    threads = plan.verify.threads
-    return candidate, verify.verify_models(
-        reference, candidate, data, device=device, budget=plan.budget, threads=threads
-    )
+    report.passes, report.after = pipeline.records, pipeline.records[-1].after
+    cand_session, result = checker.check(candidate)
+    return candidate, cand_session, result

@@ -61,6 +61,15 @@ def max_ir_version() -> int:
     return 7
 
 
+def ir_ceiling(needed: int) -> int:
+    """The highest IR version worth writing for a model that needs ``needed``.
+
+    Every ONNX Runtime graphopt supports loads IR 10, so only models above it pay for
+    probing the installed one (two throw-away sessions).
+    """
+    return 10 if needed <= 10 else max_ir_version()
+
+
 def _session_options(
     threads: int | None, optimization: str, optimized_model_path: str | os.PathLike[str] | None = None
 ) -> ort.SessionOptions:
@@ -99,9 +108,7 @@ def create_session(
     check_device(device)
     options = _session_options(threads, optimization, optimized_model_path)
     if isinstance(model, ir.Model):
-        # Every ORT that graphopt supports loads IR 10; probe only for newer models.
-        ir_version = model.ir_version if model.ir_version <= 10 else min(model.ir_version, max_ir_version())
-        model = io.to_bytes(model, ir_version=ir_version)
+        model = io.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version)))
     elif not isinstance(model, bytes):
         model = str(model)
     try:

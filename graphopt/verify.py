@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
 from graphopt import runtime
 from graphopt.calibration.sources import Batch, DataSpec, input_specs, iter_batches
@@ -150,21 +151,23 @@ class VerifyResult:
         }
 
 
-def compare(
-    reference: runtime.ModelSource,
-    candidate: runtime.ModelSource,
+def open_candidate(candidate: runtime.ModelSource, device: str, threads: int | None = None) -> ort.InferenceSession:
+    """A session for an optimized model; failing to load is the passes' fault, not the user's."""
+    try:
+        return runtime.create_session(candidate, device, threads=threads)
+    except ModelLoadError as exc:
+        raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
+
+
+def compare_sessions(
+    ref_session: ort.InferenceSession,
+    cand_session: ort.InferenceSession,
     batches: Iterable[Batch],
     *,
     device: str = "cpu",
     budget: Budget | None = None,
-    threads: int | None = None,
 ) -> VerifyResult:
-    """Run both models on ``batches`` and reduce per-output metrics."""
-    ref_session = runtime.create_session(reference, device, threads=threads)
-    try:
-        cand_session = runtime.create_session(candidate, device, threads=threads)
-    except ModelLoadError as exc:
-        raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
+    """Run two open sessions on ``batches`` and reduce per-output metrics."""
     ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in ref_names if n not in cand_names]
@@ -184,6 +187,21 @@ def compare(
     budget = budget or Budget()
     violations = [v for m in metrics for v in m.violations(budget)]
     return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations)
+
+
+def compare(
+    reference: runtime.ModelSource,
+    candidate: runtime.ModelSource,
+    batches: Iterable[Batch],
+    *,
+    device: str = "cpu",
+    budget: Budget | None = None,
+    threads: int | None = None,
+) -> VerifyResult:
+    """Run both models on ``batches`` and reduce per-output metrics."""
+    ref_session = runtime.create_session(reference, device, threads=threads)
+    cand_session = open_candidate(candidate, device, threads)
+    return compare_sessions(ref_session, cand_session, batches, device=device, budget=budget)
 
 
 def verify_models(

@@ -10,7 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes import qdq
-from graphopt.passes.quantize import infer_types
+from graphopt.passes.infer import infer_types
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,11 @@ class _CastCache:
         value.name = qdq.unique_name(self.graph, f"{name}_fp16", self.taken)
         out = ir.Value(name=name, shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT))
         cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, outputs=[out], name=f"{name}_to_fp32")
-        self.graph.insert_after(value.producer(), cast) if value.producer() is not None else self.graph.append(cast)
+        producer = value.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, cast)
+        else:
+            self.graph.append(cast)
         self.names.add(cast.name)
         self.count += 1
         return out

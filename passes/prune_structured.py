@@ -15,11 +15,11 @@ import onnx_ir as ir
 
 from graphopt.errors import PassError
 from graphopt.passes import prune_recovery, prune_scoring
+from graphopt.passes.infer import infer_types
 from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key
 from graphopt.passes.prune_groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
 from graphopt.passes.prune_recovery import RecoveryStatistics
 from graphopt.passes.prune_surgery import prune_group
-from graphopt.passes.quantize import infer_types
 
 logger = logging.getLogger(__name__)
 
