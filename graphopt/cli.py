@@ -97,7 +97,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                 render.render_report(console, exc.report)
             raise
     saved = io.save_model(
-        result.model, output, protect=[source], external_data=True if args.external_data else None, sparse=args.sparse
+        result.model,
+        output,
+        protect=[source],
+        external_data=True if args.external_data else None,
+        sparse=args.sparse,
+        keep_debug_metadata=args.keep_debug_metadata,
     )
     result.report.output_path = str(saved.path)
     result.report.output_bytes_on_disk = saved.bytes_on_disk
@@ -213,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip verification against the input model")
     p.add_argument("--report-only", action="store_true", help="report budget violations without failing")
     p.add_argument("--external-data", action="store_true", help="save weights to <output>.data")
+    p.add_argument(
+        "--keep-debug-metadata",
+        action="store_true",
+        help="keep the exporter's per-node debug annotations (stack traces, module scopes); dropped by default",
+    )
     p.add_argument(
         "--sparse",
         choices=("auto", "always", "never"),

@@ -285,6 +285,7 @@ def save_model(
     external_data: bool | None = None,
     overwrite: bool = True,
     sparse: SparseMode = "auto",
+    keep_debug_metadata: bool = False,
 ) -> SavedModel:
     """Check ``model`` and write it atomically to ``path``.
 
@@ -301,6 +302,10 @@ def save_model(
             those that get smaller, ``always`` all of them, ``never`` none. Written inline only, so with external
             data ``auto`` keeps them dense and ``always`` is an error. ONNX Runtime turns
             them back into dense tensors when it loads the model.
+        keep_debug_metadata: Keep exporters' per-node debug annotations (PyTorch stack
+            traces, FX node text, class hierarchies, onnxscript rule names). Dropped by
+            default: nothing reads them at run time and they are ~9% of a small exported
+            model. Module scopes are always kept (adapter mapping reads them).
     """
     from graphopt import runtime  # runtime builds sessions from what io writes
 
@@ -315,7 +320,7 @@ def save_model(
     _remove_stale_temporaries(path.parent)
     with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
-        _write(model, tmp_path, data_name, ir_version, sparse_names)
+        _write(model, tmp_path, data_name, ir_version, sparse_names, keep_debug_metadata)
         _verify_written(tmp_path)
         if data_name is not None:
             os.replace(Path(tmp) / data_name, path.parent / data_name)
@@ -409,10 +414,16 @@ def _target_ir_version(model: ir.Model, runtime_max: int) -> int:
 
 
 def _write(
-    model: ir.Model, tmp_path: Path, data_name: str | None, ir_version: int, sparse_names: Sequence[str] = ()
+    model: ir.Model,
+    tmp_path: Path,
+    data_name: str | None,
+    ir_version: int,
+    sparse_names: Sequence[str] = (),
+    keep_debug_metadata: bool = True,
 ) -> None:
     original = model.ir_version
     model.ir_version = ir_version
+    stripped = [] if keep_debug_metadata else _strip_debug_metadata(model)
     try:
         if data_name is None:
             # Tensors still mapped from the input's data file would be saved as references
@@ -431,6 +442,32 @@ def _write(
         raise ModelSaveError(f"{tmp_path.parent}: could not write the model ({exc}).") from exc
     finally:
         model.ir_version = original
+        for props, key, value in stripped:
+            props[key] = value
+
+
+# Debug text only; ``pkg.torch.onnx.name_scopes`` stays: it maps PEFT adapter modules to nodes.
+DEBUG_METADATA_KEYS = frozenset(
+    {
+        "pkg.torch.onnx.stack_trace",
+        "pkg.torch.onnx.class_hierarchy",
+        "pkg.torch.onnx.fx_node",
+        "namespace",
+        "pkg.onnxscript.rewriter.rule_name",
+    }
+)
+
+
+def _strip_debug_metadata(model: ir.Model) -> list[tuple[dict[str, str], str, str]]:
+    """Remove exporter debug annotations from every node; returns what to put back."""
+    removed = []
+    graphs = [model.graph, *model.functions.values()]
+    for graph in graphs:
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            props = node.metadata_props
+            for key in [k for k in props if k in DEBUG_METADATA_KEYS]:
+                removed.append((props, key, props.pop(key)))
+    return removed
 
 
 def _verify_written(tmp_path: Path) -> None:

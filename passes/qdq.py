@@ -43,9 +43,17 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
-def param_values(graph: ir.Graph, base: str, params: QuantParams, taken: set[str]) -> tuple[ir.Value, ir.Value]:
-    """Initializers for the scale and zero point of ``params``."""
+def param_values(
+    graph: ir.Graph, base: str, params: QuantParams, taken: set[str], *, omit_zero: bool = False
+) -> tuple[ir.Value, ir.Value | None]:
+    """Initializers for the scale and zero point of ``params``.
+
+    With ``omit_zero`` an all-zero zero point of a signed type is left out (None): the
+    DequantizeLinear default, one initializer fewer per quantized tensor.
+    """
     scale = add_initializer(graph, unique_name(graph, f"{base}_scale", taken), params.scale.astype(np.float32))
+    if omit_zero and params.qtype.startswith("int") and not np.any(params.zero_point):
+        return scale, None
     zp_type = _IR_TYPES[params.qtype]
     zero = add_initializer(graph, unique_name(graph, f"{base}_zero_point", taken), params.zero_point, zp_type)
     return scale, zero
@@ -88,13 +96,22 @@ def insert_qdq(
 
 
 def insert_weight_dq(
-    graph: ir.Graph, weight: ir.Value, quantized: np.ndarray, params: QuantParams, taken: set[str]
+    graph: ir.Graph,
+    weight: ir.Value,
+    quantized: np.ndarray,
+    params: QuantParams,
+    taken: set[str],
+    *,
+    omit_zero: bool = False,
 ) -> ir.Value:
-    """Store ``quantized`` as an initializer and feed it through a DequantizeLinear."""
+    """Store ``quantized`` as an initializer and feed it through a DequantizeLinear.
+
+    ``omit_zero`` leaves out an all-zero signed zero point (see :func:`param_values`).
+    """
     stored = add_initializer(
         graph, unique_name(graph, f"{weight.name}_quantized", taken), quantized, _IR_TYPES[params.qtype]
     )
-    scale, zero = param_values(graph, weight.name, params, taken)
+    scale, zero = param_values(graph, weight.name, params, taken, omit_zero=omit_zero)
     dq_out = ir.Value(
         name=unique_name(graph, f"{weight.name}_DequantizeLinear", taken), shape=weight.shape, type=weight.type
     )

@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import quant, runtime
-from graphopt.passes import qdq
+from graphopt.passes import qdq, quantize_layout
 from graphopt.passes.infer import infer_types
 from graphopt.passes.quantize_dynamic import quantize_matmul
 
@@ -26,6 +26,7 @@ COMPUTE_OPS: dict[str, tuple[int, int | None]] = {"Conv": (1, 2), "MatMul": (1, 
 SAME_SCALE_OPS = frozenset(
     {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Slice", "Gather", "Resize"}
 )
+OMIT_ZERO_POINT_OPS = frozenset({"Conv", "MatMul"})
 RELU_LIKE = frozenset({"Relu", "Clip"})
 DEFAULT_OPS = (
     "Conv", "MatMul", "Gemm", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
@@ -222,10 +223,16 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         _check_opset(model, self.config)
         if self.dynamic:
             return self._dynamic(model)
+        pools = 0
+        if "GlobalAveragePool" in self.config.op_types:
+            pools = quantize_layout.spatial_means_to_pools(graph, lambda n: _wanted(n, self.config), self.ranges)
+            if pools:
+                infer_types(model)
         editor = _Editor(graph, self.config, self.ranges)
+        editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
         self.details = editor.summary()
-        return ir.passes.PassResult(model, modified=editor.changed)
+        return ir.passes.PassResult(model, modified=editor.changed or bool(pools))
 
     def _has_work(self, model: ir.Model) -> bool:
         tables = self.config.embeddings and any(
@@ -391,15 +398,22 @@ class _Editor:
             symmetric=self.config.weight_symmetric,
             reduce_range=self.reduce_range,
         )
-        dq_out = self._weight_dq(weight, array, params)
+        # ORT fuses Conv/MatMul weights and every int32 bias without a zero point (DQ's
+        # default of 0), but its QGemm fusion requires one on the weight.
+        omit_zero = node.op_type in OMIT_ZERO_POINT_OPS
+        dq_out = self._weight_dq(weight, array, params, omit_zero=omit_zero)
         node.replace_input_with(w_index, dq_out)
         qdq.drop_if_unused(self.graph, weight)
         self._bias(node, b_index, params)
 
-    def _weight_dq(self, weight: ir.Value, array: np.ndarray, params: quant.QuantParams) -> ir.Value:
-        key = f"{weight.name}|{params.axis}"
+    def _weight_dq(
+        self, weight: ir.Value, array: np.ndarray, params: quant.QuantParams, *, omit_zero: bool = False
+    ) -> ir.Value:
+        key = f"{weight.name}|{params.axis}|{omit_zero}"
         if key not in self.weights:
-            self.weights[key] = qdq.insert_weight_dq(self.graph, weight, params.quantize(array), params, self.taken)
+            quantized = params.quantize(array)
+            dq = qdq.insert_weight_dq(self.graph, weight, quantized, params, self.taken, omit_zero=omit_zero)
+            self.weights[key] = dq
             self.counts["weights"] += 1
         return self.weights[key]
 
@@ -415,7 +429,8 @@ class _Editor:
         x_scale = self.params[x.name].scale
         b_params = quant.bias_params(x_scale, w_params.scale, 0 if w_params.axis is not None else None)
         quantized = quant.quantize_bias(array, b_params)
-        node.replace_input_with(b_index, qdq.insert_weight_dq(self.graph, bias, quantized, b_params, self.taken))
+        dq = qdq.insert_weight_dq(self.graph, bias, quantized, b_params, self.taken, omit_zero=True)
+        node.replace_input_with(b_index, dq)
         qdq.drop_if_unused(self.graph, bias)
         self.counts["biases"] += 1
 

@@ -148,6 +148,25 @@ def test_ir_version_is_one_ort_loads(tmp_path: Path) -> None:
     assert onnx.load(str(saved.path)).ir_version == saved.ir_version
 
 
+def test_exporter_debug_metadata_is_dropped_unless_kept(tmp_path: Path) -> None:
+    from importlib import resources
+
+    bundled = Path(str(resources.files("graphopt") / "data" / "digits_cnn.onnx"))
+    model = io.load_model(bundled)
+    model.graph.node(0).metadata_props["owner"] = "team"  # not an exporter debug key: kept
+
+    def keys(path: Path) -> set[str]:
+        return {p.key for n in onnx.load(str(path)).graph.node for p in n.metadata_props}
+
+    assert any(k.startswith("pkg.torch.onnx.") for k in keys(bundled))
+    plain = io.save_model(model, tmp_path / "plain.onnx")
+    kept = io.save_model(model, tmp_path / "kept.onnx", keep_debug_metadata=True)
+    assert keys(plain.path) == {"owner", "pkg.torch.onnx.name_scopes"}  # scopes map PEFT adapters
+    assert keys(kept.path) == keys(bundled) | {"owner"}
+    assert plain.bytes_on_disk < 0.95 * kept.bytes_on_disk
+    assert "pkg.torch.onnx.stack_trace" in model.graph.node(0).metadata_props  # the caller's model is unchanged
+
+
 def test_sparse_initializers_are_densified(tmp_path: Path) -> None:
     proto = toy.already_folded()
     dense = numpy_helper.to_array(proto.graph.initializer[0])

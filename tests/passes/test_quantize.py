@@ -58,9 +58,54 @@ def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model]
     _, model = quantized_cnn
     io.check_model(model)
     ops = _ort_ops(model, tmp_path)
-    # Every Conv, both residual Adds and the Gemm run as integer kernels.
+    # Every Conv, both residual Adds, the global pooling and the Gemm run as integer kernels.
     assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["ReduceMean"] == 0
     assert ops["Conv"] == 0 and ops["FusedConv"] == 0
+    # Conv weights and every int32 bias drop their all-zero zero points; QGemm needs its weight's.
+    dqs = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    arity = {n.inputs[0].name: len(n.inputs) for n in dqs}
+    assert arity["fc.weight_quantized"] == 3 and arity["fc.bias_quantized"] == 2
+    assert all(count == 2 for name, count in arity.items() if name.startswith("block"))
+
+
+@pytest.mark.parametrize("keepdims", [1, 0])
+def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    out_shape = ["batch", 4, 1, 1] if keepdims else ["batch", 4]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("ReduceMean", ["r", "axes"], ["m"], name="gap", keepdims=keepdims),
+            helper.make_node("Reshape", ["m", "shape"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "Wf"], ["y"], name="fc", transB=1),
+        ],
+        "gap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        [
+            numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W"),
+            numpy_helper.from_array(np.array([-1, -2], np.int64), "axes"),
+            numpy_helper.from_array(np.array([-1, 4], np.int64), "shape"),
+            numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "Wf"),
+        ],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "gap.onnx"))
+    reference = model.clone()
+    config = QuantizeConfig()
+    ranges = collect_ranges(model, DataSpec(samples=32, batch_size=8), config)
+    quantize = QuantizeQDQPass(config, ranges)
+    quantize(model)
+    assert quantize.details["mean_to_pool"] == 1
+    assert "ReduceMean" not in [n.op_type for n in model.graph]
+    assert [n.name for n in model.graph if n.op_type == "GlobalAveragePool"] == ["gap"]
+    assert _ort_ops(model, tmp_path)["QLinearGlobalAveragePool"] == 1
+    x = rng.standard_normal((8, 3, 6, 6)).astype(np.float32)
+    expected = runtime.run(runtime.create_session(reference), {"x": x})["y"]
+    got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
 
 
 def test_cnn_accuracy_and_size(quantized_cnn: tuple[ir.Model, ir.Model], digits: dict[str, np.ndarray]) -> None:
