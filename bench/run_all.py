@@ -1,6 +1,6 @@
 """Run every benchmark in bench/ one after the other and print their tables.
 
-    python bench/run_all.py [--only fold,quantize,...]
+python bench/run_all.py [--only fold,quantize,...]
 """
 
 from __future__ import annotations

@@ -72,7 +72,6 @@ def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model]
 @pytest.mark.parametrize("keepdims", [1, 0])
 def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    out_shape = ["batch", 4, 1, 1] if keepdims else ["batch", 4]
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
