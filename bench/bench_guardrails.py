@@ -48,7 +48,7 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
     np.savez(eval_npz, **{k: v[:64] for k, v in data.inputs.items()})
     samples = 64 if name == "cnn" else 32  # each fallback trial verifies on these
     recipe = {
-        "passes": ["fold", {"quantize": RECIPES[name]}, "fold"],
+        "passes": ["fold", {"quantize": RECIPES[name]}, "fold", "tune"],
         "verify": {"data": str(eval_npz), "samples": samples, "batch_size": 16, "latency_runs": 0, "layerwise": False},
         "budget": BUDGETS[name],
         "fallback": {"max_candidates": 24},

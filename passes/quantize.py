@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import quant, runtime
-from graphopt.passes import qdq, quantize_layout
+from graphopt.passes import qdq, quantize_layout, quantize_outliers
 from graphopt.passes.infer import infer_types
 from graphopt.passes.quantize_dynamic import quantize_matmul
 
@@ -109,6 +109,14 @@ class QuantizeConfig:
     tensor_types: dict[str, str] = field(
         default_factory=dict, metadata={"help": "Per-tensor activation type overrides, e.g. {attn_scores: uint16}."}
     )
+    outliers: float = field(
+        default=3.0,
+        metadata={
+            "help": "MatMul input channels whose calibrated max |x| passes this many times that of the largest "
+            "channel outside the top 1/64 are multiplied in float beside the int8 product, so they no longer "
+            "set the int8 scale (LLM.int8-style); 0 disables."
+        },
+    )
 
 
 def selected_nodes(graph: ir.Graph, config: QuantizeConfig) -> list[ir.Node]:
@@ -185,6 +193,18 @@ def calibration_targets(model: ir.Model, config: QuantizeConfig) -> list[str]:
     return list(names)
 
 
+class CalibratedRanges(dict[str, Range]):
+    """What calibration gives the pass: ``{tensor: (min, max)}``, plus per-channel bounds of MatMul inputs."""
+
+    def __init__(
+        self,
+        ranges: Mapping[str, Range] | None = None,
+        channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        super().__init__(ranges or {})
+        self.channels = dict(channels or {})
+
+
 class QuantizeQDQPass(ir.passes.InPlacePass):
     """Insert calibrated QuantizeLinear/DequantizeLinear pairs so ONNX Runtime runs the model in int8.
 
@@ -208,6 +228,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.config = config
         self.dynamic = config.mode == "dynamic" or (config.mode == "auto" and ranges is None)
         self.ranges = dict(ranges or {})
+        self.channels = dict(getattr(ranges, "channels", {}))
         self.details: dict[str, object] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -228,7 +249,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             pools = quantize_layout.spatial_means_to_pools(graph, lambda n: _wanted(n, self.config), self.ranges)
             if pools:
                 infer_types(model)
-        editor = _Editor(graph, self.config, self.ranges)
+        editor = _Editor(graph, self.config, self.ranges, self.channels)
         editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
         self.details = editor.summary()
@@ -299,8 +320,14 @@ def _check_opset(model: ir.Model, config: QuantizeConfig) -> None:
 class _Editor:
     """One quantization of one graph: decides params, then edits."""
 
-    def __init__(self, graph: ir.Graph, config: QuantizeConfig, ranges: Mapping[str, Range]) -> None:
-        self.graph, self.config, self.ranges = graph, config, ranges
+    def __init__(
+        self,
+        graph: ir.Graph,
+        config: QuantizeConfig,
+        ranges: dict[str, Range],
+        channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        self.graph, self.config, self.ranges, self.channels = graph, config, ranges, channels or {}
         self.taken: set[str] = set()
         self.reduce_range = resolve_reduce_range(config)
         self.params: dict[str, quant.QuantParams] = {}
@@ -314,6 +341,7 @@ class _Editor:
             "relu_removed": 0,
             "embeddings": 0,
             "wide_range_skipped": 0,
+            "outlier_channels": 0,
             "nodes": 0,
         }
         self.changed = False
@@ -325,6 +353,7 @@ class _Editor:
         self.values = {v.name: v for v in self.graph.inputs if v.name}
         self.values.update({out.name: out for node in self.graph for out in node.outputs if out.name})
         selected = {id(n) for n in nodes}
+        splits = self._plan_outliers(nodes, selected)
         for node in nodes:
             # An output no quantized op reads stays float: ORT then runs the producer as
             # MatMulIntegerToFloat (bias Add fused) instead of QLinearMatMul -> DQ -> Add.
@@ -337,9 +366,34 @@ class _Editor:
             self._weights(node)
         for name, params in list(self.params.items()):
             self._insert(name, params)
+        quantize_outliers.add_float_branches(self.graph, splits, self.taken)
         self._embeddings()
         self.counts["nodes"] = len(nodes)
         self.changed = bool(self.counts["activations"] or self.counts["weights"] or self.counts["embeddings"])
+
+    def _plan_outliers(self, nodes: list[ir.Node], selected: set[int]) -> list[quantize_outliers.Split]:
+        if self.config.outliers <= 0 or not self.channels:
+            return []
+
+        def splittable(node: ir.Node) -> bool:
+            x, producer = node.inputs[0], node.inputs[0].producer()
+            return (
+                x.name not in self.skipped
+                and not excluded(node, self.config)
+                # the output stays float (MatMulIntegerToFloat): the float product adds to it
+                and not any(id(use.node) in selected for use in node.outputs[0].uses())
+                # a removed ReLU's input, or a rearranged tensor sharing its source's scale
+                and not (producer is not None and producer.op_type in RELU_LIKE | SAME_SCALE_OPS)
+            )
+
+        def initializer(name: str, array: np.ndarray) -> ir.Value:
+            return qdq.add_initializer(self.graph, qdq.unique_name(self.graph, name, self.taken), array)
+
+        splits = quantize_outliers.plan(
+            nodes, self.channels, self.ranges, self.config.outliers, splittable, initializer
+        )
+        self.counts["outlier_channels"] = sum(len(s.channels) for s in splits)
+        return splits
 
     def _embeddings(self) -> None:
         if not self.config.embeddings:
@@ -503,7 +557,7 @@ def _clip_covered(node: ir.Node, rng: Range | None) -> bool:
     return hi is None or rng[1] <= float(hi)
 
 
-def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> dict[str, Range] | None:
+def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> CalibratedRanges | dict[str, Range] | None:
     """Calibrate the activation ranges the pass needs (the registry runs this before the pass).
 
     Returns None when ``mode`` is auto and there is no data: the pass then quantizes dynamically.
@@ -532,4 +586,11 @@ def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> dic
     group = (
         64 if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value) > 2**30 else None
     )
-    return observe_ranges(model, data, names, per_tensor, group_size=group)  # type: ignore[arg-type]
+    wanted = set(names)
+    bounds = quantize_outliers.ChannelBounds(
+        n.inputs[0].name
+        for n in selected_nodes(model.graph, config)
+        if config.outliers > 0 and quantize_outliers.eligible_matmul(n) and n.inputs[0].name in wanted
+    )
+    ranges = observe_ranges(model, data, names, per_tensor, group_size=group, also=bounds)  # type: ignore[arg-type]
+    return CalibratedRanges(ranges, bounds.bounds)

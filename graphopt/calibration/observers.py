@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -210,6 +210,7 @@ def observe_ranges(
     device: str = "cpu",
     group_size: int | None = None,
     threads: int | None = None,
+    also: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Run ``model`` on ``data`` and return the clipping range of each tensor in ``names``.
 
@@ -221,6 +222,7 @@ def observe_ranges(
         device: ONNX Runtime device.
         group_size: At most this many tensors per pass over the data (None: all at once).
         threads: ONNX Runtime intra-op threads.
+        also: Another consumer that sees every batch of every tensor (e.g. per-channel bounds).
 
     Returns:
         ``{name: (rmin, rmax)}``, see :class:`Observer` for what a range means.
@@ -236,6 +238,8 @@ def observe_ranges(
 
     def consume(name: str, array: np.ndarray) -> None:
         observers[name].update(array)
+        if also is not None:
+            also(name, array)
 
     stream_activations(model, data, names, consume, device=device, group_size=group_size, threads=threads)
     return {name: observer.range() for name, observer in observers.items()}

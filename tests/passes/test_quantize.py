@@ -249,3 +249,57 @@ def test_bad_configs(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError) as info:
         recipe.make_step("quantize", options, "recipe")
     assert message in str(info.value)
+
+
+def _outlier_mlp(tmp_path: Path) -> tuple[ir.Model, Path, np.ndarray]:
+    """x[.., 64] -> MatMul -> +bias, where input channel 5 is 25x larger than the rest (as BERT's GELU outputs)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+            helper.make_node("Add", ["h", "b"], ["y"], name="bias"),
+        ],
+        "outliers",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 32])],
+        [
+            numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b"),
+        ],
+    )
+    x = rng.standard_normal((256, 4, 64)).astype(np.float32)
+    x[..., 5] *= 25.0
+    data = tmp_path / "outliers.npz"
+    np.savez(data, x=x[:128])
+    return io.load_model(toy.save(toy._model(graph), tmp_path / "outliers.onnx")), data, x[128:]
+
+
+def test_outlier_channels_run_in_float_beside_the_int8_product(tmp_path: Path) -> None:
+    reference, data, test = _outlier_mlp(tmp_path)
+    expected = runtime.run(runtime.create_session(reference), {"x": test})["y"]
+    errors = {}
+    for outliers in (3.0, 0.0):
+        model = reference.clone()
+        config = QuantizeConfig(outliers=outliers, method="minmax")
+        quantize = QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(data), batch_size=16), config))
+        quantize(model)
+        assert quantize.details["outlier_channels"] == (1 if outliers else 0)
+        io.check_model(model)
+        got = runtime.run(runtime.create_session(model), {"x": test})["y"]
+        errors[outliers] = float(np.abs(got - expected).max())
+        # The int8 product (bias fused) still runs as one integer kernel.
+        assert _ort_ops(model, tmp_path)["MatMulIntegerToFloat"] == 1
+        assert [v.name for v in model.graph.outputs] == ["y"]
+    assert errors[3.0] < 0.35 * errors[0.0]
+
+
+def test_outlier_channel_choice() -> None:
+    from graphopt.passes.quantize_outliers import outlier_channels
+
+    hi = np.ones(256, np.float32)
+    hi[[3, 70]] = [20.0, 9.0]
+    assert outlier_channels(-hi, hi, 3.0).tolist() == [3, 70]
+    assert outlier_channels(-hi, hi, 10.0).tolist() == [3]
+    assert outlier_channels(-hi, hi, 0.0).size == 0  # disabled
+    hi[:40] = 50.0  # a sixth of the channels large: none stands out from the rest
+    assert outlier_channels(-hi, hi, 3.0).size == 0
