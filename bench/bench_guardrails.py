@@ -62,6 +62,9 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
     return out, {
         "float_layers": len(fallback.get("float_nodes", [])),
         "float_nodes": fallback.get("float_nodes", []),
+        "changed": fallback.get("changed", {}),
+        "alternatives": fallback.get("alternatives", {}),
+        "timed": fallback.get("timed", {}),
         "trials": fallback.get("trials", 0),
         "optimize_s": seconds,
         "budget": BUDGETS[name],
@@ -114,13 +117,18 @@ def cost_rows(folder: Path) -> list[dict[str, object]]:
 
 def to_markdown(rows: list[dict[str, object]], costs: list[dict[str, object]]) -> str:
     lines = [
-        "| model | tool | budget | accuracy | cosine mean / min | latency ms | size | float layers (trials) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | tool | budget | accuracy | cosine mean / min | latency ms | size "
+        "| fallback: calibration · float (trials) |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
     sizes = {r["model"]: r["bytes"] for r in rows if r["tool"] == "fp32"}
     for r in rows:
         acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else "–"
-        fl = f"{r['float_layers']} ({r['trials']})" if "float_layers" in r else "–"
+        fl = "–"
+        if "float_layers" in r:
+            changed = ", ".join(f"{k}={v}" for k, v in r["changed"].items()) or "as given"
+            floats = ", ".join(r["float_nodes"]) or "none"
+            fl = f"{changed} · {floats} ({r['trials']})"
         budget = ", ".join(f"{k} {v}" for k, v in BUDGETS[r["model"]].items() if k != "outputs")
         lines.append(
             f"| {r['model']} | {r['tool']} | {budget} | {acc} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} "

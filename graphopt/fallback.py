@@ -9,7 +9,10 @@ with the statistics it already collected:
 2. search: the shortest prefix of that ranking within budget (doubling, then bisection);
    if none, greedy: the remaining layer that helps most is left in float, gains being
    re-measured after each choice, until the budget holds;
-3. pruning: each chosen layer is put back (least helpful first) if the budget still holds.
+3. pruning: each chosen layer is put back (least helpful first) if the budget still holds;
+4. speed: among the sets of that size that met the budget during the search (often several
+   single layers do), the fastest in ONNX Runtime wins: a float attention product costs far
+   less than a float FFN projection.
 
 Exact passes after the lossy one cannot change accuracy, so trials skip them; the
 pipeline re-runs them once on the final model.
@@ -32,6 +35,7 @@ from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 logger = logging.getLogger(__name__)
 
 CANDIDATE_OPS = ("Conv", "MatMul", "Gemm", "Gather")
+Latency = Callable[[list[ir.Model]], list[float]]  # median ms of each model
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class FallbackSettings:
     max_float_nodes: int = 32
     max_candidates: int = 48
     width: int = 8  # candidates re-measured per greedy step
+    timed: int = 6  # equally small sets within budget timed against each other (0: take the first)
 
 
 @dataclass
@@ -55,6 +60,11 @@ class FallbackResult:
     score_before: float = math.inf
     score_after: float = math.inf
     sensitivity: dict[str, float] = field(default_factory=dict)
+    # median latency (ms) of each equally small set within budget that was timed, by its layers
+    timed: dict[str, float] = field(default_factory=dict)
+    # budget score of each re-calibrated alternative (e.g. {"method=mse": 1.2}), and the one kept
+    alternatives: dict[str, float] = field(default_factory=dict)
+    changed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -98,12 +108,32 @@ class _Search:
     statistics: Any
     evaluate: Callable[[ir.Model], float]
     result: FallbackResult
+    scores: dict[tuple[str, ...], float] = field(default_factory=dict)
 
-    def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
+    def build(self, excluded: Sequence[str]) -> ir.Model:
         model = self.before.clone()
         self.spec.build(with_excluded(self.config, excluded), self.statistics)(model)
+        return model
+
+    def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
+        model = self.build(excluded)
         self.result.trials += 1
-        return model, self.evaluate(model)
+        score = self.evaluate(model)
+        self.scores[tuple(excluded)] = score
+        return model, score
+
+    def fastest(self, chosen: list[str], latency: Latency | None, limit: int) -> list[str]:
+        """The fastest of the sets as small as ``chosen`` that met the budget (``chosen`` first)."""
+        ties = {frozenset(chosen): list(chosen)}
+        for excluded, score in self.scores.items():
+            if score <= 1.0 and len(set(excluded)) == len(chosen):
+                ties.setdefault(frozenset(excluded), list(excluded))
+        if latency is None or len(ties) < 2 or limit < 2:
+            return chosen
+        sets = list(ties.values())[:limit]
+        medians = latency([self.build(s) for s in sets])
+        self.result.timed = {", ".join(s): round(ms, 4) for s, ms in zip(sets, medians, strict=True)}
+        return sets[min(range(len(sets)), key=medians.__getitem__)]
 
     def rank(self, candidates: Sequence[str], baseline: float) -> list[str]:
         gains = {}
@@ -165,28 +195,86 @@ def search(
     baseline: float,
     settings: FallbackSettings,
     suspects: Sequence[str] = (),
-) -> tuple[ir.Model | None, FallbackResult]:
+    latency: Latency | None = None,
+    recalibrate: Callable[[Any], Any] | None = None,
+) -> tuple[ir.Model | None, FallbackResult, Any, Any]:
     """Find the fewest layers to keep in float so that ``evaluate`` scores <= 1.
 
-    ``suspects`` (node names, worst first, e.g. from layer-wise SQNR) are tried first.
+    First, with ``recalibrate`` (config -> statistics), the pass's alternatives of equal
+    speed (other calibration methods) are tried; the best becomes the starting point, and
+    if it meets the budget nothing stays in float. ``suspects`` (node names, worst first,
+    e.g. from layer-wise SQNR) are tried first. ``latency`` (median ms of each model) picks
+    the fastest of equally small solutions. Returns the model (None when nothing within the
+    limits met the budget), the search's record, and the config and statistics to re-run
+    the pass with.
     """
     result = FallbackResult(step_name, score_before=baseline)
-    state = _Search(registry.get_spec(step_name), config, before, statistics, evaluate, result)
-    candidates = _candidates(before, config, suspects)[: settings.max_candidates]
+    spec = registry.get_spec(step_name)
+    starts = [(config, statistics, baseline)]
+    if recalibrate is not None and spec.alternatives is not None:
+        better = _better_alternative(spec, config, before, evaluate, baseline, recalibrate, result)
+        if better is not None:
+            alt_config, alt_statistics, alt_score, model = better
+            if alt_score <= 1.0:
+                result.score_after, result.passed = alt_score, True
+                return model, result, alt_config, alt_statistics
+            # Float layers on top of the better ranges first; the original ranges if that fails.
+            starts.insert(0, (alt_config, alt_statistics, alt_score))
+    for start_config, start_statistics, start_score in starts:
+        state = _Search(spec, start_config, before, start_statistics, evaluate, result)
+        chosen = _float_layers(state, before, suspects, start_score, settings)
+        if chosen is not None:
+            chosen = state.fastest(state.prune(chosen), latency, settings.timed)
+            model, score = state.trial(chosen)
+            result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
+            if start_config is config:
+                result.changed = {}
+            return model, result, start_config, start_statistics
+    logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
+    return None, result, config, statistics
+
+
+def _float_layers(
+    state: _Search, before: ir.Model, suspects: Sequence[str], baseline: float, settings: FallbackSettings
+) -> list[str] | None:
+    """The layers to keep in float (rank, then prefix or greedy), or None within the limits."""
+    candidates = _candidates(before, state.config, suspects)[: settings.max_candidates]
     order = state.rank(candidates, baseline)
     # Gains of separate layers roughly add up on some models (a prefix of the ranking
     # suffices, in log trials) and interact on others (greedy with re-measured gains).
-    helpful = [name for name in order if result.sensitivity[name] > 0]
+    helpful = [name for name in order if state.result.sensitivity[name] > 0]
     chosen = state.prefix(helpful, settings.max_float_nodes) if helpful else None
     if chosen is None:
         chosen = state.greedy(order, baseline, settings.max_float_nodes, settings.width)
-    if chosen is None:
-        logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
-        return None, result
-    chosen = state.prune(chosen)
-    model, score = state.trial(chosen)
-    result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
-    return model, result
+    return chosen
+
+
+def _better_alternative(
+    spec: registry.PassSpec,
+    config: Any,
+    before: ir.Model,
+    evaluate: Callable[[ir.Model], float],
+    baseline: float,
+    recalibrate: Callable[[Any], Any],
+    result: FallbackResult,
+) -> tuple[Any, Any, float, ir.Model] | None:
+    """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score, model)."""
+    best = None
+    for alternative in spec.alternatives(config) if spec.alternatives else []:
+        statistics = recalibrate(alternative)
+        model = before.clone()
+        spec.build(alternative, statistics)(model)
+        score = evaluate(model)
+        result.trials += 1
+        changed = {f.name: getattr(alternative, f.name) for f in dataclasses.fields(config)}
+        changed = {k: v for k, v in changed.items() if v != getattr(config, k)}
+        result.alternatives[", ".join(f"{k}={v}" for k, v in changed.items())] = score
+        if score < (best[2] if best else baseline):
+            best = (alternative, statistics, score, model)
+            result.changed = changed
+    if best is None:
+        result.changed = {}
+    return best
 
 
 def with_excluded(config: Any, excluded: Sequence[str]) -> Any:
@@ -237,3 +325,10 @@ class Checker:
     def score(self, candidate: ir.Model) -> float:
         """Budget score of ``candidate`` (<= 1: within budget)."""
         return budget_score(self.check(candidate)[1], self.budget)
+
+    def latency(self, candidates: list[ir.Model], runs: int = 20) -> list[float]:
+        """Median latency (ms) of each candidate on the first verification batch, timed interleaved."""
+        sessions = {str(i): verify.open_candidate(m, self.device, self.threads) for i, m in enumerate(candidates)}
+        feeds = next(iter_batches(self.data, self.specs))
+        timed = runtime.interleaved_latency(sessions, feeds, warmup=3, runs=runs)
+        return [timed[str(i)].median_ms for i in range(len(candidates))]

@@ -282,13 +282,23 @@ def _fall_back(
         readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
         suspects += [f"tensor:{name}", *readers]
     baseline = fallback.budget_score(result, plan.budget)
-    found, outcome = fallback.search(
-        step.name, step.config, before, statistics, checker.score, baseline, plan.fallback, suspects=suspects
+    spec = registry.get_spec(step.name)
+    found, outcome, config, statistics = fallback.search(
+        step.name,
+        step.config,
+        before,
+        statistics,
+        checker.score,
+        baseline,
+        plan.fallback,
+        suspects=suspects,
+        latency=checker.latency,
+        recalibrate=(lambda alternative: spec.calibrate(before, calibration, alternative)) if spec.calibrate else None,
     )
     report.fallback = outcome.to_dict()
     if found is None:
         return candidate, cand_session, result
-    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(step.config, outcome.float_nodes))
+    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(config, outcome.float_nodes))
     candidate = before.clone()
     pipeline.keep_snapshots = False
     pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)

@@ -21,7 +21,7 @@ from graphopt.passes.prune_structured import (
     PruneStructuredPass,
     collect_structured_statistics,
 )
-from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges, range_alternatives
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
 from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians
 
@@ -45,6 +45,9 @@ class PassSpec:
         changes_function: True for configs that change what the model computes on purpose
             (merging an external adapter): verification then compares with the model as
             it is after that step, not with the input.
+        alternatives: Other configs of the same speed and size (e.g. other calibration
+            methods) that the accuracy fallback tries, re-calibrated, before it keeps any
+            layer in float.
     """
 
     name: str
@@ -53,6 +56,7 @@ class PassSpec:
     exact: bool
     calibrate: Calibrator | None = None
     changes_function: Callable[[Any], bool] | None = None
+    alternatives: Callable[[Any], list[Any]] | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -91,7 +95,14 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
         "unmerge_lora": PassSpec(
             "unmerge_lora", UnmergeLoraPass, UnmergeLoraConfig, exact=True, changes_function=_uses_adapters
         ),
-        "quantize": PassSpec("quantize", QuantizeQDQPass, QuantizeConfig, exact=False, calibrate=collect_ranges),
+        "quantize": PassSpec(
+            "quantize",
+            QuantizeQDQPass,
+            QuantizeConfig,
+            exact=False,
+            calibrate=collect_ranges,
+            alternatives=range_alternatives,
+        ),
         "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
         "fp16": PassSpec("fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes),
         "prune": PassSpec("prune", PruneWeightsPass, PruneConfig, exact=False, calibrate=collect_prune_statistics),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -98,7 +99,10 @@ class QuantizeConfig:
     )
     islands: bool = field(
         default=True,
-        metadata={"help": "Quantize non-compute ops only between quantized ops (False: every listed op, as ORT does)."},
+        metadata={
+            "help": "Quantize non-compute ops only between quantized ops, and compute outputs only when a "
+            "quantized op reads them (False: every listed op and every output, as ORT does)."
+        },
     )
     max_abs_range: float = field(
         default=65504.0,
@@ -357,7 +361,7 @@ class _Editor:
         for node in nodes:
             # An output no quantized op reads stays float: ORT then runs the producer as
             # MatMulIntegerToFloat (bias Add fused) instead of QLinearMatMul -> DQ -> Add.
-            read = [v for v in node.outputs if any(id(u.node) in selected for u in v.uses())]
+            read = [v for v in node.outputs if self._output_quantized(v, selected)]
             for value in [*_activation_inputs(node), *read]:
                 if _is_float_activation(value) and value.name not in self.params:
                     self._activation(value, node)
@@ -371,6 +375,10 @@ class _Editor:
         self.counts["nodes"] = len(nodes)
         self.changed = bool(self.counts["activations"] or self.counts["weights"] or self.counts["embeddings"])
 
+    def _output_quantized(self, value: ir.Value, selected: set[int]) -> bool:
+        """Islands: only when a quantized op reads it. Without: always, as ORT does."""
+        return not self.config.islands or any(id(use.node) in selected for use in value.uses())
+
     def _plan_outliers(self, nodes: list[ir.Node], selected: set[int]) -> list[quantize_outliers.Split]:
         if self.config.outliers <= 0 or not self.channels:
             return []
@@ -381,7 +389,7 @@ class _Editor:
                 x.name not in self.skipped
                 and not excluded(node, self.config)
                 # the output stays float (MatMulIntegerToFloat): the float product adds to it
-                and not any(id(use.node) in selected for use in node.outputs[0].uses())
+                and not self._output_quantized(node.outputs[0], selected)
                 # a removed ReLU's input, or a rearranged tensor sharing its source's scale
                 and not (producer is not None and producer.op_type in RELU_LIKE | SAME_SCALE_OPS)
             )
@@ -555,6 +563,16 @@ def _clip_covered(node: ir.Node, rng: Range | None) -> bool:
     if lo is None or float(lo) != 0.0 or rng is None:
         return False
     return hi is None or rng[1] <= float(hi)
+
+
+FALLBACK_METHODS = ("percentile", "mse")  # what the accuracy fallback tries before float layers
+
+
+def range_alternatives(config: QuantizeConfig) -> list[QuantizeConfig]:
+    """The same quantization with other clipping methods (same speed and size), for the fallback."""
+    if config.mode == "dynamic":
+        return []
+    return [dataclasses.replace(config, method=m) for m in FALLBACK_METHODS if m != config.method]
 
 
 def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> CalibratedRanges | dict[str, Range] | None:

@@ -57,3 +57,54 @@ def test_unreachable_budget_reports_the_search_and_fails() -> None:
     with pytest.raises(AccuracyBudgetError, match="fallback found no set of float layers") as info:
         graphopt.optimize(DATA / "digits_cnn.onnx", recipe, calibration=_calibration())
     assert info.value.report.fallback["trials"] >= 3 and not info.value.report.fallback["passed"]
+
+
+def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
+    """Two single layers meet the budget: the faster one is kept in float, not the first found."""
+    from graphopt import io
+    from graphopt.fallback import FallbackResult, _Search
+    from graphopt.passes.quantize import QuantizeConfig
+    from tests import toy
+
+    class Tagging:  # a stand-in lossy pass: records what it was told to leave in float
+        def build(self, config: QuantizeConfig, statistics: object) -> object:
+            def run(model: object) -> None:
+                model.doc_string = ",".join(config.exclude_nodes)
+
+            return run
+
+    scores = {"big": 0.9, "small": 0.95, "bad": 1.2, "big,small": 0.5}
+    speed = {"big": 5.0, "small": 3.0, "bad": 1.0, "big,small": 6.0}
+    before = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    search = _Search(
+        Tagging(), QuantizeConfig(), before, None, lambda m: scores[m.doc_string], FallbackResult("quantize")
+    )
+    for excluded in (["big"], ["bad"], ["small"], ["big", "small"]):
+        search.trial(excluded)
+    timed: list[list[str]] = []
+
+    def latency(models: list[object]) -> list[float]:
+        timed.append([m.doc_string for m in models])
+        return [speed[m.doc_string] for m in models]
+
+    assert search.fastest(["big"], latency, limit=6) == ["small"]
+    assert timed == [["big", "small"]]  # over-budget and larger sets are not timed
+    assert search.result.timed == {"big": 5.0, "small": 3.0}
+    assert search.fastest(["big"], None, limit=6) == ["big"]
+
+
+def test_better_calibration_is_tried_before_any_float_layer() -> None:
+    def run(method: str, budget: dict[str, float]) -> graphopt.pipeline.Result:
+        recipe = _cnn_recipe(budget)
+        recipe["passes"] = ["fold", f"quantize:method={method}", "fold"]
+        return graphopt.optimize(DATA / "digits_cnn.onnx", recipe, calibration=_calibration())
+
+    minmax = run("minmax", {}).report.verification.outputs[0].cosine_min
+    percentile = run("percentile", {}).report.verification.outputs[0].cosine_min
+    assert percentile > minmax  # the bundled CNN's minmax ranges are wider than they need to be
+    result = run("minmax", {"min_cosine": (minmax + percentile) / 2})
+    fallback = result.report.fallback
+    assert fallback["passed"] and fallback["float_nodes"] == [] and fallback["changed"] == {"method": "percentile"}
+    assert fallback["trials"] == 2  # percentile and mse, re-calibrated; no layer search
+    quantize = next(p for p in result.report.passes if p.name == "quantize")
+    assert quantize.options["method"] == "percentile"

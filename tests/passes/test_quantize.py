@@ -303,3 +303,24 @@ def test_outlier_channel_choice() -> None:
     assert outlier_channels(-hi, hi, 0.0).size == 0  # disabled
     hi[:40] = 50.0  # a sixth of the channels large: none stands out from the rest
     assert outlier_channels(-hi, hi, 3.0).size == 0
+
+
+def test_without_islands_every_compute_output_is_quantized_as_ort_does(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+            helper.make_node("Softmax", ["h"], ["y"], name="softmax"),  # not an op the pass quantizes
+        ],
+        "softmax_head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "W")],
+    )
+    quantized = {}
+    for islands in (True, False):
+        model = io.load_model(toy.save(toy._model(graph), tmp_path / "head.onnx"))
+        config = QuantizeConfig(islands=islands)
+        QuantizeQDQPass(config, _synthetic_ranges(model, config))(model)
+        quantized[islands] = sorted(n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear")
+    assert quantized == {True: ["x"], False: ["h", "x"]}
