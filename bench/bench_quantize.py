@@ -28,6 +28,11 @@ sys.path.insert(0, str(ROOT))
 from models import zoo  # noqa: E402
 
 GRAPHOPT_METHODS = ("percentile", "entropy", "mse", "minmax")
+# Ablations (options after the method): what a default is worth, measured in the same run.
+ABLATIONS = {
+    "cnn": ("minmax,islands=false,reduce_range=false",),  # ORT's placement and 8-bit weights
+    "minilm": ("minmax,outliers=0",),  # no float outlier channels
+}
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 BATCH = {"cnn": 64, "mlp": 64, "transformer": 16, "minilm": 8}
 
@@ -140,11 +145,12 @@ def evaluate(name: str, reference: Path, paths: dict[str, Path]) -> dict[str, di
 def bench_model(name: str, folder: Path) -> list[dict[str, object]]:
     src = zoo.export(name)
     calib = calibration_file(name, folder)
-    jobs = [("graphopt", m) for m in GRAPHOPT_METHODS] + [("ort", m) for m in ORT_METHODS]
+    graphopt_jobs = [*GRAPHOPT_METHODS, *ABLATIONS.get(name, ())]
+    jobs = [("graphopt", m) for m in graphopt_jobs] + [("ort", m) for m in ORT_METHODS]
     costs, paths = {}, {}
     for tool, method in jobs:
         label = f"{tool} {method}"
-        dst = folder / f"{name}.{tool}.{method}.onnx"
+        dst = folder / f"{name}.{tool}.{method.replace(',', '_').replace('=', '-')}.onnx"
         costs[label] = run_job(tool, src, dst, calib, method)
         if isinstance(costs[label], dict):
             paths[label] = dst
