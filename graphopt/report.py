@@ -101,10 +101,12 @@ class Report:
         if self.fallback:
             f = self.fallback
             kept = ", ".join(f["float_nodes"]) or "none"
+            changed = ", ".join(f"{k}={v}" for k, v in (f.get("changed") or {}).items())
             lines += [
                 f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
                 f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
-                f"layers kept in float: {kept}.",
+                + (f"re-calibrated with {changed}; " if changed else "")
+                + f"layers kept in float: {kept}.",
                 "",
             ]
         if self.runtime:
