@@ -1,8 +1,9 @@
 """Accuracy guardrails: a recipe that breaks the budget, rescued by the fallback.
 
-For the digits CNN and MiniLM: a minmax int8 recipe with a budget it breaks; graphopt's
-fallback then keeps the fewest layers (or tensors) in float. Compared, in the same run, with ORT quantize_static at each
-calibrate_method (same calibration samples). Then the cost of the layer-wise comparison
+For the digits CNN and MiniLM: minmax int8 recipes (SCENARIOS) with budgets they break;
+graphopt's fallback re-calibrates, then keeps the fewest layers (or tensors) in float.
+Compared, in the same run, with ORT quantize_static at each calibrate_method (same
+calibration samples). Then the cost of the layer-wise comparison
 against a plain verification, in time and peak memory, each in its own process.
 
     python bench/bench_guardrails.py [--json out.json]
@@ -27,19 +28,23 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_quantize import calibration_file, evaluate, run_job  # noqa: E402
 from models import zoo  # noqa: E402
 
-BUDGETS = {
-    "cnn": {"min_cosine": 0.9999},
-    "minilm": {"min_cosine_mean": 0.99, "outputs": ["sentence_embedding"]},
-}
-# Recipes that break those budgets: on the CNN, every listed op quantized ORT's way with
-# minmax; on MiniLM, graphopt's own placement with minmax ranges.
-RECIPES = {
-    "cnn": {"method": "minmax", "islands": False, "max_abs_range": 1e38},
-    "minilm": {"method": "minmax"},
+# Recipes that break their budgets. CNN: every listed op and output quantized ORT's way with
+# minmax (islands off, no sentinel guard), once with 8-bit weights (ORT's default) against a
+# near-lossless budget, once with 7-bit weights against a budget only a float layer meets;
+# MiniLM: graphopt's own placement with minmax ranges.
+ORT_WAY = {"method": "minmax", "islands": False, "max_abs_range": 1e38}
+SCENARIOS = {
+    "cnn": [
+        ("8-bit weights", {**ORT_WAY, "reduce_range": False}, {"min_cosine": 0.999}),
+        ("7-bit weights", ORT_WAY, {"min_cosine": 0.9999}),
+    ],
+    "minilm": [("minmax", {"method": "minmax"}, {"min_cosine_mean": 0.99, "outputs": ["sentence_embedding"]})],
 }
 
 
-def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, object]]:
+def run_graphopt(
+    name: str, label: str, quantize: dict[str, object], budget: dict[str, object], folder: Path, calib: Path
+) -> tuple[Path, dict[str, object]]:
     import graphopt
     from graphopt.calibration.sources import DataSpec
 
@@ -48,15 +53,15 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
     np.savez(eval_npz, **{k: v[:64] for k, v in data.inputs.items()})
     samples = 64 if name == "cnn" else 32  # each fallback trial verifies on these
     recipe = {
-        "passes": ["fold", {"quantize": RECIPES[name]}, "fold", "tune"],
+        "passes": ["fold", {"quantize": quantize}, "fold", "tune"],
         "verify": {"data": str(eval_npz), "samples": samples, "batch_size": 16, "latency_runs": 0, "layerwise": False},
-        "budget": BUDGETS[name],
+        "budget": budget,
         "fallback": {"max_candidates": 24},
     }
     start = time.perf_counter()
     result = graphopt.optimize(zoo.export(name), recipe, calibration=DataSpec(source=str(calib), samples=64))
     seconds = time.perf_counter() - start
-    out = folder / f"{name}.graphopt.onnx"
+    out = folder / f"{name}.graphopt.{label.replace(' ', '_')}.onnx"
     graphopt.save(result.model, out)
     fallback = result.report.fallback or {}
     return out, {
@@ -67,25 +72,25 @@ def run_graphopt(name: str, folder: Path, calib: Path) -> tuple[Path, dict[str, 
         "timed": fallback.get("timed", {}),
         "trials": fallback.get("trials", 0),
         "optimize_s": seconds,
-        "budget": BUDGETS[name],
-        "fallback": {"max_candidates": 24},
+        "budget": budget,
+        "recipe": quantize,
     }
 
 
 def guardrail_rows(name: str, folder: Path) -> list[dict[str, object]]:
+    """Every scenario of ``name`` and ORT's outputs, evaluated (and timed) together."""
     calib = calibration_file(name, folder)
     src = zoo.export(name)
-    out, info = run_graphopt(name, folder, calib)
-    paths = {"graphopt minmax + fallback": out}
+    paths, infos = {}, {}
+    for label, quantize, budget in SCENARIOS[name]:
+        tool = f"graphopt {label} + fallback"
+        paths[tool], infos[tool] = run_graphopt(name, label, quantize, budget, folder, calib)
     for method in ("MinMax", "Percentile", "Entropy"):
         dst = folder / f"{name}.ort.{method}.onnx"
         if isinstance(run_job("ort", src, dst, calib, method), dict):
             paths[f"ort {method}"] = dst
     metrics = evaluate(name, src, paths)
-    rows = []
-    for label, row in metrics.items():
-        rows.append({"model": name, "tool": label, **row, **(info if label.startswith("graphopt") else {})})
-    return rows
+    return [{"model": name, "tool": label, **row, **infos.get(label, {})} for label, row in metrics.items()]
 
 
 def job_cost(kind: str, reference: str, candidate: str, data: str) -> None:
@@ -105,7 +110,7 @@ def job_cost(kind: str, reference: str, candidate: str, data: str) -> None:
 
 
 def cost_rows(folder: Path) -> list[dict[str, object]]:
-    reference, candidate = zoo.export("minilm"), folder / "minilm.graphopt.onnx"
+    reference, candidate = zoo.export("minilm"), folder / "minilm.graphopt.minmax.onnx"
     data = folder / "minilm_eval.npz"
     rows = []
     for kind in ("verify", "layerwise"):
@@ -129,7 +134,7 @@ def to_markdown(rows: list[dict[str, object]], costs: list[dict[str, object]]) -
             changed = ", ".join(f"{k}={v}" for k, v in r["changed"].items()) or "as given"
             floats = ", ".join(r["float_nodes"]) or "none"
             fl = f"{changed} · {floats} ({r['trials']})"
-        budget = ", ".join(f"{k} {v}" for k, v in BUDGETS[r["model"]].items() if k != "outputs")
+        budget = ", ".join(f"{k} {v}" for k, v in r.get("budget", {}).items() if k != "outputs") or "–"
         lines.append(
             f"| {r['model']} | {r['tool']} | {budget} | {acc} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} "
             f"| {r['latency_ms']:.3f} | {r['bytes'] / sizes[r['model']]:.1%} | {fl} |"

@@ -250,7 +250,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             return self._dynamic(model)
         pools = 0
         if "GlobalAveragePool" in self.config.op_types:
-            pools = quantize_layout.spatial_means_to_pools(graph, lambda n: _wanted(n, self.config), self.ranges)
+            # Only where the pool will read a quantized tensor: in float, ReduceMean is the faster kernel.
+            pools = quantize_layout.spatial_means_to_pools(
+                graph,
+                lambda n: _wanted(n, self.config) and n.inputs[0].name not in self.config.exclude_tensors,
+                self.ranges,
+            )
             if pools:
                 infer_types(model)
         editor = _Editor(graph, self.config, self.ranges, self.channels)
@@ -569,10 +574,17 @@ FALLBACK_METHODS = ("percentile", "mse")  # what the accuracy fallback tries bef
 
 
 def range_alternatives(config: QuantizeConfig) -> list[QuantizeConfig]:
-    """The same quantization with other clipping methods (same speed and size), for the fallback."""
+    """The same quantization with other ranges (same speed and size), for the accuracy fallback.
+
+    7-bit weights first where 8-bit ones saturate ORT's kernels on this CPU, then the other
+    clipping methods.
+    """
     if config.mode == "dynamic":
         return []
-    return [dataclasses.replace(config, method=m) for m in FALLBACK_METHODS if m != config.method]
+    alternatives = []
+    if config.reduce_range is False and config.weight_type == "int8" and runtime.u8s8_saturates():
+        alternatives.append(dataclasses.replace(config, reduce_range="auto"))
+    return alternatives + [dataclasses.replace(config, method=m) for m in FALLBACK_METHODS if m != config.method]
 
 
 def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> CalibratedRanges | dict[str, Range] | None:

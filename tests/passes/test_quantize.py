@@ -69,8 +69,7 @@ def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model]
     assert all(count == 2 for name, count in arity.items() if name.startswith("block"))
 
 
-@pytest.mark.parametrize("keepdims", [1, 0])
-def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> None:
+def _gap_model(tmp_path: Path, keepdims: int) -> ir.Model:
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
         [
@@ -90,7 +89,12 @@ def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> 
             numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "Wf"),
         ],
     )
-    model = io.load_model(toy.save(toy._model(graph), tmp_path / "gap.onnx"))
+    return io.load_model(toy.save(toy._model(graph), tmp_path / "gap.onnx"))
+
+
+@pytest.mark.parametrize("keepdims", [1, 0])
+def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> None:
+    model = _gap_model(tmp_path, keepdims)
     reference = model.clone()
     config = QuantizeConfig()
     ranges = collect_ranges(model, DataSpec(samples=32, batch_size=8), config)
@@ -100,11 +104,19 @@ def test_spatial_mean_becomes_an_integer_pool(keepdims: int, tmp_path: Path) -> 
     assert "ReduceMean" not in [n.op_type for n in model.graph]
     assert [n.name for n in model.graph if n.op_type == "GlobalAveragePool"] == ["gap"]
     assert _ort_ops(model, tmp_path)["QLinearGlobalAveragePool"] == 1
-    x = rng.standard_normal((8, 3, 6, 6)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((8, 3, 6, 6)).astype(np.float32)
     expected = runtime.run(runtime.create_session(reference), {"x": x})["y"]
     got = runtime.run(runtime.create_session(model), {"x": x})["y"]
     assert got.shape == expected.shape
     assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_a_mean_over_a_float_tensor_stays_reduce_mean(tmp_path: Path) -> None:
+    model = _gap_model(tmp_path, 1)
+    config = QuantizeConfig(exclude_tensors=("r",))  # what the fallback sets: the pool reads float
+    quantize = QuantizeQDQPass(config, collect_ranges(model, DataSpec(samples=16, batch_size=8), config))
+    quantize(model)
+    assert quantize.details["mean_to_pool"] == 0 and "ReduceMean" in [n.op_type for n in model.graph]
 
 
 def test_cnn_accuracy_and_size(quantized_cnn: tuple[ir.Model, ir.Model], digits: dict[str, np.ndarray]) -> None:
@@ -324,3 +336,21 @@ def test_without_islands_every_compute_output_is_quantized_as_ort_does(tmp_path:
         QuantizeQDQPass(config, _synthetic_ranges(model, config))(model)
         quantized[islands] = sorted(n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear")
     assert quantized == {True: ["x"], False: ["h", "x"]}
+
+
+def test_fallback_alternatives_keep_speed_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.passes import quantize as quantize_module
+
+    def changed(config: QuantizeConfig) -> list[dict[str, object]]:
+        return [
+            {k: v for k, v in vars(alt).items() if v != getattr(config, k)}
+            for alt in quantize_module.range_alternatives(config)
+        ]
+
+    monkeypatch.setattr(runtime, "u8s8_saturates", lambda: True)
+    eight_bit = QuantizeConfig(method="minmax", reduce_range=False)
+    assert changed(eight_bit) == [{"reduce_range": "auto"}, {"method": "percentile"}, {"method": "mse"}]
+    assert changed(QuantizeConfig(method="mse")) == [{"method": "percentile"}]
+    assert changed(QuantizeConfig(mode="dynamic")) == []
+    monkeypatch.setattr(runtime, "u8s8_saturates", lambda: False)
+    assert changed(eight_bit) == [{"method": "percentile"}, {"method": "mse"}]
