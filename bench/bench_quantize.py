@@ -128,7 +128,7 @@ def evaluate(name: str, reference: Path, paths: dict[str, Path]) -> dict[str, di
     output = "sentence_embedding" if name == "minilm" else sessions["fp32"].get_outputs()[0].name
     results = {label: runtime.run(s, data.inputs, [output])[output] for label, s in sessions.items()}
     feeds = {k: v[: BATCH[name]] for k, v in data.inputs.items()}
-    latency = runtime.interleaved_latency(sessions, feeds, warmup=5, runs=30 if name == "minilm" else 100)
+    latency = runtime.interleaved_latency(sessions, feeds, warmup=5, runs=30 if name == "minilm" else 300)
     rows = {}
     for label, out in results.items():
         ref = results["fp32"].reshape(len(out), -1).astype(np.float64)
