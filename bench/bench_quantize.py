@@ -138,8 +138,18 @@ def evaluate(name: str, reference: Path, paths: dict[str, Path]) -> dict[str, di
         if data.labels is not None:
             row["accuracy"] = float(np.mean(np.argmax(out, axis=-1) == data.labels))
         row["bytes"] = (reference if label == "fp32" else paths[label]).stat().st_size
+        row["int8_bytes"] = _int8_bytes(reference if label == "fp32" else paths[label])
         rows[label] = row
     return rows
+
+
+def _int8_bytes(path: Path) -> int:
+    """Bytes of int8/uint8 initializer data: the floor a file of 8-bit weights cannot go under."""
+    import onnx
+
+    model = onnx.load(str(path))
+    small = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(len(t.raw_data) or len(t.int32_data) for t in model.graph.initializer if t.data_type in small)
 
 
 def bench_model(name: str, folder: Path) -> list[dict[str, object]]:
@@ -169,20 +179,20 @@ def bench_model(name: str, folder: Path) -> list[dict[str, object]]:
 
 def to_markdown(rows: list[dict[str, object]]) -> str:
     head = (
-        "| model | tool · calibration | accuracy | cosine mean / min | latency ms | size vs fp32 | quantize s "
-        "| peak RSS MB |"
+        "| model | tool · calibration | accuracy | cosine mean / min | latency ms | size vs fp32 | 8-bit data vs fp32 "
+        "| quantize s | peak RSS MB |"
     )
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     sizes = {r["model"]: r["bytes"] for r in rows if r["tool"] == "fp32"}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['tool']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['model']} | {r['tool']} | failed: {r['error']} | | | | | | |")
             continue
         acc = f"{100 * r['accuracy']:.2f}%" if "accuracy" in r else "–"
         cost = f"{r['seconds']:.1f} | {r['peak_rss_mb']:.0f}" if "seconds" in r else "– | –"
         lines.append(
             f"| {r['model']} | {r['tool']} | {acc} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | {r['latency_ms']:.3f} "
-            f"| {r['bytes'] / sizes[r['model']]:.1%} | {cost} |"
+            f"| {r['bytes'] / sizes[r['model']]:.1%} | {r['int8_bytes'] / sizes[r['model']]:.1%} | {cost} |"
         )
     return "\n".join(lines)
 
