@@ -231,6 +231,7 @@ def search(
                 result.changed = {}
             return model, result, start_config, start_statistics
     logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
+    result.changed = {}  # nothing is applied
     return None, result, config, statistics
 
 

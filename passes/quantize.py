@@ -118,7 +118,8 @@ class QuantizeConfig:
         metadata={
             "help": "MatMul input channels whose calibrated max |x| passes this many times that of the largest "
             "channel outside the top 1/64 are multiplied in float beside the int8 product, so they no longer "
-            "set the int8 scale (LLM.int8-style); 0 disables."
+            "set the int8 scale (LLM.int8-style); only for MatMuls whose output stays float (never with "
+            "islands=false); 0 disables."
         },
     )
 
@@ -251,9 +252,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         pools = 0
         if "GlobalAveragePool" in self.config.op_types:
             # Only where the pool will read a quantized tensor: in float, ReduceMean is the faster kernel.
+            chosen = {id(n) for n in selected_nodes(graph, self.config)}
             pools = quantize_layout.spatial_means_to_pools(
                 graph,
-                lambda n: _wanted(n, self.config) and n.inputs[0].name not in self.config.exclude_tensors,
+                lambda n: id(n) in chosen and n.inputs[0].name not in self.config.exclude_tensors,
                 self.ranges,
             )
             if pools:

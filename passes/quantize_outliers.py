@@ -113,6 +113,7 @@ def plan(
     shared, and clipping would corrupt any other reader).
     """
     splits = []
+    inliers: dict[tuple[str, tuple[int, ...]], ir.Value] = {}  # a shared weight is split once
     by_input: dict[str, list[ir.Node]] = {}
     for node in nodes:
         if eligible_matmul(node) and splittable(node):
@@ -134,9 +135,12 @@ def plan(
         for node in readers:
             weight = node.inputs[1]
             array = weight.const_value.numpy()
-            inliers = array.copy()
-            inliers[chosen] = 0.0
-            node.replace_input_with(1, add_initializer(f"{weight.name}_inliers", inliers))
+            key = (weight.name, tuple(chosen.tolist()))
+            if key not in inliers:
+                zeroed = array.copy()
+                zeroed[chosen] = 0.0
+                inliers[key] = add_initializer(f"{weight.name}_inliers", zeroed)
+            node.replace_input_with(1, inliers[key])
             qdq.drop_if_unused(node.graph, weight)
             splits.append(Split(node, x, chosen, weight.name, array[chosen].copy()))
     return splits
@@ -144,9 +148,13 @@ def plan(
 
 def add_float_branches(graph: ir.Graph, splits: Iterable[Split], taken: set[str]) -> None:
     """Add ``x[..., channels] @ W[channels]`` to each split MatMul's result (after its bias Add)."""
+    renamed: set[str] = set()
     for split in splits:
         x, node = split.activation, split.node
         base = x.name
+        if base not in renamed:
+            _rename_clipped(graph, x, taken)
+            renamed.add(base)
         index = qdq.add_initializer(graph, qdq.unique_name(graph, f"{base}_outlier_channels", taken), split.channels)
         rows = qdq.add_initializer(
             graph, qdq.unique_name(graph, f"{split.weight_name}_outlier_rows", taken), split.outlier_rows
@@ -156,6 +164,9 @@ def add_float_branches(graph: ir.Graph, splits: Iterable[Split], taken: set[str]
         gather = ir.node("Gather", [x, index], {"axis": -1}, outputs=[picked], name=picked.name)
         product = ir.node("MatMul", [picked, rows], outputs=[partial], name=partial.name)
         target, anchor = _after_bias(node)
+        if target is not node.outputs[0]:
+            # The MatMul's own output now holds the inlier channels' share only.
+            node.outputs[0].name = qdq.unique_name(graph, f"{node.outputs[0].name}_inliers", taken)
         total_name = qdq.unique_name(graph, f"{target.name}_total", taken)
         total = ir.Value(name=total_name, shape=target.shape, type=target.type)
         target.replace_all_uses_with(total, replace_graph_outputs=True)
@@ -165,6 +176,21 @@ def add_float_branches(graph: ir.Graph, splits: Iterable[Split], taken: set[str]
         name = target.name
         target.name = qdq.unique_name(graph, f"{name}_inliers", taken)
         total.name = name
+
+
+def _rename_clipped(graph: ir.Graph, x: ir.Value, taken: set[str]) -> None:
+    """Rename ``x``'s DQ output, clipped on the outlier channels on purpose.
+
+    Layer-wise comparison matches ``<x>_DequantizeLinear`` with the reference ``x``; the
+    clipped channels would read as a large error that the float branch in fact undoes.
+    """
+    for use in x.uses():
+        if use.node.op_type != "QuantizeLinear":
+            continue
+        for reader in use.node.outputs[0].uses():
+            if reader.node.op_type == "DequantizeLinear":
+                out = reader.node.outputs[0]
+                out.name = qdq.unique_name(graph, f"{x.name}_inliers_DequantizeLinear", taken)
 
 
 def _after_bias(node: ir.Node) -> tuple[ir.Value, ir.Node]:

@@ -303,6 +303,37 @@ def test_outlier_channels_run_in_float_beside_the_int8_product(tmp_path: Path) -
         assert _ort_ops(model, tmp_path)["MatMulIntegerToFloat"] == 1
         assert [v.name for v in model.graph.outputs] == ["y"]
     assert errors[3.0] < 0.35 * errors[0.0]
+    # Names that layer-wise comparison matches with the reference carry the reference's values:
+    # the inlier-only product and the clipped input are renamed.
+    split = reference.clone()
+    config = QuantizeConfig(method="minmax")
+    QuantizeQDQPass(config, collect_ranges(split, DataSpec(source=str(data), batch_size=16), config))(split)
+    produced = {out.name for node in split.graph for out in node.outputs}
+    assert {"h_inliers", "x_inliers_DequantizeLinear", "y"} <= produced
+    assert not {"h", "x_DequantizeLinear"} & produced
+
+
+def test_a_shared_weight_is_split_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["a"], name="fc_a"),
+            helper.make_node("MatMul", ["x", "W"], ["b"], name="fc_b"),
+            helper.make_node("Sub", ["a", "b"], ["y"], name="diff"),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 32])],
+        [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W")],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "shared.onnx"))
+    x = rng.standard_normal((64, 4, 64)).astype(np.float32)
+    x[..., 9] *= 25.0
+    np.savez(tmp_path / "x.npz", x=x)
+    config = QuantizeConfig(method="minmax")
+    QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(tmp_path / "x.npz")), config))(model)
+    int8 = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT8]
+    assert [v.name for v in int8] == ["W_inliers_quantized"]
 
 
 def test_outlier_channel_choice() -> None:
