@@ -31,6 +31,7 @@ import onnx_ir as ir
 
 from graphopt import registry, runtime, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +263,11 @@ def _better_alternative(
     """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score, model)."""
     best = None
     for alternative in spec.alternatives(config) if spec.alternatives else []:
-        statistics = recalibrate(alternative)
+        try:
+            statistics = recalibrate(alternative)
+        except DataError as exc:  # e.g. GPTQ without calibration data
+            logger.info("fallback: alternative %s skipped: %s", alternative, exc)
+            continue
         model = before.clone()
         spec.build(alternative, statistics)(model)
         score = evaluate(model)

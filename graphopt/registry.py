@@ -23,7 +23,12 @@ from graphopt.passes.prune_structured import (
 )
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges, range_alternatives
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
-from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians
+from graphopt.passes.weight_only import (
+    WeightOnlyConfig,
+    WeightOnlyQuantizePass,
+    collect_hessians,
+    method_alternatives,
+)
 
 # (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
 Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
@@ -114,7 +119,12 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             calibrate=collect_structured_statistics,
         ),
         "weight_only": PassSpec(
-            "weight_only", WeightOnlyQuantizePass, WeightOnlyConfig, exact=False, calibrate=collect_hessians
+            "weight_only",
+            WeightOnlyQuantizePass,
+            WeightOnlyConfig,
+            exact=False,
+            calibrate=collect_hessians,
+            alternatives=method_alternatives,
         ),
     }
 )

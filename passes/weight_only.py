@@ -214,6 +214,11 @@ class _Tally:
     errors: list[dict[str, object]] = field(default_factory=list)
 
 
+def method_alternatives(config: WeightOnlyConfig) -> list[WeightOnlyConfig]:
+    """GPTQ for round-to-nearest: same format, size and speed, for the accuracy fallback (needs calibration data)."""
+    return [replace(config, method="gptq")] if config.method == "rtn" else []
+
+
 class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     """Store MatMul/Gemm weights and embedding tables in 4 or 8 bits while activations stay in float.
 

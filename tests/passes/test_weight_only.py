@@ -402,3 +402,37 @@ def test_a_3gb_model_is_quantized_in_bounded_memory(tmp_path: Path, request: pyt
     assert figures["peak"] - figures["baseline"] <= 1536
     written = sum(p.stat().st_size for p in (tmp_path / "out").iterdir())
     assert written < 0.15 * 3.2e9
+
+
+def test_fallback_tries_gptq_before_float_layers(tmp_path: Path) -> None:
+    """Correlated inputs: GPTQ is clearly better than round-to-nearest, at the same size and speed."""
+    rng = np.random.default_rng(7)
+    mix = rng.standard_normal((8, 64))
+
+    def inputs(n: int) -> np.ndarray:
+        return (rng.standard_normal((n, 8)) @ mix + 0.1 * rng.standard_normal((n, 64))).astype(np.float32)
+
+    np.savez(tmp_path / "calib.npz", x=inputs(256))
+    np.savez(tmp_path / "check.npz", x=inputs(64))
+    path = tmp_path / "linear.onnx"
+    toy.save(_linear(), path)
+
+    def run(method: str, budget: dict[str, float], calibrated: bool = True) -> graphopt.pipeline.Result:
+        recipe = {
+            "passes": [f"weight_only:method={method}"],
+            "verify": {"data": str(tmp_path / "check.npz"), "samples": 64, "batch_size": 32, "latency_runs": 0},
+            "budget": budget,
+        }
+        calibration = DataSpec(source=str(tmp_path / "calib.npz")) if calibrated else None
+        return graphopt.optimize(path, recipe, calibration=calibration)
+
+    rtn = run("rtn", {}).report.verification.outputs[0].rel_l2
+    gptq = run("gptq", {}).report.verification.outputs[0].rel_l2
+    assert gptq < 0.7 * rtn
+    result = run("rtn", {"max_rel_l2": (rtn + gptq) / 2})
+    fallback = result.report.fallback
+    assert fallback["passed"] and fallback["float_nodes"] == [] and fallback["changed"] == {"method": "gptq"}
+    assert result.report.passes[0].details["method"] == "gptq"
+    # Without calibration data GPTQ cannot run: the layer is kept in float instead.
+    fallback = run("rtn", {"max_rel_l2": (rtn + gptq) / 2}, calibrated=False).report.fallback
+    assert fallback["alternatives"] == {} and fallback["float_nodes"] == ["fc"]
