@@ -21,6 +21,7 @@ pipeline re-runs them once on the final model.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -113,7 +114,9 @@ class _Search:
 
     def build(self, excluded: Sequence[str]) -> ir.Model:
         model = self.before.clone()
-        self.spec.build(with_excluded(self.config, excluded), self.statistics)(model)
+        self.spec.build(with_excluded(self.config, excluded, self.spec.exclusion or "exclude_nodes"), self.statistics)(
+            model
+        )
         return model
 
     def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
@@ -240,7 +243,8 @@ def _float_layers(
     state: _Search, before: ir.Model, suspects: Sequence[str], baseline: float, settings: FallbackSettings
 ) -> list[str] | None:
     """The layers to keep in float (rank, then prefix or greedy), or None within the limits."""
-    candidates = _candidates(before, state.config, suspects)[: settings.max_candidates]
+    field_name = state.spec.exclusion or "exclude_nodes"
+    candidates = _candidates(before, state.config, suspects, field_name)[: settings.max_candidates]
     order = state.rank(candidates, baseline)
     # Gains of separate layers roughly add up on some models (a prefix of the ranking
     # suffices, in log trials) and interact on others (greedy with re-measured gains).
@@ -283,17 +287,23 @@ def _better_alternative(
     return best
 
 
-def with_excluded(config: Any, excluded: Sequence[str]) -> Any:
-    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to exclude_nodes."""
+def with_excluded(config: Any, excluded: Sequence[str], field_name: str = "exclude_nodes") -> Any:
+    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to ``field_name``.
+
+    ``field_name`` is the pass's list of nodes to leave as they are; ``exclude`` (the pruning
+    passes) holds shell patterns, so the names are escaped.
+    """
     tensors = tuple(e.removeprefix("tensor:") for e in excluded if e.startswith("tensor:"))
     nodes = tuple(e for e in excluded if not e.startswith("tensor:"))
-    changes: dict[str, tuple[str, ...]] = {"exclude_nodes": (*config.exclude_nodes, *nodes)}
+    if field_name == "exclude":
+        nodes = tuple(glob.escape(n) for n in nodes)
+    changes: dict[str, tuple[str, ...]] = {field_name: (*getattr(config, field_name), *nodes)}
     if tensors:
         changes["exclude_tensors"] = (*config.exclude_tensors, *tensors)
     return dataclasses.replace(config, **changes)
 
 
-def _candidates(before: ir.Model, config: Any, suspects: Sequence[str]) -> list[str]:
+def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], field_name: str) -> list[str]:
     """What the search may keep in float: weighted layers first, suspects before the rest.
 
     Suspects are node names and ``tensor:NAME`` entries (activations where the layer-wise
@@ -302,7 +312,7 @@ def _candidates(before: ir.Model, config: Any, suspects: Sequence[str]) -> list[
     weights and of the activations only it reads, which a single tensor rarely does.
     """
     op_types = set(getattr(config, "op_types", ()) or CANDIDATE_OPS)
-    excluded = set(config.exclude_nodes)
+    excluded = set(getattr(config, field_name))
     nodes = [n for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
     rank = {name: i for i, name in enumerate(dict.fromkeys(suspects))}
     nodes.sort(key=lambda n: (n.op_type not in CANDIDATE_OPS, rank.get(n.name, len(rank))))

@@ -93,7 +93,7 @@ class Pipeline:
         start = time.perf_counter()
         if statistics is _COLLECT:
             statistics = self._calibrate(model, spec, step, calibration)
-        if self.keep_snapshots and not spec.exact and hasattr(step.config, "exclude_nodes"):
+        if self.keep_snapshots and not spec.exact and spec.exclusion is not None:
             self.snapshots.append((index, model.clone(), statistics))
         pass_ = spec.build(step.config, statistics)
         try:
@@ -298,7 +298,9 @@ def _fall_back(
     report.fallback = outcome.to_dict()
     if found is None:
         return candidate, cand_session, result
-    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(config, outcome.float_nodes))
+    pipeline.steps[index] = recipe.PassStep(
+        step.name, fallback.with_excluded(config, outcome.float_nodes, spec.exclusion or "exclude_nodes")
+    )
     candidate = before.clone()
     pipeline.keep_snapshots = False
     pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)

@@ -15,7 +15,12 @@ from graphopt.errors import RecipeError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
 from graphopt.passes.lora import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
-from graphopt.passes.prune import PruneConfig, PruneWeightsPass, collect_prune_statistics
+from graphopt.passes.prune import (
+    PruneConfig,
+    PruneWeightsPass,
+    collect_prune_statistics,
+    prune_method_alternatives,
+)
 from graphopt.passes.prune_structured import (
     PruneStructuredConfig,
     PruneStructuredPass,
@@ -53,6 +58,9 @@ class PassSpec:
         alternatives: Other configs of the same speed and size (e.g. other calibration
             methods) that the accuracy fallback tries, re-calibrated, before it keeps any
             layer in float.
+        exclusion: The config field listing node names the pass leaves as they are; the
+            accuracy fallback adds the layers it keeps in float (or dense) there. None: the
+            fallback does not apply to this pass.
     """
 
     name: str
@@ -62,6 +70,7 @@ class PassSpec:
     calibrate: Calibrator | None = None
     changes_function: Callable[[Any], bool] | None = None
     alternatives: Callable[[Any], list[Any]] | None = None
+    exclusion: str | None = None
 
     @property
     def needs_calibration(self) -> bool:
@@ -107,16 +116,28 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             exact=False,
             calibrate=collect_ranges,
             alternatives=range_alternatives,
+            exclusion="exclude_nodes",
         ),
         "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
-        "fp16": PassSpec("fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes),
-        "prune": PassSpec("prune", PruneWeightsPass, PruneConfig, exact=False, calibrate=collect_prune_statistics),
+        "fp16": PassSpec(
+            "fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes, exclusion="block_nodes"
+        ),
+        "prune": PassSpec(
+            "prune",
+            PruneWeightsPass,
+            PruneConfig,
+            exact=False,
+            calibrate=collect_prune_statistics,
+            alternatives=prune_method_alternatives,
+            exclusion="exclude",
+        ),
         "prune_structured": PassSpec(
             "prune_structured",
             PruneStructuredPass,
             PruneStructuredConfig,
             exact=False,
             calibrate=collect_structured_statistics,
+            exclusion="exclude",
         ),
         "weight_only": PassSpec(
             "weight_only",
@@ -125,6 +146,7 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             exact=False,
             calibrate=collect_hessians,
             alternatives=method_alternatives,
+            exclusion="exclude_nodes",
         ),
     }
 )

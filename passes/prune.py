@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -155,6 +155,14 @@ def collect_prune_statistics(model: ir.Model, data: object, config: PruneConfig)
         return {}
     spec = require_data(data, "prune")  # type: ignore[arg-type]
     return collect_layer_statistics(model, spec, [layer.node for layer in layers], gram=config.method == "sparsegpt")
+
+
+def prune_method_alternatives(config: PruneConfig) -> list[PruneConfig]:
+    """Calibrated methods at the same sparsity (same size and speed), for the accuracy fallback."""
+    if config.scope != "layer":
+        return []
+    order = ("magnitude", "wanda", "sparsegpt")
+    return [replace(config, method=m) for m in order[order.index(config.method) + 1 :]]
 
 
 class PruneWeightsPass(ir.passes.InPlacePass):

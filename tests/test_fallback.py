@@ -70,6 +70,8 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     from tests import toy
 
     class Tagging:  # a stand-in lossy pass: records what it was told to leave in float
+        exclusion = "exclude_nodes"
+
         def build(self, config: QuantizeConfig, statistics: object) -> object:
             def run(model: object) -> None:
                 model.doc_string = ",".join(config.exclude_nodes)
@@ -111,3 +113,48 @@ def test_better_calibration_is_tried_before_any_float_layer() -> None:
     assert fallback["trials"] == 2  # percentile and mse, re-calibrated; no layer search
     quantize = next(p for p in result.report.passes if p.name == "quantize")
     assert quantize.options["method"] == "percentile"
+
+
+def test_pruning_falls_back_to_a_better_method_then_dense_layers() -> None:
+    """50% unstructured on the bundled CNN: SparseGPT first (same sparsity), then the fewest dense layers."""
+
+    def run(method: str, budget: dict[str, float]) -> graphopt.pipeline.Result:
+        recipe = _cnn_recipe(budget)
+        recipe["passes"] = [f"prune:sparsity=0.5,method={method}"]
+        return graphopt.optimize(DATA / "digits_cnn.onnx", recipe, calibration=_calibration())
+
+    sparsegpt = run("sparsegpt", {}).report.verification.outputs[0].cosine_min
+    result = run("magnitude", {"min_cosine": 1.0 - (1.0 - sparsegpt) / 4})
+    fallback = result.report.fallback
+    assert fallback["pass_name"] == "prune" and fallback["passed"]
+    assert fallback["changed"] == {"method": "sparsegpt"} and 1 <= len(fallback["float_nodes"]) <= 3
+    prune = result.report.passes[0]
+    assert prune.options["method"] == "sparsegpt" and set(prune.options["exclude"]) == set(fallback["float_nodes"])
+    assert result.report.verification.passed
+
+
+def test_exclusions_go_where_each_pass_reads_them() -> None:
+    from graphopt.fallback import with_excluded
+    from graphopt.passes.fp16 import Fp16Config
+    from graphopt.passes.prune import PruneConfig
+    from graphopt.passes.quantize import QuantizeConfig
+
+    quantize = with_excluded(QuantizeConfig(), ["fc", "tensor:h"], "exclude_nodes")
+    assert quantize.exclude_nodes == ("fc",) and quantize.exclude_tensors == ("h",)
+    # prune's list holds shell patterns: a node name with pattern characters must match only itself
+    prune = with_excluded(PruneConfig(exclude=("head*",)), ["layers[0].fc"], "exclude")
+    assert prune.exclude == ("head*", "layers[[]0].fc")
+    assert with_excluded(Fp16Config(), ["softmax_in"], "block_nodes").block_nodes == ("softmax_in",)
+    assert graphopt.registry.get_spec("fp16").exclusion == "block_nodes"
+
+
+def test_structured_pruning_keeps_the_fewest_producers_whole() -> None:
+    recipe = _cnn_recipe({})
+    recipe["passes"] = ["prune_structured:ratio=0.5,recover=false"]
+    plain = graphopt.optimize(DATA / "digits_cnn.onnx", recipe, calibration=_calibration())
+    cosine = plain.report.verification.outputs[0].cosine_min
+    recipe["budget"] = {"min_cosine": 1.0 - (1.0 - cosine) / 3}
+    result = graphopt.optimize(DATA / "digits_cnn.onnx", recipe, calibration=_calibration())
+    fallback = result.report.fallback
+    assert fallback["pass_name"] == "prune_structured" and fallback["passed"] and fallback["float_nodes"]
+    assert set(result.report.passes[0].options["exclude"]) == set(fallback["float_nodes"])
