@@ -28,9 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
-from graphopt import registry, runtime, verify
+from graphopt import io, registry, runtime, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
 
@@ -216,7 +217,7 @@ def search(
     spec = registry.get_spec(step_name)
     starts = [(config, statistics, baseline)]
     if recalibrate is not None and spec.alternatives is not None:
-        better = _better_alternative(spec, config, before, evaluate, baseline, recalibrate, result)
+        better = _better_alternative(spec, config, before, statistics, evaluate, baseline, recalibrate, result)
         if better is not None:
             alt_config, alt_statistics, alt_score, model = better
             if alt_score <= 1.0:
@@ -259,32 +260,64 @@ def _better_alternative(
     spec: registry.PassSpec,
     config: Any,
     before: ir.Model,
+    statistics: Any,
     evaluate: Callable[[ir.Model], float],
     baseline: float,
     recalibrate: Callable[[Any], Any],
     result: FallbackResult,
 ) -> tuple[Any, Any, float, ir.Model] | None:
-    """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score, model)."""
+    """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score, model).
+
+    An alternative that compresses less than the recipe's config (more bytes, or fewer zero
+    weights: a method that skips layers it has no statistics for) is not one: it is skipped.
+    """
+    alternatives = spec.alternatives(config) if spec.alternatives else []
+    if not alternatives:
+        return None
+    reference = before.clone()
+    spec.build(config, statistics)(reference)
+    footprint = _footprint(reference)
     best = None
-    for alternative in spec.alternatives(config) if spec.alternatives else []:
+    for alternative in alternatives:
         try:
-            statistics = recalibrate(alternative)
+            alt_statistics = recalibrate(alternative)
         except DataError as exc:  # e.g. GPTQ without calibration data
             logger.info("fallback: alternative %s skipped: %s", alternative, exc)
             continue
         model = before.clone()
-        spec.build(alternative, statistics)(model)
+        spec.build(alternative, alt_statistics)(model)
+        size, zeros = _footprint(model)
+        if size > footprint[0] or zeros < footprint[1]:
+            logger.info(
+                "fallback: alternative %s skipped: it compresses less (%d vs %d bytes, %d vs %d zeros)",
+                alternative,
+                size,
+                footprint[0],
+                zeros,
+                footprint[1],
+            )
+            continue
         score = evaluate(model)
         result.trials += 1
         changed = {f.name: getattr(alternative, f.name) for f in dataclasses.fields(config)}
         changed = {k: v for k, v in changed.items() if v != getattr(config, k)}
         result.alternatives[", ".join(f"{k}={v}" for k, v in changed.items())] = score
         if score < (best[2] if best else baseline):
-            best = (alternative, statistics, score, model)
+            best = (alternative, alt_statistics, score, model)
             result.changed = changed
     if best is None:
         result.changed = {}
     return best
+
+
+def _footprint(model: ir.Model) -> tuple[int, int]:
+    """(bytes of the initializers, exact zeros in the float ones): what the pass compressed."""
+    zeros = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.dtype.is_floating_point() and tensor.size > 1:
+            zeros += int(tensor.size - np.count_nonzero(tensor.numpy()))
+    return io.model_bytes(model), zeros
 
 
 def with_excluded(config: Any, excluded: Sequence[str], field_name: str = "exclude_nodes") -> Any:

@@ -251,6 +251,14 @@ def _verify(
     return candidate
 
 
+def _recalibrator(spec: registry.PassSpec, before: ir.Model, calibration: DataSpec | None) -> Any:
+    """config -> statistics for ``spec`` on the model as it was before the step (None without a calibrator)."""
+    if spec.calibrate is None:
+        return None
+    calibrate = spec.calibrate
+    return lambda alternative: calibrate(before, calibration, alternative)
+
+
 def _runtime_view(candidate: ir.Model, device: str, threads: int | None) -> dict[str, Any] | None:
     try:
         return ort_view.inspect_runtime(candidate, device, threads=threads).to_dict()
@@ -269,33 +277,42 @@ def _fall_back(
     plan: recipe.Recipe,
     calibration: DataSpec | None,
 ) -> tuple[ir.Model, Any, verify.VerifyResult]:
-    """Re-run the last lossy step with the fewest layers in float that meet the budget."""
-    index, before, statistics = pipeline.snapshots[-1]
-    step = pipeline.steps[index]
+    """Re-run a lossy step with the fewest layers in float that meet the budget.
+
+    The last lossy step is searched first; when no search over it meets the budget (e.g.
+    ``fp16`` after ``weight_only``, where the loss is the earlier step's), the one before it.
+    """
     # The worst tensors by SQNR point at the nodes to try first (one run, ~1.3x a verification).
     errors = localize.layer_errors(
         checker.reference, candidate, checker.data, device=checker.device, threads=checker.threads
     )
-    suspects = []
-    for name in localize.blame(checker.reference, candidate, errors):
-        # A tensor can stay quantized because other readers need it; its readers can go float whole.
-        readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
-        suspects += [f"tensor:{name}", *readers]
+    blamed = localize.blame(checker.reference, candidate, errors)
     baseline = fallback.budget_score(result, plan.budget)
-    spec = registry.get_spec(step.name)
-    found, outcome, config, statistics = fallback.search(
-        step.name,
-        step.config,
-        before,
-        statistics,
-        checker.score,
-        baseline,
-        plan.fallback,
-        suspects=suspects,
-        latency=checker.latency,
-        recalibrate=(lambda alternative: spec.calibrate(before, calibration, alternative)) if spec.calibrate else None,
-    )
-    report.fallback = outcome.to_dict()
+    found = None
+    for index, before, statistics in reversed(pipeline.snapshots):
+        step = pipeline.steps[index]
+        suspects = []
+        for name in blamed:
+            # A tensor can stay quantized because other readers need it; its readers can go float whole.
+            readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
+            suspects += [f"tensor:{name}", *readers]
+        spec = registry.get_spec(step.name)
+        found, outcome, config, statistics = fallback.search(
+            step.name,
+            step.config,
+            before,
+            statistics,
+            checker.score,
+            baseline,
+            plan.fallback,
+            suspects=suspects,
+            latency=checker.latency,
+            recalibrate=_recalibrator(spec, before, calibration),
+        )
+        if found is not None or report.fallback is None:
+            report.fallback = outcome.to_dict()
+        if found is not None:
+            break
     if found is None:
         return candidate, cand_session, result
     pipeline.steps[index] = recipe.PassStep(

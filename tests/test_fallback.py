@@ -3,13 +3,17 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt import verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import AccuracyBudgetError
 from graphopt.fallback import budget_score
+from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
 
@@ -158,3 +162,59 @@ def test_structured_pruning_keeps_the_fewest_producers_whole() -> None:
     fallback = result.report.fallback
     assert fallback["pass_name"] == "prune_structured" and fallback["passed"] and fallback["float_nodes"]
     assert set(result.report.passes[0].options["exclude"]) == set(fallback["float_nodes"])
+
+
+def test_an_alternative_that_compresses_less_is_not_taken(tmp_path: Path) -> None:
+    """Wanda/SparseGPT leave grouped Convs dense: not the same sparsity, so not an alternative."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "dw"], ["a"], name="dwconv", group=16, pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["a"], ["b"], name="relu"),
+            helper.make_node("Conv", ["b", "pw"], ["y"], name="pwconv"),
+        ],
+        "grouped",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        [
+            numpy_helper.from_array(rng.standard_normal((16, 1, 3, 3)).astype(np.float32), "dw"),
+            numpy_helper.from_array((rng.standard_normal((16, 16, 1, 1)) / 4).astype(np.float32), "pw"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "grouped.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 16, 8, 8)).astype(np.float32))
+
+    def run(budget: dict[str, float]) -> graphopt.pipeline.Result:
+        recipe = {
+            "passes": ["prune:sparsity=0.5"],
+            "verify": {"data": str(tmp_path / "x.npz"), "samples": 64, "batch_size": 32, "latency_runs": 0},
+            "budget": budget,
+        }
+        return graphopt.optimize(
+            tmp_path / "grouped.onnx", recipe, calibration=DataSpec(source=str(tmp_path / "x.npz"))
+        )
+
+    cosine = run({}).report.verification.outputs[0].cosine_min
+    fallback = run({"min_cosine": 1.0 - (1.0 - cosine) / 3}).report.fallback
+    assert fallback["alternatives"] == {} and fallback["changed"] == {}
+
+
+def test_the_step_that_lost_the_accuracy_is_searched(tmp_path: Path) -> None:
+    """weight_only then fp16: fp16 has nothing to keep in float32 after MatMulNBits; weight_only is searched."""
+    rng = np.random.default_rng(0)
+    toy.save(toy.relu_mlp(64, 64, 32), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+
+    def run(budget: dict[str, float]) -> graphopt.pipeline.Result:
+        recipe = {
+            "passes": ["weight_only:block_size=16", "fp16"],
+            "verify": {"data": str(tmp_path / "x.npz"), "samples": 64, "batch_size": 32, "latency_runs": 0},
+            "budget": budget,
+        }
+        return graphopt.optimize(tmp_path / "mlp.onnx", recipe, calibration=DataSpec(source=str(tmp_path / "x.npz")))
+
+    rel_l2 = run({}).report.verification.outputs[0].rel_l2
+    result = run({"max_rel_l2": rel_l2 / 3})
+    assert result.report.fallback["pass_name"] == "weight_only" and result.report.verification.passed

@@ -186,6 +186,26 @@ def shared_weight(size: int = 128) -> onnx.ModelProto:
     return _model(graph)
 
 
+def relu_mlp(k: int = 16, hidden: int = 32, n: int = 8, seed: int = 0) -> onnx.ModelProto:
+    """x[batch, k] -> MatMul fc1 -> Relu -> MatMul fc2 -> y[batch, n], random normal weights."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [
+            _init("W1", rng.standard_normal((k, hidden)).astype(np.float32)),
+            _init("W2", rng.standard_normal((hidden, n)).astype(np.float32)),
+        ],
+    )
+    return _model(graph)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path

@@ -149,22 +149,7 @@ def test_nothing_to_quantize(tmp_path: Path) -> None:
 
 
 def _relu_mlp(tmp_path: Path) -> ir.Model:
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-            helper.make_node("MatMul", ["r", "W2"], ["y"], name="fc2"),
-        ],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
-        [
-            numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "W1"),
-            numpy_helper.from_array(rng.standard_normal((32, 8)).astype(np.float32), "W2"),
-        ],
-    )
-    return io.load_model(toy.save(toy._model(graph), tmp_path / "mlp.onnx"))
+    return io.load_model(toy.save(toy.relu_mlp(), tmp_path / "mlp.onnx"))
 
 
 def test_relu_is_absorbed_only_with_asymmetric_activations(tmp_path: Path) -> None:
