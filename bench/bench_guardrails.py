@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_quantize import calibration_file, evaluate, run_job  # noqa: E402
+from bench.common import rss_mb  # noqa: E402
 from models import zoo  # noqa: E402
 
 # Recipes that break their budgets. CNN: every listed op and output quantized ORT's way with
@@ -100,12 +100,12 @@ def job_cost(kind: str, reference: str, candidate: str, data: str) -> None:
 
     ref, cand = graphopt.load(reference), graphopt.load(candidate)
     spec = DataSpec(source=data, samples=64, batch_size=16)
-    baseline, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter()
+    baseline, start = rss_mb(), time.perf_counter()
     if kind == "verify":
         verify.verify_models(ref, cand, spec)
     else:
         localize.layer_errors(ref, cand, spec)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = rss_mb()
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak, "baseline_mb": baseline}))
 
 

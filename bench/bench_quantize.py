@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cosines, rss_mb  # noqa: E402
 from models import zoo  # noqa: E402
 
 GRAPHOPT_METHODS = ("percentile", "entropy", "mse", "minmax")
@@ -37,19 +37,15 @@ ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 BATCH = {"cnn": 64, "mlp": 64, "transformer": 16, "minilm": 8}
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def job_graphopt(src: str, dst: str, calib: str, method: str) -> None:
     import graphopt
     from graphopt.calibration.sources import DataSpec
 
-    baseline, start = _rss_mb(), time.perf_counter()
+    baseline, start = rss_mb(), time.perf_counter()
     model = graphopt.load(src)
     data = DataSpec(source=calib, samples=10_000, batch_size=1)
     graphopt.Pipeline(graphopt.recipe.parse_passes(["fold", f"quantize:method={method}"])).run(model, calibration=data)
-    seconds, peak = time.perf_counter() - start, _rss_mb()
+    seconds, peak = time.perf_counter() - start, rss_mb()
     # tune times ORT sessions (latency, not quantization), so it runs after the cost is taken.
     graphopt.Pipeline(graphopt.recipe.parse_passes(["tune"])).run(model, calibration=data)
     graphopt.save(model, dst, protect=[src])
@@ -76,7 +72,7 @@ def job_ort(src: str, dst: str, calib: str, method: str) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.samples, None)
 
-    baseline, start = _rss_mb(), time.perf_counter()
+    baseline, start = rss_mb(), time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         # ORT's recommended pre-processing; its symbolic shape inference fails on MiniLM.
         pre = str(Path(tmp) / "pre.onnx")
@@ -91,7 +87,7 @@ def job_ort(src: str, dst: str, calib: str, method: str) -> None:
             weight_type=QuantType.QInt8,
             calibrate_method=getattr(CalibrationMethod, method),
         )
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": _rss_mb(), "baseline_rss_mb": baseline}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_mb": rss_mb(), "baseline_rss_mb": baseline}))
 
 
 def calibration_file(name: str, folder: Path) -> Path:
@@ -131,9 +127,7 @@ def evaluate(name: str, reference: Path, paths: dict[str, Path]) -> dict[str, di
     latency = runtime.interleaved_latency(sessions, feeds, warmup=5, runs=30 if name == "minilm" else 300)
     rows = {}
     for label, out in results.items():
-        ref = results["fp32"].reshape(len(out), -1).astype(np.float64)
-        got = out.reshape(len(out), -1).astype(np.float64)
-        cosine = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-30)
+        cosine = cosines(results["fp32"], out)
         row = {"cos_mean": float(cosine.mean()), "cos_min": float(cosine.min()), "latency_ms": latency[label].median_ms}
         if data.labels is not None:
             row["accuracy"] = float(np.mean(np.argmax(out, axis=-1) == data.labels))

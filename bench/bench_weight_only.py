@@ -34,6 +34,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cosines  # noqa: E402
 from graphopt import io, runtime  # noqa: E402
 from graphopt.calibration.sources import DataSpec  # noqa: E402
 from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians  # noqa: E402
@@ -133,12 +134,6 @@ def quantized_bits(path: Path) -> float | None:
         total += sum(stored_bytes(v) or 0 for v in inputs)
         params += count
     return 8 * total / params if params else None
-
-
-def cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    a = reference.reshape(len(reference), -1).astype(np.float64)
-    b = candidate.reshape(len(candidate), -1).astype(np.float64)
-    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
 def bench_model(name: str, runs: int, workdir: Path) -> list[dict[str, object]]:

@@ -7,6 +7,7 @@ device), 3 a pass failed, 130 interrupted. User errors print one clear message, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from graphopt import io, recipe, render, runtime, stats, verify
+from graphopt import io, ort_view, recipe, render, runtime, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
 from graphopt.pipeline import optimize
@@ -48,18 +49,15 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
     passes = tuple(recipe.parse_pass_arg(p) for p in args.passes) if args.passes else base.passes
     data = base.verify.data
     dims = {**dict(data.dims or {}), **_dims(args.dim)}
-    verify_data = DataSpec(
-        source=args.verify_data or data.source,
-        samples=args.samples or data.samples,
-        batch_size=data.batch_size,
-        seed=data.seed,
-        dims=dims,
+    verify_data = dataclasses.replace(
+        data, source=args.verify_data or data.source, samples=args.samples or data.samples, dims=dims
     )
-    settings = recipe.VerifySettings(
+    # Everything the recipe says (layerwise included) unless a flag overrides it.
+    settings = dataclasses.replace(
+        base.verify,
         enabled=base.verify.enabled and not args.no_verify,
         data=verify_data,
         report_only=base.verify.report_only or args.report_only,
-        latency_runs=base.verify.latency_runs,
         threads=args.threads or base.verify.threads,
     )
     return recipe.Recipe(
@@ -80,7 +78,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     calibration = None
     if args.calib:
         base = plan.calibration or DataSpec(samples=128)
-        calibration = DataSpec(source=args.calib, samples=base.samples, batch_size=base.batch_size, dims=base.dims)
+        calibration = dataclasses.replace(base, source=args.calib)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
     ) as bar:
@@ -104,6 +102,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         sparse=args.sparse,
         keep_debug_metadata=args.keep_debug_metadata,
     )
+    if result.report.runtime is not None:
+        ort_view.note_sparse_initializers(result.report.runtime, saved.sparse_initializers)
     result.report.output_path = str(saved.path)
     result.report.output_bytes_on_disk = saved.bytes_on_disk
     render.render_report(console, result.report)
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--keep-debug-metadata",
         action="store_true",
-        help="keep the exporter's per-node debug annotations (stack traces, module scopes); dropped by default",
+        help="keep the exporter's per-node debug annotations (stack traces, FX text); dropped by default",
     )
     p.add_argument(
         "--sparse",

@@ -28,10 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
-from graphopt import io, registry, runtime, verify
+from graphopt import registry, runtime, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
 
@@ -115,17 +114,16 @@ class _Search:
 
     def build(self, excluded: Sequence[str]) -> ir.Model:
         model = self.before.clone()
-        self.spec.build(with_excluded(self.config, excluded, self.spec.exclusion or "exclude_nodes"), self.statistics)(
-            model
-        )
+        self.spec.build(with_excluded(self.config, excluded, self.spec), self.statistics)(model)
         return model
 
-    def trial(self, excluded: Sequence[str]) -> tuple[ir.Model, float]:
-        model = self.build(excluded)
-        self.result.trials += 1
-        score = self.evaluate(model)
-        self.scores[tuple(excluded)] = score
-        return model, score
+    def score(self, excluded: Sequence[str]) -> float:
+        """The budget score with ``excluded`` left as they are; a set already tried is not run again."""
+        key = tuple(excluded)
+        if key not in self.scores:
+            self.result.trials += 1
+            self.scores[key] = self.evaluate(self.build(excluded))
+        return self.scores[key]
 
     def fastest(self, chosen: list[str], latency: Latency | None, limit: int) -> list[str]:
         """The fastest of the sets as small as ``chosen`` that met the budget (``chosen`` first)."""
@@ -143,7 +141,7 @@ class _Search:
     def rank(self, candidates: Sequence[str], baseline: float) -> list[str]:
         gains = {}
         for name in candidates:
-            _, score = self.trial([name])
+            score = self.score([name])
             gains[name] = baseline - score
         self.result.sensitivity = dict(sorted(gains.items(), key=lambda kv: -kv[1]))
         return list(self.result.sensitivity)  # most helpful first; interactions may rescue the rest
@@ -158,7 +156,7 @@ class _Search:
         score = baseline
         pool = list(order)
         while score > 1.0 and pool and len(chosen) < limit:
-            trials = [(self.trial([*chosen, name])[1], name) for name in pool[:width]]
+            trials = [(self.score([*chosen, name]), name) for name in pool[:width]]
             best_score, best = min(trials)
             if best_score >= score:
                 return None
@@ -172,10 +170,10 @@ class _Search:
         k, last_fail = 1, 0
         top = min(limit, len(order))
         while k <= top:
-            if self.trial(order[:k])[1] <= 1.0:
+            if self.score(order[:k]) <= 1.0:
                 while last_fail + 1 < k:
                     mid = (last_fail + k) // 2
-                    if self.trial(order[:mid])[1] <= 1.0:
+                    if self.score(order[:mid]) <= 1.0:
                         k = mid
                     else:
                         last_fail = mid
@@ -186,7 +184,7 @@ class _Search:
     def prune(self, chosen: list[str]) -> list[str]:
         for name in sorted(chosen, key=lambda n: self.result.sensitivity.get(n, 0.0)):
             rest = [n for n in chosen if n != name]
-            if rest and self.trial(rest)[1] <= 1.0:
+            if rest and self.score(rest) <= 1.0:
                 chosen = rest
         return chosen
 
@@ -202,27 +200,31 @@ def search(
     suspects: Sequence[str] = (),
     latency: Latency | None = None,
     recalibrate: Callable[[Any], Any] | None = None,
-) -> tuple[ir.Model | None, FallbackResult, Any, Any]:
+    produced: stats.ModelStats | None = None,
+) -> tuple[FallbackResult, Any, Any]:
     """Find the fewest layers to keep in float so that ``evaluate`` scores <= 1.
 
     First, with ``recalibrate`` (config -> statistics), the pass's alternatives of equal
     speed (other calibration methods) are tried; the best becomes the starting point, and
     if it meets the budget nothing stays in float. ``suspects`` (node names, worst first,
     e.g. from layer-wise SQNR) are tried first. ``latency`` (median ms of each model) picks
-    the fastest of equally small solutions. Returns the model (None when nothing within the
-    limits met the budget), the search's record, and the config and statistics to re-run
-    the pass with.
+    the fastest of equally small solutions. ``produced`` (the step's output as the recipe
+    configured it, with sparsity) is what an alternative must compress as well as. Returns
+    the search's record (``passed`` when something within the limits met the budget) and
+    the config and statistics to re-run the pass with.
     """
     result = FallbackResult(step_name, score_before=baseline)
     spec = registry.get_spec(step_name)
     starts = [(config, statistics, baseline)]
     if recalibrate is not None and spec.alternatives is not None:
-        better = _better_alternative(spec, config, before, statistics, evaluate, baseline, recalibrate, result)
+        produced = produced or _produced(spec, config, before, statistics)
+        better = _better_alternative(spec, config, before, produced, evaluate, baseline, recalibrate, result)
         if better is not None:
-            alt_config, alt_statistics, alt_score, model = better
+            alt_config, alt_statistics, alt_score = better
             if alt_score <= 1.0:
                 result.score_after, result.passed = alt_score, True
-                return model, result, alt_config, alt_statistics
+                result.changed = _changes(config, alt_config)
+                return result, alt_config, alt_statistics
             # Float layers on top of the better ranges first; the original ranges if that fails.
             starts.insert(0, (alt_config, alt_statistics, alt_score))
     for start_config, start_statistics, start_score in starts:
@@ -230,22 +232,20 @@ def search(
         chosen = _float_layers(state, before, suspects, start_score, settings)
         if chosen is not None:
             chosen = state.fastest(state.prune(chosen), latency, settings.timed)
-            model, score = state.trial(chosen)
+            score = state.score(chosen)
             result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
-            if start_config is config:
-                result.changed = {}
-            return model, result, start_config, start_statistics
+            result.changed = _changes(config, start_config)
+            return result, start_config, start_statistics
     logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
-    result.changed = {}  # nothing is applied
-    return None, result, config, statistics
+    return result, config, statistics
 
 
 def _float_layers(
     state: _Search, before: ir.Model, suspects: Sequence[str], baseline: float, settings: FallbackSettings
 ) -> list[str] | None:
     """The layers to keep in float (rank, then prefix or greedy), or None within the limits."""
-    field_name = state.spec.exclusion or "exclude_nodes"
-    candidates = _candidates(before, state.config, suspects, field_name)[: settings.max_candidates]
+    excluded = set(getattr(state.config, state.spec.exclusion or ""))
+    candidates = _candidates(before, state.config, suspects, excluded)[: settings.max_candidates]
     order = state.rank(candidates, baseline)
     # Gains of separate layers roughly add up on some models (a prefix of the ranking
     # suffices, in log trials) and interact on others (greedy with re-measured gains).
@@ -260,25 +260,19 @@ def _better_alternative(
     spec: registry.PassSpec,
     config: Any,
     before: ir.Model,
-    statistics: Any,
+    produced: stats.ModelStats,
     evaluate: Callable[[ir.Model], float],
     baseline: float,
     recalibrate: Callable[[Any], Any],
     result: FallbackResult,
-) -> tuple[Any, Any, float, ir.Model] | None:
-    """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score, model).
+) -> tuple[Any, Any, float] | None:
+    """The alternative config scoring best, if it beats ``baseline``: (config, statistics, score).
 
-    An alternative that compresses less than the recipe's config (more bytes, or fewer zero
-    weights: a method that skips layers it has no statistics for) is not one: it is skipped.
+    An alternative that compresses less than the recipe's config did (more bytes, or a lower
+    sparsity: a method that skips layers it has no statistics for) is not one: it is skipped.
     """
-    alternatives = spec.alternatives(config) if spec.alternatives else []
-    if not alternatives:
-        return None
-    reference = before.clone()
-    spec.build(config, statistics)(reference)
-    footprint = _footprint(reference)
     best = None
-    for alternative in alternatives:
+    for alternative in spec.alternatives(config) if spec.alternatives else []:
         try:
             alt_statistics = recalibrate(alternative)
         except DataError as exc:  # e.g. GPTQ without calibration data
@@ -286,57 +280,49 @@ def _better_alternative(
             continue
         model = before.clone()
         spec.build(alternative, alt_statistics)(model)
-        size, zeros = _footprint(model)
-        if size > footprint[0] or zeros < footprint[1]:
-            logger.info(
-                "fallback: alternative %s skipped: it compresses less (%d vs %d bytes, %d vs %d zeros)",
-                alternative,
-                size,
-                footprint[0],
-                zeros,
-                footprint[1],
-            )
+        got = stats.model_stats(model, sparsity=True)
+        if got.bytes > produced.bytes or (got.sparsity or 0.0) < (produced.sparsity or 0.0):
+            logger.info("fallback: alternative %s skipped: it compresses less than the recipe's config", alternative)
             continue
         score = evaluate(model)
         result.trials += 1
-        changed = {f.name: getattr(alternative, f.name) for f in dataclasses.fields(config)}
-        changed = {k: v for k, v in changed.items() if v != getattr(config, k)}
-        result.alternatives[", ".join(f"{k}={v}" for k, v in changed.items())] = score
+        result.alternatives[", ".join(f"{k}={v}" for k, v in _changes(config, alternative).items())] = score
         if score < (best[2] if best else baseline):
-            best = (alternative, alt_statistics, score, model)
-            result.changed = changed
-    if best is None:
-        result.changed = {}
+            best = (alternative, alt_statistics, score)
     return best
 
 
-def _footprint(model: ir.Model) -> tuple[int, int]:
-    """(bytes of the initializers, exact zeros in the float ones): what the pass compressed."""
-    zeros = 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if tensor is not None and tensor.dtype.is_floating_point() and tensor.size > 1:
-            zeros += int(tensor.size - np.count_nonzero(tensor.numpy()))
-    return io.model_bytes(model), zeros
+def _produced(spec: registry.PassSpec, config: Any, before: ir.Model, statistics: Any) -> stats.ModelStats:
+    """The statistics (with sparsity) of the step's output as ``config`` makes it."""
+    model = before.clone()
+    spec.build(config, statistics)(model)
+    return stats.model_stats(model, sparsity=True)
 
 
-def with_excluded(config: Any, excluded: Sequence[str], field_name: str = "exclude_nodes") -> Any:
-    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to ``field_name``.
+def _changes(config: Any, other: Any) -> dict[str, Any]:
+    """The options ``other`` sets differently from ``config``."""
+    return {
+        f.name: getattr(other, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(other, f.name) != getattr(config, f.name)
+    }
 
-    ``field_name`` is the pass's list of nodes to leave as they are; ``exclude`` (the pruning
-    passes) holds shell patterns, so the names are escaped.
-    """
+
+def with_excluded(config: Any, excluded: Sequence[str], spec: registry.PassSpec) -> Any:
+    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to the pass's exclusion field."""
+    if spec.exclusion is None:
+        raise ValueError(f"pass {spec.name!r} declares no exclusion field; the fallback cannot search it")
     tensors = tuple(e.removeprefix("tensor:") for e in excluded if e.startswith("tensor:"))
     nodes = tuple(e for e in excluded if not e.startswith("tensor:"))
-    if field_name == "exclude":
+    if spec.exclusion_patterns:
         nodes = tuple(glob.escape(n) for n in nodes)
-    changes: dict[str, tuple[str, ...]] = {field_name: (*getattr(config, field_name), *nodes)}
+    changes: dict[str, tuple[str, ...]] = {spec.exclusion: (*getattr(config, spec.exclusion), *nodes)}
     if tensors:
         changes["exclude_tensors"] = (*config.exclude_tensors, *tensors)
     return dataclasses.replace(config, **changes)
 
 
-def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], field_name: str) -> list[str]:
+def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], excluded: set[str]) -> list[str]:
     """What the search may keep in float: weighted layers first, suspects before the rest.
 
     Suspects are node names and ``tensor:NAME`` entries (activations where the layer-wise
@@ -345,7 +331,6 @@ def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], field_na
     weights and of the activations only it reads, which a single tensor rarely does.
     """
     op_types = set(getattr(config, "op_types", ()) or CANDIDATE_OPS)
-    excluded = set(getattr(config, field_name))
     nodes = [n for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
     rank = {name: i for i, name in enumerate(dict.fromkeys(suspects))}
     nodes.sort(key=lambda n: (n.op_type not in CANDIDATE_OPS, rank.get(n.name, len(rank))))

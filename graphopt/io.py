@@ -304,8 +304,8 @@ def save_model(
             them back into dense tensors when it loads the model.
         keep_debug_metadata: Keep exporters' per-node debug annotations (PyTorch stack
             traces, FX node text, class hierarchies, onnxscript rule names). Dropped by
-            default: nothing reads them at run time and they are ~9% of a small exported
-            model. Module scopes are always kept (adapter mapping reads them).
+            default: nothing reads them at run time. Module scopes are always kept
+            (adapter mapping reads them).
     """
     from graphopt import runtime  # runtime builds sessions from what io writes
 
@@ -418,8 +418,8 @@ def _write(
     tmp_path: Path,
     data_name: str | None,
     ir_version: int,
-    sparse_names: Sequence[str] = (),
-    keep_debug_metadata: bool = True,
+    sparse_names: Sequence[str],
+    keep_debug_metadata: bool,
 ) -> None:
     original = model.ir_version
     model.ir_version = ir_version

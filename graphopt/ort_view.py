@@ -60,15 +60,13 @@ def _weight_elements(graph: ir.Graph, node: ir.Node) -> int:
     return 0
 
 
-def inspect_runtime(
-    model: ir.Model, device: str = "cpu", *, threads: int | None = None, sparse_initializers: int = 0
-) -> RuntimeView:
+def inspect_runtime(model: ir.Model, device: str = "cpu", *, threads: int | None = None) -> RuntimeView:
     """Let ONNX Runtime optimize ``model`` for ``device`` and summarise what it will run."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ort_optimized.onnx"
         session = runtime.create_session(model, device, threads=threads, optimized_model_path=path)
         optimized = io.load_model(path)
-    view = RuntimeView(device=device, providers=list(session.get_providers()), sparse_initializers=sparse_initializers)
+    view = RuntimeView(device=device, providers=list(session.get_providers()))
     nodes = list(optimized.graph)
     view.ops = dict(Counter(n.op_type for n in nodes).most_common())
     integer = [n for n in nodes if n.op_type in INTEGER_KERNELS]
@@ -83,6 +81,19 @@ def inspect_runtime(
     return view
 
 
+def note_sparse_initializers(view: dict[str, object], count: int) -> None:
+    """Add what saving with ``count`` sparse initializers means at run time to a view's dict (sizes are known
+    only once the model is written)."""
+    view["sparse_initializers"] = count
+    if count:
+        warnings = view.setdefault("warnings", [])
+        assert isinstance(warnings, list)
+        warnings.append(
+            f"{count} sparse initializer(s): ONNX Runtime densifies them at load, so they save disk, not memory or "
+            "time."
+        )
+
+
 def _warnings(model: ir.Model, view: RuntimeView) -> list[str]:
     found = []
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
@@ -93,11 +104,6 @@ def _warnings(model: ir.Model, view: RuntimeView) -> list[str]:
         )
     if view.device == "cpu" and has_qdq and view.integer_kernels == 0:
         found.append("the model holds Q/DQ but ORT fused no integer kernel: expect it to be slower than float.")
-    if view.sparse_initializers:
-        found.append(
-            f"{view.sparse_initializers} sparse initializer(s): ONNX Runtime densifies them at load, so they save "
-            "disk, not memory or time."
-        )
     # float16 compute, not float16 scales of int4 weights (MatMulNBits reads those as they are).
     fp16 = any(
         v.dtype == ir.DataType.FLOAT16 and any(u.node.op_type in FLOAT_COMPUTE for u in v.uses())

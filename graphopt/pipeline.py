@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,8 @@ class Pipeline:
         start = time.perf_counter()
         if statistics is _COLLECT:
             statistics = self._calibrate(model, spec, step, calibration)
-        if self.keep_snapshots and not spec.exact and spec.exclusion is not None:
+        snapshot = self.keep_snapshots and not spec.exact and spec.exclusion is not None
+        if snapshot:
             self.snapshots.append((index, model.clone(), statistics))
         pass_ = spec.build(step.config, statistics)
         try:
@@ -109,7 +110,8 @@ class Pipeline:
         seconds = time.perf_counter() - start
         if self.check:
             self._check(model, index)
-        after = stats.model_stats(model)
+        # A snapshotted step's sparsity is what the fallback's alternatives must keep.
+        after = stats.model_stats(model, sparsity=snapshot)
         details = getattr(pass_, "details", None)
         return PassRecord(
             name=step.name,
@@ -217,19 +219,21 @@ def _verify(
     """Verify; over budget, try the fallback; then time the final model and raise if still over."""
     data = plan.verify.data
     if data.source is None and calibration is not None and calibration.source is not None:
-        data = DataSpec(source=calibration.source, samples=data.samples, batch_size=data.batch_size, dims=data.dims)
+        data = replace(data, source=calibration.source)
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = fallback.Checker(reference, data, plan.budget, device, threads)
     cand_session, result = checker.check(candidate)
+    errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
     if not result.passed and pipeline.snapshots:
-        candidate, cand_session, result = _fall_back(
+        candidate, cand_session, result, errors = _fall_back(
             report, pipeline, checker, candidate, cand_session, result, plan, calibration
         )
     report.verification = result
     report.runtime = _runtime_view(candidate, device, threads)
     if plan.verify.layerwise and any(r.modified and not r.exact for r in report.passes):
-        errors = localize.layer_errors(reference, candidate, data, device=device, threads=threads)
+        if errors is None:
+            errors = localize.layer_errors(reference, candidate, data, device=device, threads=threads)
         report.layers = [e.to_dict() for e in errors]
     if plan.verify.latency_runs > 0:
         feeds = next(iter_batches(data, input_specs(reference)))
@@ -276,8 +280,11 @@ def _fall_back(
     result: verify.VerifyResult,
     plan: recipe.Recipe,
     calibration: DataSpec | None,
-) -> tuple[ir.Model, Any, verify.VerifyResult]:
+) -> tuple[ir.Model, Any, verify.VerifyResult, list[localize.LayerError] | None]:
     """Re-run a lossy step with the fewest layers in float that meet the budget.
+
+    Returns the model, its session and verification, and its layer-wise errors when it is
+    the model that came in (nothing met the budget).
 
     The last lossy step is searched first; when no search over it meets the budget (e.g.
     ``fp16`` after ``weight_only``, where the loss is the earlier step's), the one before it.
@@ -288,7 +295,7 @@ def _fall_back(
     )
     blamed = localize.blame(checker.reference, candidate, errors)
     baseline = fallback.budget_score(result, plan.budget)
-    found = None
+    outcome = None
     for index, before, statistics in reversed(pipeline.snapshots):
         step = pipeline.steps[index]
         suspects = []
@@ -297,7 +304,7 @@ def _fall_back(
             readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
             suspects += [f"tensor:{name}", *readers]
         spec = registry.get_spec(step.name)
-        found, outcome, config, statistics = fallback.search(
+        outcome, config, statistics = fallback.search(
             step.name,
             step.config,
             before,
@@ -308,19 +315,18 @@ def _fall_back(
             suspects=suspects,
             latency=checker.latency,
             recalibrate=_recalibrator(spec, before, calibration),
+            produced=pipeline.records[index].after,
         )
-        if found is not None or report.fallback is None:
+        if outcome.passed or report.fallback is None:
             report.fallback = outcome.to_dict()
-        if found is not None:
+        if outcome.passed:
             break
-    if found is None:
-        return candidate, cand_session, result
-    pipeline.steps[index] = recipe.PassStep(
-        step.name, fallback.with_excluded(config, outcome.float_nodes, spec.exclusion or "exclude_nodes")
-    )
+    if outcome is None or not outcome.passed:
+        return candidate, cand_session, result, errors
+    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(config, outcome.float_nodes, spec))
     candidate = before.clone()
     pipeline.keep_snapshots = False
     pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)
     report.passes, report.after = pipeline.records, pipeline.records[-1].after
     cand_session, result = checker.check(candidate)
-    return candidate, cand_session, result
+    return candidate, cand_session, result, None

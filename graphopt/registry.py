@@ -61,6 +61,7 @@ class PassSpec:
         exclusion: The config field listing node names the pass leaves as they are; the
             accuracy fallback adds the layers it keeps in float (or dense) there. None: the
             fallback does not apply to this pass.
+        exclusion_patterns: That field holds shell patterns (names are escaped into it).
     """
 
     name: str
@@ -71,6 +72,7 @@ class PassSpec:
     changes_function: Callable[[Any], bool] | None = None
     alternatives: Callable[[Any], list[Any]] | None = None
     exclusion: str | None = None
+    exclusion_patterns: bool = False
 
     @property
     def needs_calibration(self) -> bool:
@@ -130,6 +132,7 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             calibrate=collect_prune_statistics,
             alternatives=prune_method_alternatives,
             exclusion="exclude",
+            exclusion_patterns=True,
         ),
         "prune_structured": PassSpec(
             "prune_structured",
@@ -138,6 +141,7 @@ REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
             exact=False,
             calibrate=collect_structured_statistics,
             exclusion="exclude",
+            exclusion_patterns=True,
         ),
         "weight_only": PassSpec(
             "weight_only",

@@ -17,6 +17,8 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes import qdq
+
 logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
@@ -344,28 +346,16 @@ def float_weight(target: Target, *, copy_shared: bool) -> FloatWeight | str:
         return f"weight {init.name} is also read by other nodes (shared_weights='copy' gives this op its own copy)"
     graph = target.node.graph
     assert graph is not None
-    name = unique_name(graph, f"{init.name}.merged")
     array = np.ascontiguousarray(const_array(target.weight))
-    copy = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(copy)
+    copy = qdq.add_initializer(graph, unique_name(graph, f"{init.name}.merged"), array)
     target.node.replace_input_with(1, copy)
-    logger.debug("merge_lora: %s shares %s; gave it a copy %s", target.describe(), init.name, name)
+    logger.debug("merge_lora: %s shares %s; gave it a copy %s", target.describe(), init.name, copy.name)
     return FloatWeight(target, copy, False)
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:
-    """``base``, or ``base_2``, ``base_3``... whichever no initializer or node output of ``graph`` uses."""
-    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
-    name, index = base, 1
-    while name in taken:
-        index += 1
-        name = f"{base}_{index}"
-    return name
+    """``base``, or ``base_1``, ``base_2``... whichever no value of ``graph`` uses."""
+    return qdq.unique_name(graph, base, set())
 
 
 def add_delta(access: WeightAccess, target: Target, delta: np.ndarray, sign: float) -> dict[str, float]:

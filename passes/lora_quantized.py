@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import quant, quant_blocks, quant_nf4
+from graphopt.passes import qdq
 from graphopt.passes.lora_adapters import LoraFactors
 from graphopt.passes.lora_graph import Target, WeightAccess, add_in_layout, attr, single_reader, unique_name
 
@@ -273,16 +274,8 @@ def insert_float_branch(target: Target, factors: LoraFactors) -> bool:
     readers = list(out.uses())
     values = []
     for suffix, array in (("lora_A", factors.a.T), ("lora_B", factors.b.T)):
-        name = unique_name(graph, f"{base_name}.{suffix}")
         array = np.ascontiguousarray(array.astype(dtype))
-        value = ir.Value(
-            name=name,
-            shape=ir.Shape(array.shape),
-            type=ir.TensorType(target.dtype),
-            const_value=ir.tensor(array, name=name),
-        )
-        graph.register_initializer(value)
-        values.append(value)
+        values.append(qdq.add_initializer(graph, unique_name(graph, f"{base_name}.{suffix}"), array, target.dtype))
     down = ir.node("MatMul", [target.x, values[0]], name=unique_name(graph, f"{base_name}/lora_A"))
     up = ir.node("MatMul", [down.outputs[0], values[1]], name=unique_name(graph, f"{base_name}/lora_B"))
     total = ir.node("Add", [out, up.outputs[0]], name=unique_name(graph, f"{base_name}/lora_add"))

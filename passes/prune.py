@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PassError
 from graphopt.passes import prune_scoring as scoring
-from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key
+from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key, trans_b
 
 logger = logging.getLogger(__name__)
 
@@ -111,16 +111,21 @@ def prunable_layers(graph: ir.Graph, config: PruneConfig) -> list[Layer]:
         if reason:
             logger.debug("prune: %s %r left dense: %s", node.op_type, node.name, reason)
             continue
-        trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
-        layers.append(Layer(node, node.inputs[1], trans_b))  # type: ignore[arg-type]
+        layers.append(Layer(node, node.inputs[1], trans_b(node)))  # type: ignore[arg-type]
     return layers
+
+
+def excluded_by(node: ir.Node, patterns: tuple[str, ...], op_types: tuple[str, ...]) -> bool:
+    """Whether ``node`` (by op type, or its name or weight's name against shell ``patterns``) is left alone."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    names = [n for n in (node.name, weight.name if weight is not None else None) if n]
+    return node.op_type in op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
 def _unprunable(graph: ir.Graph, node: ir.Node, config: PruneConfig) -> str | None:
     """Why ``node``'s weight is left dense, or None when it can be pruned."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    names = [n for n in (node.name, weight.name if weight is not None else None) if n]
-    if node.op_type in config.exclude_op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in config.exclude):
+    if excluded_by(node, config.exclude, config.exclude_op_types):
         return "excluded by the config"
     if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
         return "its weight is not a float constant"
@@ -135,13 +140,9 @@ def _unprunable(graph: ir.Graph, node: ir.Node, config: PruneConfig) -> str | No
         return f"grouped Conv has no {config.method} statistics"
     if config.pattern == "n:m":
         shape = tuple(weight.const_value.shape)
-        if not scoring.nm_groups_fit(node.op_type, shape, config.m, trans_b=_trans_b(node)):
+        if not scoring.nm_groups_fit(node.op_type, shape, config.m, trans_b=trans_b(node)):
             return f"reduction axis of weight {list(shape)} does not split into groups of {config.m}"
     return None
-
-
-def _trans_b(node: ir.Node) -> bool:
-    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
 
 
 def collect_prune_statistics(model: ir.Model, data: object, config: PruneConfig) -> dict[str, LayerStatistics]:

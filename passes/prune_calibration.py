@@ -103,6 +103,11 @@ def layer_key(node: ir.Node) -> str:
     return node.outputs[0].name or ""
 
 
+def trans_b(node: ir.Node) -> bool:
+    """Whether ``node`` is a Gemm reading its weight transposed (``[N, K]``)."""
+    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+
+
 def collect_layer_statistics(
     model: ir.Model, data: DataSpec, nodes: Sequence[ir.Node], *, gram: bool
 ) -> dict[str, LayerStatistics]:

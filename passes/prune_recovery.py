@@ -24,7 +24,7 @@ from graphopt.calibration.collect import with_outputs
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
 from graphopt.passes import prune_scoring as scoring
-from graphopt.passes.prune_calibration import GramAccumulator, layer_features, layer_key
+from graphopt.passes.prune_calibration import GramAccumulator, layer_features, layer_key, trans_b
 from graphopt.passes.qdq import add_initializer, unique_name
 
 logger = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ class RecoveryStatistics:
     xty: np.ndarray
     rows: int
     bias: bool
-
-
-def _trans_b(node: ir.Node) -> bool:
-    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
 
 
 def bias_target(node: ir.Node) -> tuple[ir.Node, int] | None:
@@ -173,7 +169,7 @@ def stages(graph: ir.Graph, consumers: Sequence[ir.Node]) -> list[list[ir.Node]]
 def refit(graph: ir.Graph, node: ir.Node, stats: RecoveryStatistics, ridge: float, taken: set[str]) -> bool:
     """Replace ``node``'s weight (and bias) with the ridge least-squares solution; False if it no longer fits."""
     weight = node.inputs[1]
-    current = scoring.weight_rows(node.op_type, weight.const_value.numpy(), trans_b=_trans_b(node))  # type: ignore[union-attr]
+    current = scoring.weight_rows(node.op_type, weight.const_value.numpy(), trans_b=trans_b(node))  # type: ignore[union-attr]
     columns = current.shape[1] + int(stats.bias)
     if stats.xtx.shape[0] != columns or stats.xty.shape[1] != current.shape[0]:
         logger.warning("prune_structured: statistics of %s do not fit its weight; not re-fitted", node.name)
@@ -190,7 +186,7 @@ def refit(graph: ir.Graph, node: ir.Node, stats: RecoveryStatistics, ridge: floa
         solution = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
     rows = solution[:width].T.astype(current.dtype)
     shape = tuple(weight.const_value.shape)  # type: ignore[union-attr]
-    array = scoring.weight_from_rows(node.op_type, rows, shape, trans_b=_trans_b(node))
+    array = scoring.weight_from_rows(node.op_type, rows, shape, trans_b=trans_b(node))
     weight.const_value = ir.tensor(array, name=weight.name)  # type: ignore[union-attr]
     if stats.bias:
         _store_bias(graph, node, solution[width].astype(current.dtype), taken)

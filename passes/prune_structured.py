@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
 import math
@@ -16,6 +15,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes import prune_recovery, prune_scoring
 from graphopt.passes.infer import infer_types
+from graphopt.passes.prune import excluded_by
 from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key
 from graphopt.passes.prune_groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
 from graphopt.passes.prune_recovery import RecoveryStatistics
@@ -85,11 +85,7 @@ class PruneStructuredConfig:
         return self.recover or self.importance == "activation"
 
     def excluded(self, node: ir.Node) -> bool:
-        weight = node.inputs[1] if len(node.inputs) > 1 else None
-        names = [n for n in (node.name, weight.name if weight is not None else None) if n]
-        return node.op_type in self.exclude_op_types or any(
-            fnmatch.fnmatchcase(n, p) for n in names for p in self.exclude
-        )
+        return excluded_by(node, self.exclude, self.exclude_op_types)
 
 
 @dataclass

@@ -26,8 +26,7 @@ def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce
     )
     base = node.outputs[0].name or weight.name
     w_q = qdq.add_initializer(graph, qdq.unique_name(graph, f"{weight.name}_quantized", taken), params.quantize(array))
-    w_zp = qdq.add_initializer(graph, qdq.unique_name(graph, f"{weight.name}_zero_point", taken), params.zero_point)
-    w_s = qdq.add_initializer(graph, qdq.unique_name(graph, f"{weight.name}_scale", taken), params.scale)
+    w_s, w_zp = qdq.param_values(graph, weight.name, params, taken)
 
     def value(suffix: str, dtype: ir.DataType) -> ir.Value:
         return ir.Value(name=qdq.unique_name(graph, f"{base}_{suffix}", taken), type=ir.TensorType(dtype))

@@ -1,8 +1,8 @@
 """Outlier channels: the few input channels that would set a MatMul's int8 scale run in float.
 
-Transformers have a handful of activation channels far larger than the rest (in
-all-MiniLM-L6-v2's first FFN, one GELU output channel reaches 25 where the others stay under 6). A
-per-tensor int8 scale must cover them, so every other channel loses two bits. As in
+Transformers have a handful of activation channels several times larger than the rest (as
+all-MiniLM-L6-v2's FFN GELU outputs). A per-tensor int8 scale must cover them, so every other
+channel loses bits. As in
 LLM.int8(), ``y = x @ W`` is split by input channel::
 
     y = Q(x) @ W_inliers  +  x[..., outliers] @ W[outliers, :]
@@ -10,7 +10,7 @@ LLM.int8(), ``y = x @ W`` is split by input channel::
 ``W_inliers`` is ``W`` with the outlier rows zeroed, so the int8 product ignores whatever
 the clipped outlier channels hold, and the clipping range of ``x`` is that of the other
 channels. The float product reads only the outlier channels (a Gather of a few columns and a
-``[k, N]`` MatMul with k of 1-25): a fraction of a percent of the MatMul's work.
+``[k, N]`` MatMul with k at most 1/64 of the channels): a small share of the MatMul's work.
 
 Calibration records per-channel bounds of MatMul inputs (:class:`ChannelBounds`); the pass
 plans (:func:`plan`) before it computes scales and adds the float branches
@@ -167,15 +167,13 @@ def add_float_branches(graph: ir.Graph, splits: Iterable[Split], taken: set[str]
         if target is not node.outputs[0]:
             # The MatMul's own output now holds the inlier channels' share only.
             node.outputs[0].name = qdq.unique_name(graph, f"{node.outputs[0].name}_inliers", taken)
-        total_name = qdq.unique_name(graph, f"{target.name}_total", taken)
-        total = ir.Value(name=total_name, shape=target.shape, type=target.type)
-        target.replace_all_uses_with(total, replace_graph_outputs=True)
-        add = ir.node("Add", [target, partial], outputs=[total], name=total.name)
-        graph.insert_after(anchor, [gather, product, add])
-        # The complete sum keeps the original name (graph outputs, layer-wise matching).
+        # The complete sum takes over the original name (graph outputs, layer-wise matching).
         name = target.name
         target.name = qdq.unique_name(graph, f"{name}_inliers", taken)
-        total.name = name
+        total = ir.Value(name=name, shape=target.shape, type=target.type)
+        target.replace_all_uses_with(total, replace_graph_outputs=True)
+        add = ir.node("Add", [target, partial], outputs=[total], name=qdq.unique_name(graph, f"{name}_total", taken))
+        graph.insert_after(anchor, [gather, product, add])
 
 
 def _rename_clipped(graph: ir.Graph, x: ir.Value, taken: set[str]) -> None:

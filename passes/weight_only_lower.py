@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.passes.qdq import unique_name
+from graphopt.passes.qdq import replace_node, unique_name
 from graphopt.quant_blocks import IntBlocks, fits_float16, matmul_nbits_layout, pack_nibbles
 from graphopt.quant_nf4 import Bnb4Blocks, DoubleQuant, matmul_bnb4_layout
 
@@ -192,11 +192,7 @@ class Lowering:
         old = layer.node.outputs[0]
         new = nodes[-1].outputs[0]
         new.shape, new.type = old.shape, old.type
-        self.graph.insert_after(layer.node, nodes)
-        name = old.name
-        old.replace_all_uses_with(new, replace_graph_outputs=True)
-        self.graph.remove(layer.node, safe=True)
-        old.name, new.name = f"{name}_replaced", name
+        replace_node(self.graph, layer.node, nodes, new)
 
     def _gemm_bias(self, layer: Layer, product: ir.Value) -> list[ir.Node]:
         node = layer.node

@@ -36,6 +36,19 @@ def test_optimize_writes_model_and_reports(
     assert "| fold |" in md.read_text()
 
 
+def test_sparse_output_is_reported_as_densified_at_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = toy.save(toy.relu_mlp(64, 64, 32), tmp_path / "mlp.onnx")
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, text = _run(
+        capsys, "optimize", str(model), "-o", str(out), "--pass", "prune:sparsity=0.3", "--sparse", "always",
+        "--report", str(report),
+    )  # fmt: skip
+    assert code == 0, text
+    runtime = json.loads(report.read_text())["runtime"]
+    assert runtime["sparse_initializers"] == 2 and any("densifies" in w for w in runtime["warnings"])
+    assert "densifies" in text
+
+
 def test_report_dir_has_json_markdown_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from importlib import resources
 

@@ -74,7 +74,7 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     from tests import toy
 
     class Tagging:  # a stand-in lossy pass: records what it was told to leave in float
-        exclusion = "exclude_nodes"
+        name, exclusion, exclusion_patterns = "tagging", "exclude_nodes", False
 
         def build(self, config: QuantizeConfig, statistics: object) -> object:
             def run(model: object) -> None:
@@ -89,7 +89,7 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
         Tagging(), QuantizeConfig(), before, None, lambda m: scores[m.doc_string], FallbackResult("quantize")
     )
     for excluded in (["big"], ["bad"], ["small"], ["big", "small"]):
-        search.trial(excluded)
+        search.score(excluded)
     timed: list[list[str]] = []
 
     def latency(models: list[object]) -> list[float]:
@@ -143,13 +143,14 @@ def test_exclusions_go_where_each_pass_reads_them() -> None:
     from graphopt.passes.prune import PruneConfig
     from graphopt.passes.quantize import QuantizeConfig
 
-    quantize = with_excluded(QuantizeConfig(), ["fc", "tensor:h"], "exclude_nodes")
+    spec = graphopt.registry.get_spec
+    quantize = with_excluded(QuantizeConfig(), ["fc", "tensor:h"], spec("quantize"))
     assert quantize.exclude_nodes == ("fc",) and quantize.exclude_tensors == ("h",)
     # prune's list holds shell patterns: a node name with pattern characters must match only itself
-    prune = with_excluded(PruneConfig(exclude=("head*",)), ["layers[0].fc"], "exclude")
+    prune = with_excluded(PruneConfig(exclude=("head*",)), ["layers[0].fc"], spec("prune"))
     assert prune.exclude == ("head*", "layers[[]0].fc")
-    assert with_excluded(Fp16Config(), ["softmax_in"], "block_nodes").block_nodes == ("softmax_in",)
-    assert graphopt.registry.get_spec("fp16").exclusion == "block_nodes"
+    assert with_excluded(Fp16Config(), ["softmax_in"], spec("fp16")).block_nodes == ("softmax_in",)
+    assert spec("fp16").exclusion == "block_nodes"
 
 
 def test_structured_pruning_keeps_the_fewest_producers_whole() -> None:
