@@ -101,7 +101,6 @@ class Float16Pass(ir.passes.InPlacePass):
             return False  # unknown or non-tensor types: a boundary Cast could not be placed
         if node.name and node.name in self.config.block_nodes:
             return False
-        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
         if not any(v.dtype in _FLOAT_TYPES for v in values) and node.op_type not in ("Cast", "Constant"):
             return False
         if node.op_type == "Cast" and node.attributes.get_int("to", 0) != ir.DataType.FLOAT.value:
