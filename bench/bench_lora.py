@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from graphopt import io, runtime
-from graphopt.passes.lora import MergeLoraConfig, MergeLoraPass
+from graphopt.passes.lora.merge import MergeLoraConfig, MergeLoraPass
 from models import peft_zoo
 
 CASES = {"transformer": peft_zoo.transformer_case, "minilm": peft_zoo.minilm_case}

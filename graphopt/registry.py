@@ -12,23 +12,23 @@ import onnx_ir as ir
 
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
-from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
 from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
-from graphopt.passes.lora import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
-from graphopt.passes.prune import (
+from graphopt.passes.lora.merge import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
+from graphopt.passes.prune.structured import (
+    PruneStructuredConfig,
+    PruneStructuredPass,
+    collect_structured_statistics,
+)
+from graphopt.passes.prune.unstructured import (
     PruneConfig,
     PruneWeightsPass,
     collect_prune_statistics,
     prune_method_alternatives,
 )
-from graphopt.passes.prune_structured import (
-    PruneStructuredConfig,
-    PruneStructuredPass,
-    collect_structured_statistics,
-)
-from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, collect_ranges, range_alternatives
+from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass, collect_ranges, range_alternatives
 from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
-from graphopt.passes.weight_only import (
+from graphopt.passes.weight_only.quantize import (
     WeightOnlyConfig,
     WeightOnlyQuantizePass,
     collect_hessians,

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes import qdq
-from graphopt.passes.infer import infer_types
+from graphopt.passes import edit
+from graphopt.passes.edit import infer_types
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class _CastCache:
         if key not in self.cache:
             suffix = "fp16" if dtype == ir.DataType.FLOAT16 else "fp32"
             out = ir.Value(
-                name=qdq.unique_name(self.graph, f"{value.name}_{suffix}", self.taken),
+                name=edit.unique_name(self.graph, f"{value.name}_{suffix}", self.taken),
                 shape=value.shape,
                 type=ir.TensorType(dtype),
             )
@@ -190,7 +190,7 @@ class _CastCache:
     def output(self, value: ir.Value) -> ir.Value:
         """A float32 copy of a float16 graph output that takes over the output's name."""
         name = value.name
-        value.name = qdq.unique_name(self.graph, f"{name}_fp16", self.taken)
+        value.name = edit.unique_name(self.graph, f"{name}_fp16", self.taken)
         out = ir.Value(name=name, shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT))
         cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT.value}, outputs=[out], name=f"{name}_to_fp32")
         producer = value.producer()

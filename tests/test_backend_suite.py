@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from bench.peer_suite import SuiteResult, run_suite
-from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
 
 # Floors well under what was measured (onnx 1.23.2, ORT 1.31.1: 1884 cases, 1424 ran,
 # ~375 modified) so an onnx/ORT upgrade does not trip them, but a harness that silently

@@ -126,7 +126,7 @@ def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_ctrl_c_during_a_pass_exits_130_and_writes_nothing(
     tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from graphopt.passes.fold import FoldConstantsPass
+    from graphopt.passes.fold.constants import FoldConstantsPass
 
     def interrupted(self: FoldConstantsPass, model: object) -> None:
         raise KeyboardInterrupt

@@ -70,7 +70,7 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     """Two single layers meet the budget: the faster one is kept in float, not the first found."""
     from graphopt import io
     from graphopt.fallback import FallbackResult, _Search
-    from graphopt.passes.quantize import QuantizeConfig
+    from graphopt.passes.quantize.static import QuantizeConfig
     from tests import toy
 
     class Tagging:  # a stand-in lossy pass: records what it was told to leave in float
@@ -140,8 +140,8 @@ def test_pruning_falls_back_to_a_better_method_then_dense_layers() -> None:
 def test_exclusions_go_where_each_pass_reads_them() -> None:
     from graphopt.fallback import with_excluded
     from graphopt.passes.fp16 import Fp16Config
-    from graphopt.passes.prune import PruneConfig
-    from graphopt.passes.quantize import QuantizeConfig
+    from graphopt.passes.prune.unstructured import PruneConfig
+    from graphopt.passes.quantize.static import QuantizeConfig
 
     spec = graphopt.registry.get_spec
     quantize = with_excluded(QuantizeConfig(), ["fc", "tensor:h"], spec("quantize"))

@@ -9,7 +9,7 @@ import pytest
 import graphopt
 from graphopt import io
 from graphopt.errors import AccuracyBudgetError, DataError, PassError
-from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConstantsPass
 from tests import toy
 
 

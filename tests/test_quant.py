@@ -1,4 +1,4 @@
-"""Property tests of the quantization arithmetic (graphopt.quant)."""
+"""Property tests of the quantization arithmetic (graphopt.numerics.affine)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from graphopt import quant
+from graphopt.numerics import affine as quant
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
 qtypes = st.sampled_from(["int8", "uint8", "int16", "uint16"])

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits, quantize_matmul_bnb4
 
-from graphopt import quant_blocks as qb
-from graphopt import quant_nf4 as nf4
+from graphopt.numerics import blocks as qb
+from graphopt.numerics import nf4
 
 SHAPES = st.tuples(st.integers(1, 80), st.integers(1, 12))
 BLOCKS = st.sampled_from([16, 32, 64])

@@ -7,7 +7,7 @@ import pytest
 
 from graphopt import recipe
 from graphopt.errors import RecipeError
-from graphopt.passes.fold import FoldConfig
+from graphopt.passes.fold.constants import FoldConfig
 
 
 def test_yaml_recipe_with_every_section(tmp_path: Path) -> None:

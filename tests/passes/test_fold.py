@@ -9,7 +9,7 @@ import pytest
 
 from graphopt import io, recipe, runtime
 from graphopt.errors import RecipeError
-from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
 from tests import toy
 
 

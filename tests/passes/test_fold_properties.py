@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import io, runtime
-from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConstantsPass
 from tests import toy
 
 UNARY = ("Relu", "Neg", "Abs", "Identity", "Sigmoid")

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt import io, recipe, runtime
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
-from graphopt.passes.fold import FoldConstantsPass
+from graphopt.passes.fold.constants import FoldConstantsPass
 from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
 from tests import toy
 

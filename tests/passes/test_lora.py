@@ -10,9 +10,12 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io, quant, quant_blocks, quant_nf4, recipe, runtime
+from graphopt import io, recipe, runtime
 from graphopt.errors import DataError, RecipeError
-from graphopt.passes.lora import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
+from graphopt.numerics import affine as quant
+from graphopt.numerics import blocks as quant_blocks
+from graphopt.numerics import nf4 as quant_nf4
+from graphopt.passes.lora.merge import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
 
 F = TensorProto.FLOAT
 D_IN, D_OUT, RANK, SCALE = 8, 6, 3, 0.5

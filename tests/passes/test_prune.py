@@ -13,9 +13,9 @@ import graphopt
 from graphopt import io, recipe, runtime
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
-from graphopt.passes import prune_scoring as scoring
-from graphopt.passes.prune import PruneConfig, PruneWeightsPass, collect_prune_statistics, prunable_layers
-from graphopt.passes.prune_calibration import LayerStatistics, conv_patches
+from graphopt.passes.prune import scoring
+from graphopt.passes.prune.calibration import LayerStatistics, conv_patches
+from graphopt.passes.prune.unstructured import PruneConfig, PruneWeightsPass, collect_prune_statistics, prunable_layers
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))

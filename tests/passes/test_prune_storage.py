@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import io, runtime
 from graphopt.errors import ModelSaveError
-from graphopt.passes.prune import PruneConfig, PruneWeightsPass
+from graphopt.passes.prune.unstructured import PruneConfig, PruneWeightsPass
 from tests import toy
 
 

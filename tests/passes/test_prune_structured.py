@@ -13,15 +13,15 @@ import graphopt
 from graphopt import io, recipe, runtime, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
-from graphopt.passes.prune_groups import consumer_weight_axis
-from graphopt.passes.prune_structured import (
+from graphopt.passes.prune.groups import consumer_weight_axis
+from graphopt.passes.prune.structured import (
     HISTORY_KEY,
     PruneStructuredConfig,
     PruneStructuredPass,
     find_groups,
     plan,
 )
-from graphopt.passes.prune_surgery import kept_elements
+from graphopt.passes.prune.surgery import kept_elements
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))

@@ -14,8 +14,8 @@ import graphopt
 from graphopt import io, recipe, runtime, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
-from graphopt.passes.fold import FoldConstantsPass
-from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
+from graphopt.passes.fold.constants import FoldConstantsPass
+from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
@@ -322,7 +322,7 @@ def test_a_shared_weight_is_split_once(tmp_path: Path) -> None:
 
 
 def test_outlier_channel_choice() -> None:
-    from graphopt.passes.quantize_outliers import outlier_channels
+    from graphopt.passes.quantize.outliers import outlier_channels
 
     hi = np.ones(256, np.float32)
     hi[[3, 70]] = [20.0, 9.0]
@@ -355,7 +355,7 @@ def test_without_islands_every_compute_output_is_quantized_as_ort_does(tmp_path:
 
 
 def test_fallback_alternatives_keep_speed_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    from graphopt.passes import quantize as quantize_module
+    from graphopt.passes.quantize import static as quantize_module
 
     def changed(config: QuantizeConfig) -> list[dict[str, object]]:
         return [

@@ -10,11 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, quant_blocks, quant_nf4, recipe, runtime
+from graphopt import io, recipe, runtime
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
-from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians, plan_layers
-from graphopt.passes.weight_only_ort import observed_kernels
+from graphopt.numerics import blocks as quant_blocks
+from graphopt.numerics import nf4 as quant_nf4
+from graphopt.passes.weight_only.kernels import observed_kernels
+from graphopt.passes.weight_only.quantize import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians, plan_layers
 from tests import toy
 
 FORMATS = [("matmul_nbits", 4), ("matmul_nbits", 8), ("qdq", 4), ("qdq", 8), ("nf4", 4), ("fp4", 4)]

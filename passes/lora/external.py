@@ -25,8 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import DataError
-from graphopt.passes.lora_adapters import LoraFactors
-from graphopt.passes.lora_graph import Target, WeightOpener, add_delta, locate_weight, target_of_node
+from graphopt.passes.lora.adapters import LoraFactors
+from graphopt.passes.lora.targets import Target, WeightOpener, add_delta, locate_weight, target_of_node
 
 logger = logging.getLogger(__name__)
 

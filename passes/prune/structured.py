@@ -13,13 +13,14 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.passes import prune_recovery, prune_scoring
-from graphopt.passes.infer import infer_types
-from graphopt.passes.prune import excluded_by
-from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key
-from graphopt.passes.prune_groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
-from graphopt.passes.prune_recovery import RecoveryStatistics
-from graphopt.passes.prune_surgery import prune_group
+from graphopt.passes.edit import infer_types, trans_b
+from graphopt.passes.prune import recovery as prune_recovery
+from graphopt.passes.prune import scoring as prune_scoring
+from graphopt.passes.prune.calibration import LayerStatistics, collect_layer_statistics, layer_key
+from graphopt.passes.prune.groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
+from graphopt.passes.prune.recovery import RecoveryStatistics
+from graphopt.passes.prune.surgery import prune_group
+from graphopt.passes.prune.unstructured import excluded_by
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,7 @@ def channel_scores(
 
 def _contribution(node: ir.Node, stats: LayerStatistics) -> np.ndarray:
     """E[x^2] times the squared weight column, per input element of a consumer."""
-    trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
-    rows = prune_scoring.weight_rows(node.op_type, node.inputs[1].const_value.numpy(), trans_b=trans_b)  # type: ignore[union-attr]
+    rows = prune_scoring.weight_rows(node.op_type, node.inputs[1].const_value.numpy(), trans_b=trans_b(node))  # type: ignore[union-attr]
     per_column = stats.sum_squares * (rows.astype(np.float64) ** 2).sum(axis=0)
     if node.op_type == "Conv":  # columns are (kernel position, channel): sum over positions
         channels = node.inputs[1].const_value.shape[1]  # type: ignore[union-attr]

@@ -2,9 +2,9 @@
 
 Two sources of adapters, in this order:
 
-1. LoRA branches an exporter left in the graph (see :mod:`graphopt.passes.lora_branch`);
+1. LoRA branches an exporter left in the graph (see :mod:`graphopt.passes.lora.branch`);
 2. PEFT adapter folders, merged into a model exported from the base model without LoRA
-   (see :mod:`graphopt.passes.lora_external`); several adapters combine with weights.
+   (see :mod:`graphopt.passes.lora.external`); several adapters combine with weights.
 
 ``unmerge_lora`` subtracts the same folders again. The model remembers which adapter
 combinations it holds (``graphopt.lora`` in its metadata), so merging an adapter twice, or
@@ -24,11 +24,11 @@ from typing import ClassVar, Literal
 import onnx_ir as ir
 
 from graphopt.errors import DataError, RecipeError
-from graphopt.passes import lora_quantized
-from graphopt.passes.lora_adapters import Adapter, LoraFactors, combine, load_adapter
-from graphopt.passes.lora_branch import BranchMerger, merge_branches
-from graphopt.passes.lora_external import ExternalMerge, resolve, unmatched_error, weighted_targets
-from graphopt.passes.lora_graph import Target, WeightAccess, float_weight, locate_weight
+from graphopt.passes.lora import quantized as lora_quantized
+from graphopt.passes.lora.adapters import Adapter, LoraFactors, combine, load_adapter
+from graphopt.passes.lora.branch import BranchMerger, merge_branches
+from graphopt.passes.lora.external import ExternalMerge, resolve, unmatched_error, weighted_targets
+from graphopt.passes.lora.targets import Target, WeightAccess, float_weight, locate_weight
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, MutableMapping
 
 import onnx_ir as ir
 
-from graphopt.passes import qdq
+from graphopt.passes import edit
 
 Range = tuple[float, float]
 
@@ -39,15 +39,15 @@ def spatial_means_to_pools(
             continue
         out = node.outputs[0]
         keepdims = node.attributes.get_int("keepdims", 1)
-        name = node.name or qdq.unique_name(graph, "GlobalAveragePool", taken)
+        name = node.name or edit.unique_name(graph, "GlobalAveragePool", taken)
         if keepdims:
-            pooled = ir.Value(name=qdq.unique_name(graph, f"{out.name}_pooled", taken), shape=out.shape, type=out.type)
+            pooled = ir.Value(name=edit.unique_name(graph, f"{out.name}_pooled", taken), shape=out.shape, type=out.type)
             new_nodes = [ir.node("GlobalAveragePool", [data], outputs=[pooled], name=name)]
             result = pooled
         else:
             shape = ir.Shape([data.shape[0], data.shape[1], 1, 1])
-            pooled = ir.Value(name=qdq.unique_name(graph, f"{out.name}_pooled", taken), shape=shape, type=out.type)
-            result = ir.Value(name=qdq.unique_name(graph, f"{out.name}_flat", taken), shape=out.shape, type=out.type)
+            pooled = ir.Value(name=edit.unique_name(graph, f"{out.name}_pooled", taken), shape=shape, type=out.type)
+            result = ir.Value(name=edit.unique_name(graph, f"{out.name}_flat", taken), shape=out.shape, type=out.type)
             new_nodes = [
                 ir.node("GlobalAveragePool", [data], outputs=[pooled], name=name),
                 ir.node("Flatten", [pooled], {"axis": 1}, outputs=[result], name=f"{name}_flatten"),
@@ -55,9 +55,9 @@ def spatial_means_to_pools(
             if out.name in ranges:
                 ranges[pooled.name] = ranges[out.name]
         old_axes = node.inputs[1] if len(node.inputs) > 1 else None
-        qdq.replace_node(graph, node, new_nodes, result)
+        edit.replace_node(graph, node, new_nodes, result)
         if old_axes is not None:
-            qdq.drop_if_unused(graph, old_axes)
+            edit.drop_if_unused(graph, old_axes)
         count += 1
     return count
 

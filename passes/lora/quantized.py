@@ -7,8 +7,8 @@ Three storage formats, each re-quantized in its own format, block size and scale
 - com.microsoft ``MatMulNBits`` (4 or 8 bits, blocks along K, optional uint8 zero points);
 - com.microsoft ``MatMulBnb4`` (NF4/FP4 codes, one absmax per block).
 
-The arithmetic is shared: :mod:`graphopt.quant_blocks` (int blocks, MatMulNBits),
-:mod:`graphopt.quant_nf4` (NF4/FP4, MatMulBnb4) and :mod:`graphopt.quant` (per tensor/axis).
+The arithmetic is shared: :mod:`graphopt.numerics.blocks` (int blocks, MatMulNBits),
+:mod:`graphopt.numerics.nf4` (NF4/FP4, MatMulBnb4) and :mod:`graphopt.numerics.affine` (per tensor/axis).
 New scales are computed from the merged weight, so the update is never clipped; the
 re-quantization error (merged float weight vs. what the new codes stand for) is returned
 for the report. ``insert_float_branch`` is the alternative that keeps the quantized base
@@ -23,10 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import quant, quant_blocks, quant_nf4
-from graphopt.passes import qdq
-from graphopt.passes.lora_adapters import LoraFactors
-from graphopt.passes.lora_graph import Target, WeightAccess, add_in_layout, attr, single_reader, unique_name
+from graphopt.numerics import affine
+from graphopt.numerics import blocks as quant_blocks
+from graphopt.numerics import nf4 as quant_nf4
+from graphopt.passes import edit
+from graphopt.passes.edit import single_reader
+from graphopt.passes.lora.adapters import LoraFactors
+from graphopt.passes.lora.targets import Target, WeightAccess, add_in_layout, attr, unique_name
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class DequantizeWeight:
         if block:
             codes, scales, zps = _requantize_blocks(wanted, axis, block, bits, symmetric, scale_value.dtype)  # type: ignore[union-attr]
         else:
-            params = quant.weight_params(wanted, qtype, axis=None if per_tensor else axis, symmetric=symmetric)
+            params = affine.weight_params(wanted, qtype, axis=None if per_tensor else axis, symmetric=symmetric)
             codes, scales, zps = params.quantize(wanted), params.scale, params.zero_point
         _write(q_value, codes)  # type: ignore[arg-type]
         _write(scale_value, scales)  # type: ignore[arg-type]
@@ -275,7 +278,7 @@ def insert_float_branch(target: Target, factors: LoraFactors) -> bool:
     values = []
     for suffix, array in (("lora_A", factors.a.T), ("lora_B", factors.b.T)):
         array = np.ascontiguousarray(array.astype(dtype))
-        values.append(qdq.add_initializer(graph, unique_name(graph, f"{base_name}.{suffix}"), array, target.dtype))
+        values.append(edit.add_initializer(graph, unique_name(graph, f"{base_name}.{suffix}"), array, target.dtype))
     down = ir.node("MatMul", [target.x, values[0]], name=unique_name(graph, f"{base_name}/lora_A"))
     up = ir.node("MatMul", [down.outputs[0], values[1]], name=unique_name(graph, f"{base_name}/lora_B"))
     total = ir.node("Add", [out, up.outputs[0]], name=unique_name(graph, f"{base_name}/lora_add"))

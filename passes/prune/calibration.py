@@ -1,7 +1,7 @@
 """Calibration statistics for pruning: input feature norms (Wanda) and Gram matrices (SparseGPT).
 
 A layer's input is turned into a feature matrix ``X [rows, reduction]`` whose columns are
-ordered like the weight's reduction axis in :mod:`graphopt.passes.prune_scoring`, so that
+ordered like the weight's reduction axis in :mod:`graphopt.passes.prune.scoring`, so that
 ``X @ rows.T`` is the layer's output: the last axis for MatMul, the input of Gemm, and
 im2col patches ``(r, s, c)`` for Conv. Statistics are reduced batch by batch while the
 data streams through ONNX Runtime, so memory is one batch plus ``K x K`` per layer.
@@ -101,11 +101,6 @@ class _Accumulator:
 def layer_key(node: ir.Node) -> str:
     """The name statistics of ``node`` are stored under (its first output, unique in a graph)."""
     return node.outputs[0].name or ""
-
-
-def trans_b(node: ir.Node) -> bool:
-    """Whether ``node`` is a Gemm reading its weight transposed (``[N, K]``)."""
-    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
 
 
 def collect_layer_statistics(

@@ -21,12 +21,12 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.passes.qdq import replace_node, unique_name
-from graphopt.quant_blocks import IntBlocks, fits_float16, matmul_nbits_layout, pack_nibbles
-from graphopt.quant_nf4 import Bnb4Blocks, DoubleQuant, matmul_bnb4_layout
+from graphopt.numerics.blocks import IntBlocks, fits_float16, matmul_nbits_layout, pack_nibbles
+from graphopt.numerics.nf4 import Bnb4Blocks, DoubleQuant, matmul_bnb4_layout
+from graphopt.passes.edit import replace_node, unique_name
 
 if TYPE_CHECKING:
-    from graphopt.passes.weight_only import Layer, WeightOnlyConfig
+    from graphopt.passes.weight_only.quantize import Layer, WeightOnlyConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """NF4/FP4 weight quantization (QLoRA, bitsandbytes) with double quantization, and MatMulBnb4's layout.
 
 NF4/FP4 codes index a 16-value table scaled by the absmax of their block of ``block_size``
-weights along K (the layout conventions of :mod:`graphopt.quant_blocks`). With double
+weights along K (the layout conventions of :mod:`graphopt.numerics.blocks`). With double
 quantization the absmax values are themselves stored as int8 in groups of 256, with one
 float scale per group and one offset per tensor: 4 + 8/64 + 32/(64*256) = ~4.127 bits per
 weight at block 64. com.microsoft.MatMulBnb4 reads the codes of W^T flattened, two per byte,
@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from graphopt.quant_blocks import (
+from graphopt.numerics.blocks import (
     column_chunks,
     importance_blocks,
     num_blocks,

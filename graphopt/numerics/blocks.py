@@ -15,7 +15,7 @@ Integer codes follow ONNX DequantizeLinear, ``w' = (q - zp) * scale``:
 Clip search tries shrinking each block's range by the factors in ``clip_ratios`` and keeps
 the one with the smallest (optionally importance-weighted) squared reconstruction error.
 Columns are processed in chunks, so memory stays a few chunks above the output arrays.
-NF4/FP4 (QLoRA) live in :mod:`graphopt.quant_nf4` and share these helpers.
+NF4/FP4 (QLoRA) live in :mod:`graphopt.numerics.nf4` and share these helpers.
 """
 
 from __future__ import annotations

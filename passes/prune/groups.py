@@ -24,8 +24,8 @@ from fractions import Fraction
 
 import onnx_ir as ir
 
-from graphopt.passes import prune_rules as rules
-from graphopt.passes.prune_rules import Link, Member, Unprunable, WeightSlice
+from graphopt.passes.prune import rules
+from graphopt.passes.prune.rules import Link, Member, Unprunable, WeightSlice
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
 
-from graphopt.passes.lora_graph import (
+from graphopt.passes.edit import single_reader
+from graphopt.passes.lora.targets import (
     Target,
     WeightOpener,
     add_delta,
@@ -33,7 +34,6 @@ from graphopt.passes.lora_graph import (
     is_default_domain,
     is_wrapper,
     remove_dead,
-    single_reader,
     strip_wrappers,
 )
 

@@ -12,8 +12,9 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.passes import prune_scoring as scoring
-from graphopt.passes.prune_calibration import LayerStatistics, collect_layer_statistics, layer_key, trans_b
+from graphopt.passes.edit import trans_b
+from graphopt.passes.prune import scoring
+from graphopt.passes.prune.calibration import LayerStatistics, collect_layer_statistics, layer_key
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes import qdq
+from graphopt.passes import edit
+from graphopt.passes.edit import single_reader
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +83,6 @@ def strip_wrappers(value: ir.Value, dtype: ir.DataType | None) -> ir.Value:
         value = node.inputs[0]  # type: ignore[assignment]
         seen += 1
     return value
-
-
-def single_reader(value: ir.Value) -> ir.Node | None:
-    """The only node reading ``value``, or None when it has several readers or is a graph output."""
-    uses = value.uses()
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0].node
 
 
 class WeightAccess(Protocol):
@@ -347,7 +340,7 @@ def float_weight(target: Target, *, copy_shared: bool) -> FloatWeight | str:
     graph = target.node.graph
     assert graph is not None
     array = np.ascontiguousarray(const_array(target.weight))
-    copy = qdq.add_initializer(graph, unique_name(graph, f"{init.name}.merged"), array)
+    copy = edit.add_initializer(graph, unique_name(graph, f"{init.name}.merged"), array)
     target.node.replace_input_with(1, copy)
     logger.debug("merge_lora: %s shares %s; gave it a copy %s", target.describe(), init.name, copy.name)
     return FloatWeight(target, copy, False)
@@ -355,7 +348,7 @@ def float_weight(target: Target, *, copy_shared: bool) -> FloatWeight | str:
 
 def unique_name(graph: ir.Graph, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``... whichever no value of ``graph`` uses."""
-    return qdq.unique_name(graph, base, set())
+    return edit.unique_name(graph, base, set())
 
 
 def add_delta(access: WeightAccess, target: Target, delta: np.ndarray, sign: float) -> dict[str, float]:

@@ -23,7 +23,7 @@ from graphopt.calibration.collect import stream_activations
 from graphopt.calibration.sources import DataSpec, require_data
 
 if TYPE_CHECKING:
-    from graphopt.passes.weight_only import WeightOnlyConfig
+    from graphopt.passes.weight_only.quantize import WeightOnlyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Grid(Protocol):
 
 def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyConfig) -> dict[str, np.ndarray] | None:
     """Calibrate ``X^T X / n`` of every quantized MatMul/Gemm input (only for ``method: gptq``)."""
-    from graphopt.passes.weight_only import plan_layers  # the pass imports this module
+    from graphopt.passes.weight_only.quantize import plan_layers  # the pass imports this module
 
     if config.method != "gptq":
         return None

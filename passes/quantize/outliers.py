@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes import qdq
+from graphopt.passes import edit
 
 Range = tuple[float, float]
 MAX_FRACTION = 1 / 64  # at most this share of a MatMul's input channels (and at least one) go float
@@ -141,7 +141,7 @@ def plan(
                 zeroed[chosen] = 0.0
                 inliers[key] = add_initializer(f"{weight.name}_inliers", zeroed)
             node.replace_input_with(1, inliers[key])
-            qdq.drop_if_unused(node.graph, weight)
+            edit.drop_if_unused(node.graph, weight)
             splits.append(Split(node, x, chosen, weight.name, array[chosen].copy()))
     return splits
 
@@ -155,24 +155,24 @@ def add_float_branches(graph: ir.Graph, splits: Iterable[Split], taken: set[str]
         if base not in renamed:
             _rename_clipped(graph, x, taken)
             renamed.add(base)
-        index = qdq.add_initializer(graph, qdq.unique_name(graph, f"{base}_outlier_channels", taken), split.channels)
-        rows = qdq.add_initializer(
-            graph, qdq.unique_name(graph, f"{split.weight_name}_outlier_rows", taken), split.outlier_rows
+        index = edit.add_initializer(graph, edit.unique_name(graph, f"{base}_outlier_channels", taken), split.channels)
+        rows = edit.add_initializer(
+            graph, edit.unique_name(graph, f"{split.weight_name}_outlier_rows", taken), split.outlier_rows
         )
-        picked = ir.Value(name=qdq.unique_name(graph, f"{base}_outliers", taken), type=x.type)
-        partial = ir.Value(name=qdq.unique_name(graph, f"{node.outputs[0].name}_outliers", taken), type=x.type)
+        picked = ir.Value(name=edit.unique_name(graph, f"{base}_outliers", taken), type=x.type)
+        partial = ir.Value(name=edit.unique_name(graph, f"{node.outputs[0].name}_outliers", taken), type=x.type)
         gather = ir.node("Gather", [x, index], {"axis": -1}, outputs=[picked], name=picked.name)
         product = ir.node("MatMul", [picked, rows], outputs=[partial], name=partial.name)
         target, anchor = _after_bias(node)
         if target is not node.outputs[0]:
             # The MatMul's own output now holds the inlier channels' share only.
-            node.outputs[0].name = qdq.unique_name(graph, f"{node.outputs[0].name}_inliers", taken)
+            node.outputs[0].name = edit.unique_name(graph, f"{node.outputs[0].name}_inliers", taken)
         # The complete sum takes over the original name (graph outputs, layer-wise matching).
         name = target.name
-        target.name = qdq.unique_name(graph, f"{name}_inliers", taken)
+        target.name = edit.unique_name(graph, f"{name}_inliers", taken)
         total = ir.Value(name=name, shape=target.shape, type=target.type)
         target.replace_all_uses_with(total, replace_graph_outputs=True)
-        add = ir.node("Add", [target, partial], outputs=[total], name=qdq.unique_name(graph, f"{name}_total", taken))
+        add = ir.node("Add", [target, partial], outputs=[total], name=edit.unique_name(graph, f"{name}_total", taken))
         graph.insert_after(anchor, [gather, product, add])
 
 
@@ -188,7 +188,7 @@ def _rename_clipped(graph: ir.Graph, x: ir.Value, taken: set[str]) -> None:
         for reader in use.node.outputs[0].uses():
             if reader.node.op_type == "DequantizeLinear":
                 out = reader.node.outputs[0]
-                out.name = qdq.unique_name(graph, f"{x.name}_inliers_DequantizeLinear", taken)
+                out.name = edit.unique_name(graph, f"{x.name}_inliers_DequantizeLinear", taken)
 
 
 def _after_bias(node: ir.Node) -> tuple[ir.Value, ir.Node]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphopt import quant
-from graphopt.passes import qdq
+from graphopt.numerics import affine
+from graphopt.passes import edit
+from graphopt.passes.quantize import qdq
 
 
 def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce_range: bool, taken: set[str]) -> bool:
@@ -21,15 +22,16 @@ def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce
     if x.dtype != ir.DataType.FLOAT or len(weight.const_value.shape) != 2:
         return False
     array = weight.const_value.numpy()
-    params = quant.weight_params(
+    params = affine.weight_params(
         array, "int8", axis=1 if per_channel else None, symmetric=True, reduce_range=reduce_range
     )
     base = node.outputs[0].name or weight.name
-    w_q = qdq.add_initializer(graph, qdq.unique_name(graph, f"{weight.name}_quantized", taken), params.quantize(array))
+    w_name = edit.unique_name(graph, f"{weight.name}_quantized", taken)
+    w_q = edit.add_initializer(graph, w_name, params.quantize(array))
     w_s, w_zp = qdq.param_values(graph, weight.name, params, taken)
 
     def value(suffix: str, dtype: ir.DataType) -> ir.Value:
-        return ir.Value(name=qdq.unique_name(graph, f"{base}_{suffix}", taken), type=ir.TensorType(dtype))
+        return ir.Value(name=edit.unique_name(graph, f"{base}_{suffix}", taken), type=ir.TensorType(dtype))
 
     x_q, x_s, x_zp = (
         value("x_quantized", ir.DataType.UINT8),
@@ -42,7 +44,7 @@ def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce
         value("scale", ir.DataType.FLOAT),
     )
     out = node.outputs[0]
-    result = ir.Value(name=qdq.unique_name(graph, f"{base}_dynamic", taken), shape=out.shape, type=out.type)
+    result = ir.Value(name=edit.unique_name(graph, f"{base}_dynamic", taken), shape=out.shape, type=out.type)
     new_nodes = [
         ir.node("DynamicQuantizeLinear", [x], outputs=[x_q, x_s, x_zp], name=x_q.name),
         ir.node("MatMulInteger", [x_q, w_q, x_zp, w_zp], outputs=[acc], name=acc.name),
@@ -50,6 +52,6 @@ def quantize_matmul(graph: ir.Graph, node: ir.Node, *, per_channel: bool, reduce
         ir.node("Mul", [x_s, w_s], outputs=[scale], name=scale.name),
         ir.node("Mul", [acc_f, scale], outputs=[result], name=result.name),
     ]
-    qdq.replace_node(graph, node, new_nodes, result)
-    qdq.drop_if_unused(graph, weight)
+    edit.replace_node(graph, node, new_nodes, result)
+    edit.drop_if_unused(graph, weight)
     return True

@@ -11,12 +11,12 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes import qdq
-from graphopt.passes import weight_only_gptq as gptq_module
-from graphopt.passes.weight_only_lower import MS_DOMAIN, Lowering, raise_opset
-from graphopt.passes.weight_only_ort import ort_notes, predict_kernels
-from graphopt.quant_blocks import IntBlocks, quantize_int_blocks
-from graphopt.quant_nf4 import Bnb4Blocks, quantize_bnb4
+from graphopt.numerics.blocks import IntBlocks, quantize_int_blocks
+from graphopt.numerics.nf4 import Bnb4Blocks, quantize_bnb4
+from graphopt.passes import edit
+from graphopt.passes.weight_only import gptq as gptq_module
+from graphopt.passes.weight_only.kernels import ort_notes, predict_kernels
+from graphopt.passes.weight_only.lower import MS_DOMAIN, Lowering, raise_opset
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         else:
             lowering.matmul(layer, blocks, emit)
         tally.bytes_after[group] += lowering.bytes_after - written
-        qdq.drop_if_unused(lowering.graph, layer.weight)
+        edit.drop_if_unused(lowering.graph, layer.weight)
 
     def _quantize(self, layer: Layer, tally: _Tally) -> IntBlocks | Bnb4Blocks:
         tensor = layer.weight.const_value

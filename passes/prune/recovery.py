@@ -23,9 +23,9 @@ from graphopt import runtime
 from graphopt.calibration.collect import with_outputs
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
-from graphopt.passes import prune_scoring as scoring
-from graphopt.passes.prune_calibration import GramAccumulator, layer_features, layer_key, trans_b
-from graphopt.passes.qdq import add_initializer, unique_name
+from graphopt.passes.edit import add_initializer, trans_b, unique_name
+from graphopt.passes.prune import scoring
+from graphopt.passes.prune.calibration import GramAccumulator, layer_features, layer_key
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from graphopt.passes.fold_optimizer import build_optimizer
+from graphopt.passes.fold.optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.passes.prune_groups import ChannelGroup
-from graphopt.passes.prune_rules import WeightSlice, reshape_entries
-from graphopt.passes.qdq import add_initializer, drop_if_unused, unique_name
+from graphopt.passes.edit import add_initializer, drop_if_unused, unique_name
+from graphopt.passes.prune.groups import ChannelGroup
+from graphopt.passes.prune.rules import WeightSlice, reshape_entries
 
 
 def kept_elements(kept: np.ndarray, unit: int) -> np.ndarray:

@@ -11,10 +11,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from graphopt import quant, runtime
-from graphopt.passes import qdq, quantize_layout, quantize_outliers
-from graphopt.passes.infer import infer_types
-from graphopt.passes.quantize_dynamic import quantize_matmul
+from graphopt import runtime
+from graphopt.numerics import affine
+from graphopt.passes import edit
+from graphopt.passes.edit import infer_types
+from graphopt.passes.quantize import layout as quantize_layout
+from graphopt.passes.quantize import outliers as quantize_outliers
+from graphopt.passes.quantize import qdq
+from graphopt.passes.quantize.dynamic import quantize_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +345,7 @@ class _Editor:
         self.graph, self.config, self.ranges, self.channels = graph, config, ranges, channels or {}
         self.taken: set[str] = set()
         self.reduce_range = resolve_reduce_range(config)
-        self.params: dict[str, quant.QuantParams] = {}
+        self.params: dict[str, affine.QuantParams] = {}
         self.weights: dict[str, ir.Value] = {}
         self.values: dict[str, ir.Value] = {}
         self.skipped: set[str] = set(config.exclude_tensors)
@@ -402,7 +406,7 @@ class _Editor:
             )
 
         def initializer(name: str, array: np.ndarray) -> ir.Value:
-            return qdq.add_initializer(self.graph, qdq.unique_name(self.graph, name, self.taken), array)
+            return edit.add_initializer(self.graph, edit.unique_name(self.graph, name, self.taken), array)
 
         splits = quantize_outliers.plan(
             nodes, self.channels, self.ranges, self.config.outliers, splittable, initializer
@@ -443,7 +447,7 @@ class _Editor:
             return
         qtype = self.config.tensor_types.get(value.name, self.config.activation_type)
         symmetric = self.config.activation_symmetric
-        self.params[value.name] = quant.compute_params(rng[0], rng[1], qtype, symmetric=symmetric)
+        self.params[value.name] = affine.compute_params(rng[0], rng[1], qtype, symmetric=symmetric)
 
     def _weights(self, node: ir.Node) -> None:
         if node.op_type not in COMPUTE_OPS:
@@ -456,11 +460,11 @@ class _Editor:
         array = weight.const_value.numpy()
         trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
         axis = (
-            quant.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=trans_b)
+            affine.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=trans_b)
             if self.config.per_channel
             else None
         )
-        params = quant.weight_params(
+        params = affine.weight_params(
             array,
             self.config.weight_type,
             axis=axis,
@@ -472,11 +476,11 @@ class _Editor:
         omit_zero = node.op_type in OMIT_ZERO_POINT_OPS
         dq_out = self._weight_dq(weight, array, params, omit_zero=omit_zero)
         node.replace_input_with(w_index, dq_out)
-        qdq.drop_if_unused(self.graph, weight)
+        edit.drop_if_unused(self.graph, weight)
         self._bias(node, b_index, params)
 
     def _weight_dq(
-        self, weight: ir.Value, array: np.ndarray, params: quant.QuantParams, *, omit_zero: bool = False
+        self, weight: ir.Value, array: np.ndarray, params: affine.QuantParams, *, omit_zero: bool = False
     ) -> ir.Value:
         key = f"{weight.name}|{params.axis}|{omit_zero}"
         if key not in self.weights:
@@ -486,7 +490,7 @@ class _Editor:
             self.counts["weights"] += 1
         return self.weights[key]
 
-    def _bias(self, node: ir.Node, b_index: int | None, w_params: quant.QuantParams) -> None:
+    def _bias(self, node: ir.Node, b_index: int | None, w_params: affine.QuantParams) -> None:
         if b_index is None or len(node.inputs) <= b_index:
             return
         bias, x = node.inputs[b_index], node.inputs[0]
@@ -496,11 +500,11 @@ class _Editor:
         if array.ndim != 1:
             return
         x_scale = self.params[x.name].scale
-        b_params = quant.bias_params(x_scale, w_params.scale, 0 if w_params.axis is not None else None)
-        quantized = quant.quantize_bias(array, b_params)
+        b_params = affine.bias_params(x_scale, w_params.scale, 0 if w_params.axis is not None else None)
+        quantized = affine.quantize_bias(array, b_params)
         dq = qdq.insert_weight_dq(self.graph, bias, quantized, b_params, self.taken, omit_zero=True)
         node.replace_input_with(b_index, dq)
-        qdq.drop_if_unused(self.graph, bias)
+        edit.drop_if_unused(self.graph, bias)
         self.counts["biases"] += 1
 
     def _constant_inputs(self, node: ir.Node) -> None:
@@ -512,11 +516,11 @@ class _Editor:
                 continue
             array = value.const_value.numpy()
             qtype = self.config.activation_type
-            params = quant.weight_params(array, qtype, axis=None, symmetric=self.config.activation_symmetric)
+            params = affine.weight_params(array, qtype, axis=None, symmetric=self.config.activation_symmetric)
             node.replace_input_with(index, self._weight_dq(value, array, params))
-            qdq.drop_if_unused(self.graph, value)
+            edit.drop_if_unused(self.graph, value)
 
-    def _insert(self, name: str, params: quant.QuantParams) -> None:
+    def _insert(self, name: str, params: affine.QuantParams) -> None:
         value = self._value(name)
         if value is None or not value.uses():
             return
@@ -539,7 +543,7 @@ class _Editor:
             value if value is not None and (value.producer() is None or value.producer().graph is self.graph) else None
         )
 
-    def _removable_relu(self, value: ir.Value, params: quant.QuantParams) -> ir.Node | None:
+    def _removable_relu(self, value: ir.Value, params: affine.QuantParams) -> ir.Node | None:
         """A ReLU/Clip(0, c) reading only ``value`` that asymmetric Q saturation reproduces."""
         if self.config.activation_symmetric or value.is_graph_output() or len(value.uses()) != 1:
             return None
@@ -557,8 +561,8 @@ class _Editor:
         return node
 
 
-def _saturates_at_zero(params: quant.QuantParams) -> bool:
-    qmin = quant.qrange(params.qtype, symmetric=False)[0]
+def _saturates_at_zero(params: affine.QuantParams) -> bool:
+    qmin = affine.qrange(params.qtype, symmetric=False)[0]
     return bool(np.all(params.zero_point.astype(np.int64) == qmin))
 
 

@@ -1,4 +1,4 @@
-"""Graph edits shared by the quantization passes: Q/DQ pairs, quantized weights and biases.
+"""Q/DQ graph edits of the quantization passes: Q/DQ pairs, quantized weights, biases and tables.
 
 Every helper names its new values after the tensor it quantizes (``<name>_quantized``,
 ``<name>_scale``, ...) with a uniquifying suffix when needed, and keeps shapes and types
@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.quant import QuantParams
+from graphopt.numerics.affine import QuantParams
+from graphopt.passes.edit import add_initializer, drop_if_unused, replace_node, unique_name
 
 _IR_TYPES = {
     "int8": ir.DataType.INT8,
@@ -21,26 +22,6 @@ _IR_TYPES = {
     "uint4": ir.DataType.UINT4,
     "int32": ir.DataType.INT32,
 }
-
-
-def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    """``base`` or ``base_N``, unused by any value of the graph or by ``taken``."""
-    if not taken:
-        taken.update(graph.initializers)
-        taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(out.name for node in graph for out in node.outputs if out.name)
-    name, index = base, 1
-    while name in taken:
-        name, index = f"{base}_{index}", index + 1
-    taken.add(name)
-    return name
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    tensor = ir.tensor(array, dtype=dtype, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
 
 
 def param_values(
@@ -119,27 +100,6 @@ def insert_weight_dq(
     dq = ir.node("DequantizeLinear", inputs, _axis_attrs(params), outputs=[dq_out], name=dq_out.name)
     graph.insert_before(next(iter(graph)), dq)
     return dq_out
-
-
-def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
-    """Remove an initializer nobody reads any more (and that is not a graph input/output)."""
-    if (
-        value.name in graph.initializers
-        and not value.uses()
-        and not value.is_graph_output()
-        and value not in graph.inputs
-    ):
-        del graph.initializers[value.name]
-
-
-def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
-    """Put ``new_nodes`` in place of ``node``; ``result`` takes over its output's readers and name."""
-    out = node.outputs[0]
-    graph.insert_after(node, new_nodes)
-    name = out.name
-    out.replace_all_uses_with(result, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name, result.name = f"{name}_replaced", name
 
 
 def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bool:

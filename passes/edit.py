@@ -1,0 +1,97 @@
+"""Graph edits every pass family shares: fresh names, initializers, node replacement, readers, types.
+
+No pass logic lives here: what a helper does is the same whatever pass calls it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+# Ops whose outputs may be sequences or optionals: ONNX's inference has typed those as tensors.
+_NON_TENSOR_PRODUCERS = frozenset(
+    {"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",
+     "OptionalGetElement", "Loop", "If", "Scan", "SequenceMap"}
+)  # fmt: skip
+
+
+def infer_types(model: ir.Model) -> None:
+    """Fill in missing tensor types and shapes of main-graph values (exporters do not always write value_info).
+
+    Inference runs on a copy and only missing main-graph tensor types are copied back:
+    ONNX's inference can also rewrite subgraph types in ways ORT then rejects.
+    """
+    missing = {
+        out.name: out
+        for node in model.graph
+        if node.op_type not in _NON_TENSOR_PRODUCERS
+        for out in node.outputs
+        if (out.dtype is None or out.shape is None) and out.name
+    }
+    if not missing:
+        return
+    clone = model.clone()
+    common_passes.ShapeInferencePass(strict_mode=False)(clone)
+    for node in clone.graph:
+        for out in node.outputs:
+            target = missing.get(out.name)
+            if target is not None and isinstance(out.type, ir.TensorType):
+                if target.type is None:
+                    target.type = out.type
+                if target.shape is None and out.shape is not None:
+                    target.shape = out.shape
+
+
+def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
+    """``base`` or ``base_N``, unused by any value of the graph or by ``taken``."""
+    if not taken:
+        taken.update(graph.initializers)
+        taken.update(v.name for v in graph.inputs if v.name)
+        taken.update(out.name for node in graph for out in node.outputs if out.name)
+    name, index = base, 1
+    while name in taken:
+        name, index = f"{base}_{index}", index + 1
+    taken.add(name)
+    return name
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an initializer nobody reads any more (and that is not a graph input/output)."""
+    if (
+        value.name in graph.initializers
+        and not value.uses()
+        and not value.is_graph_output()
+        and value not in graph.inputs
+    ):
+        del graph.initializers[value.name]
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, new_nodes: list[ir.Node], result: ir.Value) -> None:
+    """Put ``new_nodes`` in place of ``node``; ``result`` takes over its output's readers and name."""
+    out = node.outputs[0]
+    graph.insert_after(node, new_nodes)
+    name = out.name
+    out.replace_all_uses_with(result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    out.name, result.name = f"{name}_replaced", name
+
+
+def single_reader(value: ir.Value) -> ir.Node | None:
+    """The only node reading ``value``, or None when it has several readers or is a graph output."""
+    uses = value.uses()
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def trans_b(node: ir.Node) -> bool:
+    """Whether ``node`` is a Gemm reading its weight transposed (``[N, K]``)."""
+    return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
