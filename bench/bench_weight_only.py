@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import cosines  # noqa: E402
 from graphopt import io, runtime  # noqa: E402
 from graphopt.calibration.sources import DataSpec  # noqa: E402
+from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass  # noqa: E402
+from graphopt.passes.weight_only.gptq import collect_hessians  # noqa: E402
 from graphopt.passes.weight_only.kernels import observed_kernels  # noqa: E402
-from graphopt.passes.weight_only.quantize import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians  # noqa: E402
 from models import zoo  # noqa: E402
 
 Variant = Callable[[Path, Path], dict[str, object]]

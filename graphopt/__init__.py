@@ -4,28 +4,38 @@ import graphopt
 result = graphopt.optimize("model.onnx", ["fold"])
 graphopt.save(result.model, "model.opt.onnx", protect=["model.onnx"])
 print(result.report.to_markdown())
+
+The names below are imported on first use (PEP 562), so ``import graphopt`` and
+``graphopt --help`` stay fast; ``graphopt.optimize`` loads the pipeline.
 """
 
 from __future__ import annotations
 
-from graphopt.calibration.sources import DataSpec
-from graphopt.errors import GraphoptError
-from graphopt.io import load_model as load
-from graphopt.io import save_model as save
-from graphopt.pipeline import Pipeline, Result, optimize
-from graphopt.recipe import Recipe, load_recipe
-from graphopt.verify import Budget
+import importlib
 
-__all__ = [
-    "Budget",
-    "DataSpec",
-    "GraphoptError",
-    "Pipeline",
-    "Recipe",
-    "Result",
-    "load",
-    "load_recipe",
-    "optimize",
-    "save",
-]
+_API = {
+    "Budget": "graphopt.budget",
+    "DataSpec": "graphopt.calibration.sources",
+    "GraphoptError": "graphopt.errors",
+    "Pipeline": "graphopt.pipeline",
+    "Recipe": "graphopt.recipe",
+    "Result": "graphopt.pipeline",
+    "load": ("graphopt.io", "load_model"),
+    "load_recipe": "graphopt.recipe",
+    "optimize": "graphopt.pipeline",
+    "save": ("graphopt.io", "save_model"),
+}
+
+__all__ = sorted(_API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    where = _API.get(name)
+    if where is None:
+        try:  # a submodule used as an attribute (graphopt.registry, graphopt.recipe, ...)
+            return importlib.import_module(f"graphopt.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'graphopt' has no attribute {name!r}") from None
+    module, attribute = where if isinstance(where, tuple) else (where, name)
+    return getattr(importlib.import_module(module), attribute)

@@ -15,9 +15,9 @@ import numpy as np
 from rich.console import Console
 
 from graphopt import io, recipe, render, verify
+from graphopt.budget import Budget
 from graphopt.calibration.sources import DataSpec
 from graphopt.pipeline import optimize
-from graphopt.verify import Budget
 
 
 def _data_file(name: str) -> Path:

@@ -21,7 +21,6 @@ pipeline re-runs them once on the final model.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -30,25 +29,14 @@ from typing import Any
 
 import onnx_ir as ir
 
-from graphopt import registry, runtime, stats, verify
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt import registry, stats
 from graphopt.errors import DataError
+from graphopt.recipe import FallbackSettings
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_OPS = ("Conv", "MatMul", "Gemm", "Gather")
 Latency = Callable[[list[ir.Model]], list[float]]  # median ms of each model
-
-
-@dataclass(frozen=True)
-class FallbackSettings:
-    """How the pipeline searches for layers to keep in float when the budget fails."""
-
-    enabled: bool = True
-    max_float_nodes: int = 32
-    max_candidates: int = 48
-    width: int = 8  # candidates re-measured per greedy step
-    timed: int = 6  # equally small sets within budget timed against each other (0: take the first)
 
 
 @dataclass
@@ -72,34 +60,6 @@ class FallbackResult:
         return dataclasses.asdict(self)
 
 
-def budget_score(result: verify.VerifyResult, budget: verify.Budget) -> float:
-    """The worst budget ratio over outputs and limits: <= 1 means within budget."""
-    worst = 0.0
-    for out in result.outputs:
-        if budget.outputs and out.name not in budget.outputs:
-            continue
-        ratios = []
-        if budget.max_abs is not None:
-            ratios.append(out.max_abs / budget.max_abs if budget.max_abs > 0 else math.inf * out.max_abs)
-        if budget.max_rel_l2 is not None:
-            ratios.append(out.rel_l2 / budget.max_rel_l2 if budget.max_rel_l2 > 0 else math.inf * out.rel_l2)
-        if budget.min_cosine is not None:
-            ratios.append(_shortfall(out.cosine_min, budget.min_cosine))
-        if budget.min_cosine_mean is not None:
-            ratios.append(_shortfall(out.cosine_mean, budget.min_cosine_mean))
-        if budget.min_top1 is not None and out.top1 is not None:
-            ratios.append(_shortfall(out.top1, budget.min_top1))
-        worst = max([worst, *[r for r in ratios if not math.isnan(r)]])
-    return worst
-
-
-def _shortfall(value: float, limit: float) -> float:
-    """(1 - value) / (1 - limit): 1 exactly at the limit, 0 when perfect."""
-    if limit >= 1.0:
-        return 0.0 if value >= 1.0 else math.inf
-    return max(0.0, 1.0 - value) / (1.0 - limit)
-
-
 @dataclass
 class _Search:
     """One fallback search over a lossy step of a pipeline."""
@@ -114,7 +74,7 @@ class _Search:
 
     def build(self, excluded: Sequence[str]) -> ir.Model:
         model = self.before.clone()
-        self.spec.build(with_excluded(self.config, excluded, self.spec), self.statistics)(model)
+        self.spec.build(self.spec.with_excluded(self.config, excluded), self.statistics)(model)
         return model
 
     def score(self, excluded: Sequence[str]) -> float:
@@ -190,7 +150,7 @@ class _Search:
 
 
 def search(
-    step_name: str,
+    spec: registry.PassSpec,
     config: Any,
     before: ir.Model,
     statistics: Any,
@@ -213,10 +173,9 @@ def search(
     the search's record (``passed`` when something within the limits met the budget) and
     the config and statistics to re-run the pass with.
     """
-    result = FallbackResult(step_name, score_before=baseline)
-    spec = registry.get_spec(step_name)
+    result = FallbackResult(spec.name, score_before=baseline)
     starts = [(config, statistics, baseline)]
-    if recalibrate is not None and spec.alternatives is not None:
+    if recalibrate is not None and spec.alternatives(config):
         produced = produced or _produced(spec, config, before, statistics)
         better = _better_alternative(spec, config, before, produced, evaluate, baseline, recalibrate, result)
         if better is not None:
@@ -244,8 +203,7 @@ def _float_layers(
     state: _Search, before: ir.Model, suspects: Sequence[str], baseline: float, settings: FallbackSettings
 ) -> list[str] | None:
     """The layers to keep in float (rank, then prefix or greedy), or None within the limits."""
-    excluded = set(getattr(state.config, state.spec.exclusion or ""))
-    candidates = _candidates(before, state.config, suspects, excluded)[: settings.max_candidates]
+    candidates = _candidates(before, state.spec, state.config, suspects)[: settings.max_candidates]
     order = state.rank(candidates, baseline)
     # Gains of separate layers roughly add up on some models (a prefix of the ranking
     # suffices, in log trials) and interact on others (greedy with re-measured gains).
@@ -272,7 +230,7 @@ def _better_alternative(
     sparsity: a method that skips layers it has no statistics for) is not one: it is skipped.
     """
     best = None
-    for alternative in spec.alternatives(config) if spec.alternatives else []:
+    for alternative in spec.alternatives(config):
         try:
             alt_statistics = recalibrate(alternative)
         except DataError as exc:  # e.g. GPTQ without calibration data
@@ -308,21 +266,7 @@ def _changes(config: Any, other: Any) -> dict[str, Any]:
     }
 
 
-def with_excluded(config: Any, excluded: Sequence[str], spec: registry.PassSpec) -> Any:
-    """``config`` with ``tensor:NAME`` entries added to exclude_tensors and the rest to the pass's exclusion field."""
-    if spec.exclusion is None:
-        raise ValueError(f"pass {spec.name!r} declares no exclusion field; the fallback cannot search it")
-    tensors = tuple(e.removeprefix("tensor:") for e in excluded if e.startswith("tensor:"))
-    nodes = tuple(e for e in excluded if not e.startswith("tensor:"))
-    if spec.exclusion_patterns:
-        nodes = tuple(glob.escape(n) for n in nodes)
-    changes: dict[str, tuple[str, ...]] = {spec.exclusion: (*getattr(config, spec.exclusion), *nodes)}
-    if tensors:
-        changes["exclude_tensors"] = (*config.exclude_tensors, *tensors)
-    return dataclasses.replace(config, **changes)
-
-
-def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], excluded: set[str]) -> list[str]:
+def _candidates(before: ir.Model, spec: registry.PassSpec, config: Any, suspects: Sequence[str]) -> list[str]:
     """What the search may keep in float: weighted layers first, suspects before the rest.
 
     Suspects are node names and ``tensor:NAME`` entries (activations where the layer-wise
@@ -330,39 +274,16 @@ def _candidates(before: ir.Model, config: Any, suspects: Sequence[str], excluded
     (Conv/MatMul/Gemm/Gather) come first: keeping one in float removes the rounding of its
     weights and of the activations only it reads, which a single tensor rarely does.
     """
-    op_types = set(getattr(config, "op_types", ()) or CANDIDATE_OPS)
+    lossy = spec.lossy
+    if lossy is None:
+        return []
+    op_types = set((config.op_types if lossy.op_types else ()) or CANDIDATE_OPS)
+    excluded = set(config.exclude)
     nodes = [n for n in before.graph if n.op_type in op_types and n.name and n.name not in excluded]
     rank = {name: i for i, name in enumerate(dict.fromkeys(suspects))}
     nodes.sort(key=lambda n: (n.op_type not in CANDIDATE_OPS, rank.get(n.name, len(rank))))
-    tensors_ok = hasattr(config, "exclude_tensors")
-    tensors = [s for s in rank if s.startswith("tensor:") and tensors_ok]
+    tensors = [s for s in rank if s.startswith("tensor:") and lossy.tensors]
     weighted = [n.name for n in nodes if n.op_type in CANDIDATE_OPS]
     return weighted + tensors + [n.name for n in nodes if n.op_type not in CANDIDATE_OPS]
 
 
-class Checker:
-    """Verifies candidates against one reference session, opened once for every trial."""
-
-    def __init__(self, reference: ir.Model, data: DataSpec, budget: verify.Budget, device: str, threads: int | None):
-        self.reference, self.data, self.budget, self.device, self.threads = reference, data, budget, device, threads
-        self.ref_session = runtime.create_session(reference, device, threads=threads)
-        self.specs = input_specs(reference)
-
-    def check(self, candidate: ir.Model) -> tuple[Any, verify.VerifyResult]:
-        """The candidate's session and its verification result."""
-        session = verify.open_candidate(candidate, self.device, self.threads)
-        batches = iter_batches(self.data, self.specs)
-        return session, verify.compare_sessions(
-            self.ref_session, session, batches, device=self.device, budget=self.budget
-        )
-
-    def score(self, candidate: ir.Model) -> float:
-        """Budget score of ``candidate`` (<= 1: within budget)."""
-        return budget_score(self.check(candidate)[1], self.budget)
-
-    def latency(self, candidates: list[ir.Model], runs: int = 20) -> list[float]:
-        """Median latency (ms) of each candidate on the first verification batch, timed interleaved."""
-        sessions = {str(i): verify.open_candidate(m, self.device, self.threads) for i, m in enumerate(candidates)}
-        feeds = next(iter_batches(self.data, self.specs))
-        timed = runtime.interleaved_latency(sessions, feeds, warmup=3, runs=runs)
-        return [timed[str(i)].median_ms for i in range(len(candidates))]

@@ -41,6 +41,20 @@ class Result:
     report: Report
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A lossy step of a run, as the accuracy fallback needs it."""
+
+    index: int  # position in the pipeline
+    step: recipe.PassStep
+    before: ir.Model  # the model right before the step
+    statistics: Any  # what its calibrator collected
+
+    @property
+    def spec(self) -> registry.PassSpec:
+        return self.step.spec
+
+
 @dataclass
 class Pipeline:
     """An ordered list of passes, run in place on a model."""
@@ -49,9 +63,9 @@ class Pipeline:
     check: bool = False
     keep_snapshots: bool = False
     records: list[PassRecord] = field(default_factory=list)
-    # (step index, model before the step, the step's statistics) for lossy steps that can
-    # exclude nodes: what the accuracy fallback re-runs with more nodes left in float.
-    snapshots: list[tuple[int, ir.Model, Any]] = field(default_factory=list)
+    # Lossy steps as they were about to run: what the accuracy fallback re-runs with more
+    # nodes left alone (read through :meth:`lossy_snapshots`).
+    _snapshots: list[Snapshot] = field(default_factory=list)
     # The model right after the last step that changes the function on purpose (an
     # adapter merge): what the output must then match instead of the input.
     new_reference: ir.Model | None = None
@@ -60,7 +74,7 @@ class Pipeline:
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
     ) -> list[PassRecord]:
         """Run every step on ``model`` (in place) and return one record per step."""
-        self.records, self.snapshots, self.new_reference = [], [], None
+        self.records, self._snapshots, self.new_reference = [], [], None
         self.run_from(model, 0, calibration=calibration, progress=progress)
         return self.records
 
@@ -87,15 +101,16 @@ class Pipeline:
     def _run_step(
         self, model: ir.Model, index: int, step: recipe.PassStep, calibration: DataSpec | None, statistics: Any
     ) -> PassRecord:
-        spec = registry.get_spec(step.name)
+        spec = step.spec
         # The previous step measured this model already (records stop right before ``index``).
         before = self.records[-1].after if self.records else stats.model_stats(model)
         start = time.perf_counter()
         if statistics is _COLLECT:
-            statistics = self._calibrate(model, spec, step, calibration)
-        snapshot = self.keep_snapshots and not spec.exact and spec.exclusion is not None
+            # The calibrator decides whether this config needs data (e.g. dynamic quantization does not).
+            statistics = spec.collect(model, calibration, step.config)
+        snapshot = self.keep_snapshots and not spec.exact
         if snapshot:
-            self.snapshots.append((index, model.clone(), statistics))
+            self._snapshots.append(Snapshot(index, step, model.clone(), statistics))
         pass_ = spec.build(step.config, statistics)
         try:
             result = pass_(model)
@@ -105,7 +120,7 @@ class Pipeline:
             raise PassError(f"{self._where(index)} failed: {type(exc).__name__}: {exc}") from exc
         if result.model is not model:
             raise PassError(f"{self._where(index)} returned a new model; graphopt passes must work in place.")
-        if spec.changes_function is not None and spec.changes_function(step.config):
+        if spec.changes_function_for(step.config):
             self.new_reference = model.clone()
         seconds = time.perf_counter() - start
         if self.check:
@@ -124,11 +139,29 @@ class Pipeline:
             details=dict(details) if isinstance(details, Mapping) else {},
         )
 
-    def _calibrate(
-        self, model: ir.Model, spec: registry.PassSpec, step: recipe.PassStep, calibration: DataSpec | None
-    ) -> Any:
-        # The calibrator decides whether this config needs data (e.g. dynamic quantization does not).
-        return spec.calibrate(model, calibration, step.config) if spec.calibrate is not None else None
+    def lossy_snapshots(self) -> list[Snapshot]:
+        """The lossy steps of the last run, last first (with ``keep_snapshots``)."""
+        return list(reversed(self._snapshots))
+
+    def rerun(
+        self, snapshot: Snapshot, config: Any, statistics: Any, calibration: DataSpec | None = None
+    ) -> ir.Model:
+        """Run the pipeline again from ``snapshot``'s step, with ``config`` and ``statistics`` for it.
+
+        The step's config is replaced for good; records from that step on are replaced; no
+        snapshots are kept. Returns the new output model.
+        """
+        steps = list(self.steps)
+        steps[snapshot.index] = replace(snapshot.step, config=config)
+        self.steps = steps
+        model = snapshot.before.clone()
+        self.keep_snapshots = False
+        self.run_from(model, snapshot.index, calibration=calibration, statistics=statistics)
+        return model
+
+    def produced(self, snapshot: Snapshot) -> stats.ModelStats:
+        """What ``snapshot``'s step produced in the last run (with sparsity)."""
+        return self.records[snapshot.index].after
 
     def _check(self, model: ir.Model, index: int) -> None:
         try:
@@ -146,17 +179,17 @@ def _options(config: Any) -> dict[str, Any]:
     return asdict(config) if is_dataclass(config) and not isinstance(config, type) else {}
 
 
-def as_recipe(recipe_or_passes: RecipeLike) -> recipe.Recipe:
-    """Accept a Recipe, a recipe file, a mapping, or a list of pass names/steps."""
+def as_recipe(recipe_or_passes: RecipeLike, known: registry.Registry = registry.REGISTRY) -> recipe.Recipe:
+    """Accept a Recipe, a recipe file, a mapping, or a list of pass names/steps (names looked up in ``known``)."""
     if isinstance(recipe_or_passes, recipe.Recipe):
         return recipe_or_passes
     if isinstance(recipe_or_passes, (str, os.PathLike)) and Path(recipe_or_passes).suffix in (".yaml", ".yml", ".json"):
-        return recipe.load_recipe(recipe_or_passes)
+        return recipe.load_recipe(recipe_or_passes, known=known)
     if isinstance(recipe_or_passes, str):
-        return recipe.Recipe(passes=recipe.parse_passes([recipe_or_passes]))
+        return recipe.Recipe(passes=recipe.parse_passes([recipe_or_passes], known=known))
     if isinstance(recipe_or_passes, Mapping):
-        return recipe.parse_recipe(recipe_or_passes)
-    return recipe.Recipe(passes=recipe.parse_passes(list(recipe_or_passes)))
+        return recipe.parse_recipe(recipe_or_passes, known=known)
+    return recipe.Recipe(passes=recipe.parse_passes(list(recipe_or_passes), known=known))
 
 
 def optimize(
@@ -166,6 +199,7 @@ def optimize(
     calibration: DataSpec | str | os.PathLike[str] | None = None,
     device: str | None = None,
     progress: ProgressCallback | None = None,
+    known: registry.Registry = registry.REGISTRY,
 ) -> Result:
     """Run a recipe on a model and verify the result against it in ONNX Runtime.
 
@@ -176,12 +210,14 @@ def optimize(
         calibration: Calibration data (overrides the recipe's): a DataSpec or a data path.
         device: ``cpu`` or ``cuda`` (overrides the recipe's).
         progress: Called as ``progress(done, total, pass name)``.
+        known: The passes recipe names refer to: the built-in registry, or one extended with
+            your own passes (``graphopt.registry.REGISTRY.with_passes(spec)``).
 
     Raises:
         AccuracyBudgetError: when the output is over the recipe's budget (unless the recipe
             asks for a report only); the error carries the report.
     """
-    plan = as_recipe(recipe_or_passes)
+    plan = as_recipe(recipe_or_passes, known)
     device = device or plan.device
     runtime.check_device(device)
     if isinstance(calibration, (str, os.PathLike)):
@@ -222,10 +258,10 @@ def _verify(
         data = replace(data, source=calibration.source)
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
-    checker = fallback.Checker(reference, data, plan.budget, device, threads)
+    checker = verify.Checker(reference, data, plan.budget, device, threads)
     cand_session, result = checker.check(candidate)
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
-    if not result.passed and pipeline.snapshots:
+    if not result.passed and pipeline.lossy_snapshots():
         candidate, cand_session, result, errors = _fall_back(
             report, pipeline, checker, candidate, cand_session, result, plan, calibration
         )
@@ -257,10 +293,9 @@ def _verify(
 
 def _recalibrator(spec: registry.PassSpec, before: ir.Model, calibration: DataSpec | None) -> Any:
     """config -> statistics for ``spec`` on the model as it was before the step (None without a calibrator)."""
-    if spec.calibrate is None:
+    if not spec.needs_calibration:
         return None
-    calibrate = spec.calibrate
-    return lambda alternative: calibrate(before, calibration, alternative)
+    return lambda alternative: spec.collect(before, calibration, alternative)
 
 
 def _runtime_view(candidate: ir.Model, device: str, threads: int | None) -> dict[str, Any] | None:
@@ -274,7 +309,7 @@ def _runtime_view(candidate: ir.Model, device: str, threads: int | None) -> dict
 def _fall_back(
     report: Report,
     pipeline: Pipeline,
-    checker: fallback.Checker,
+    checker: verify.Checker,
     candidate: ir.Model,
     cand_session: Any,
     result: verify.VerifyResult,
@@ -294,28 +329,27 @@ def _fall_back(
         checker.reference, candidate, checker.data, device=checker.device, threads=checker.threads
     )
     blamed = localize.blame(checker.reference, candidate, errors)
-    baseline = fallback.budget_score(result, plan.budget)
+    baseline = result.score(plan.budget)
     outcome = None
-    for index, before, statistics in reversed(pipeline.snapshots):
-        step = pipeline.steps[index]
+    for snapshot in pipeline.lossy_snapshots():
+        before = snapshot.before
         suspects = []
         for name in blamed:
             # A tensor can stay quantized because other readers need it; its readers can go float whole.
             readers = [n.name for n in before.graph for v in n.inputs if v is not None and v.name == name and n.name]
             suspects += [f"tensor:{name}", *readers]
-        spec = registry.get_spec(step.name)
         outcome, config, statistics = fallback.search(
-            step.name,
-            step.config,
+            snapshot.spec,
+            snapshot.step.config,
             before,
-            statistics,
+            snapshot.statistics,
             checker.score,
             baseline,
             plan.fallback,
             suspects=suspects,
             latency=checker.latency,
-            recalibrate=_recalibrator(spec, before, calibration),
-            produced=pipeline.records[index].after,
+            recalibrate=_recalibrator(snapshot.spec, before, calibration),
+            produced=pipeline.produced(snapshot),
         )
         if outcome.passed or report.fallback is None:
             report.fallback = outcome.to_dict()
@@ -323,10 +357,8 @@ def _fall_back(
             break
     if outcome is None or not outcome.passed:
         return candidate, cand_session, result, errors
-    pipeline.steps[index] = recipe.PassStep(step.name, fallback.with_excluded(config, outcome.float_nodes, spec))
-    candidate = before.clone()
-    pipeline.keep_snapshots = False
-    pipeline.run_from(candidate, index, calibration=calibration, statistics=statistics)
+    config = snapshot.spec.with_excluded(config, outcome.float_nodes)
+    candidate = pipeline.rerun(snapshot, config, statistics, calibration)
     report.passes, report.after = pipeline.records, pipeline.records[-1].after
     cand_session, result = checker.check(candidate)
     return candidate, cand_session, result, None

@@ -27,19 +27,34 @@ from typing import Any
 
 import yaml
 
-from graphopt import registry, runtime
+from graphopt import registry
+from graphopt.budget import Budget
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
-from graphopt.fallback import FallbackSettings
-from graphopt.verify import Budget
+from graphopt.hardware import DEVICES
 
 
 @dataclass(frozen=True)
 class PassStep:
-    """One pass of a pipeline: its recipe name and its config."""
+    """One pass of a pipeline: its spec and its config."""
 
-    name: str
+    spec: registry.PassSpec
     config: Any
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class FallbackSettings:
+    """How the pipeline searches for layers to keep in float when the budget fails."""
+
+    enabled: bool = True
+    max_float_nodes: int = 32
+    max_candidates: int = 48
+    width: int = 8  # candidates re-measured per greedy step
+    timed: int = 6  # equally small sets within budget timed against each other (0: take the first)
 
 
 @dataclass(frozen=True)
@@ -72,7 +87,7 @@ _DATA_KEYS = ("data", "samples", "batch_size", "seed", "dims")
 _VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads", "layerwise")
 
 
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
+def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = registry.REGISTRY) -> Recipe:
     """Read and validate a recipe file (.yaml, .yml or .json)."""
     path = Path(path)
     if not path.is_file():
@@ -82,20 +97,30 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-    return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path))
+    return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path), known=known)
 
 
-def parse_recipe(data: Mapping[str, Any], *, base_dir: Path | None = None, where: str = "recipe") -> Recipe:
-    """Validate a recipe given as a mapping; relative data paths resolve against ``base_dir``."""
+def parse_recipe(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path | None = None,
+    where: str = "recipe",
+    known: registry.Registry = registry.REGISTRY,
+) -> Recipe:
+    """Validate a recipe given as a mapping; relative data paths resolve against ``base_dir``.
+
+    ``known`` is the table pass names are looked up in (the built-in one, or one extended
+    with :meth:`registry.Registry.with_passes`).
+    """
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}.")
     _check_keys(data, _TOP_KEYS, where)
     if "passes" not in data:
         raise RecipeError(f"{where}: has no 'passes' list. Add e.g. `passes: [fold]`.")
-    passes = parse_passes(data["passes"], where=f"{where}: passes")
+    passes = parse_passes(data["passes"], where=f"{where}: passes", known=known)
     device = data.get("device", "cpu")
-    if device not in runtime.DEVICES:
-        raise RecipeError(f"{where}: device {device!r} is not one of {', '.join(runtime.DEVICES)}.")
+    if device not in DEVICES:
+        raise RecipeError(f"{where}: device {device!r} is not one of {', '.join(DEVICES)}.")
     calibration = None
     if data.get("calibration") is not None:
         calibration = _data_spec(data["calibration"], _DATA_KEYS, base_dir, f"{where}: calibration", samples=128)
@@ -110,29 +135,31 @@ def parse_recipe(data: Mapping[str, Any], *, base_dir: Path | None = None, where
     )
 
 
-def parse_passes(entries: Any, *, where: str = "passes") -> tuple[PassStep, ...]:
+def parse_passes(
+    entries: Any, *, where: str = "passes", known: registry.Registry = registry.REGISTRY
+) -> tuple[PassStep, ...]:
     """Pass entries: a name, ``{name: {options}}``, ``{name: ..., options: {...}}`` or ``name:k=v,...``."""
     if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
         raise RecipeError(f"{where}: must be a list of passes, e.g. [fold]; got {type(entries).__name__}.")
-    return tuple(_parse_entry(entry, f"{where}[{i}]") for i, entry in enumerate(entries))
+    return tuple(_parse_entry(entry, f"{where}[{i}]", known) for i, entry in enumerate(entries))
 
 
-def _parse_entry(entry: Any, where: str) -> PassStep:
+def _parse_entry(entry: Any, where: str, known: registry.Registry) -> PassStep:
     if isinstance(entry, PassStep):
         return entry
     if isinstance(entry, str):
-        return parse_pass_arg(entry) if ":" in entry else make_step(entry, {}, where)
+        return parse_pass_arg(entry, known=known) if ":" in entry else make_step(entry, {}, where, known=known)
     if isinstance(entry, Mapping):
         if "name" in entry:
             _check_keys(entry, ("name", "options"), where)
-            return make_step(entry["name"], entry.get("options") or {}, where)
+            return make_step(entry["name"], entry.get("options") or {}, where, known=known)
         if len(entry) == 1:
             name, options = next(iter(entry.items()))
-            return make_step(name, options or {}, where)
+            return make_step(name, options or {}, where, known=known)
     raise RecipeError(f"{where}: expected a pass name or {{name: {{options}}}}; got {entry!r}.")
 
 
-def parse_pass_arg(text: str) -> PassStep:
+def parse_pass_arg(text: str, *, known: registry.Registry = registry.REGISTRY) -> PassStep:
     """A CLI ``--pass NAME[:k=v,k=v]`` argument; values are read as YAML scalars."""
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
@@ -141,7 +168,7 @@ def parse_pass_arg(text: str) -> PassStep:
         if not sep:
             raise RecipeError(f"--pass {text!r}: option {item!r} is not key=value.")
         options[key.strip()] = _scalar(value)
-    return make_step(name.strip(), options, f"--pass {text!r}")
+    return make_step(name.strip(), options, f"--pass {text!r}", known=known)
 
 
 def _scalar(text: str) -> Any:
@@ -170,12 +197,12 @@ def _split_options(text: str) -> list[str]:
     return [*parts, current]
 
 
-def make_step(name: Any, options: Any, where: str) -> PassStep:
+def make_step(name: Any, options: Any, where: str, *, known: registry.Registry = registry.REGISTRY) -> PassStep:
     """Build a :class:`PassStep`, validating ``options`` against the pass's config."""
     if not isinstance(name, str):
         raise RecipeError(f"{where}: pass name must be a string; got {name!r}.")
-    spec = registry.get_spec(name)
-    return PassStep(name, make_dataclass(spec.config_class, options, f"{where} ({name})"))
+    spec = known.get_spec(name)
+    return PassStep(spec, make_dataclass(spec.config_type(), options, f"{where} ({name})"))
 
 
 def make_dataclass(cls: type, options: Any, where: str) -> Any:

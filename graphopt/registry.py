@@ -1,42 +1,56 @@
-"""The literal table of passes a recipe can name: recipe name -> :class:`PassSpec`."""
+"""The table of passes a recipe can name: recipe name -> :class:`PassSpec`.
+
+Passes, configs and calibrators are named by module path (``"package.module:Name"``) and
+imported on first use, so parsing a recipe or printing ``--help`` loads no pass and no ONNX
+Runtime. A spec may also hold the objects themselves: that is how a test or a user's own
+code registers a pass (:meth:`Registry.with_passes`), without touching the built-in table.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import glob
+import importlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
-
-from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
-from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
-from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
-from graphopt.passes.lora.merge import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
-from graphopt.passes.prune.structured import (
-    PruneStructuredConfig,
-    PruneStructuredPass,
-    collect_structured_statistics,
-)
-from graphopt.passes.prune.unstructured import (
-    PruneConfig,
-    PruneWeightsPass,
-    collect_prune_statistics,
-    prune_method_alternatives,
-)
-from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass, collect_ranges, range_alternatives
-from graphopt.passes.tune import TuneConfig, TuneForRuntimePass, measure
-from graphopt.passes.weight_only.quantize import (
-    WeightOnlyConfig,
-    WeightOnlyQuantizePass,
-    collect_hessians,
-    method_alternatives,
-)
+
+if TYPE_CHECKING:  # annotations only: importing the registry must not load ONNX
+    import onnx_ir as ir
 
 # (model as it is when the pass runs, calibration data, pass config) -> statistics for the pass
-Calibrator = Callable[[ir.Model, DataSpec, Any], Any]
+Calibrator = Callable[[Any, Any, Any], Any]
+
+
+def resolve(target: Any) -> Any:
+    """``"package.module:Name"`` imported, or ``target`` itself when it is not a string."""
+    if not isinstance(target, str):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Lossy:
+    """The contract between a lossy pass, the accuracy fallback and the report.
+
+    Every lossy config has ``exclude`` (shell patterns of node or weight names the pass leaves
+    as they are, matched by :func:`graphopt.passes.edit.excluded`) and ``exclude_op_types``.
+
+    Attributes:
+        alternatives: ``config -> [configs]`` of the same size and speed (other calibration
+            methods) that the fallback tries, re-calibrated, before it leaves any node alone.
+        tensors: The config also has ``exclude_tensors`` (activations left unquantized).
+        op_types: The config's ``op_types`` narrows which nodes the fallback may leave alone.
+        kept: How the report words a node the pass left alone ("in float", "dense").
+    """
+
+    alternatives: str | Callable[[Any], list[Any]] | None = None
+    tensors: bool = False
+    op_types: bool = False
+    kept: str = "in float"
 
 
 @dataclass(frozen=True)
@@ -45,34 +59,29 @@ class PassSpec:
 
     Attributes:
         name: The recipe name.
-        pass_class: An onnx_ir pass; its constructor takes ``(config)`` or, with a
-            calibrator, ``(config, statistics)``.
-        config_class: Frozen dataclass of the options; each field's ``metadata["help"]``
-            is its description.
-        exact: True when the pass keeps outputs equal up to float rounding.
-        calibrate: Collects the statistics the pass needs on the model as it is right
-            before the pass runs; None for passes that need no data.
-        changes_function: True for configs that change what the model computes on purpose
-            (merging an external adapter): verification then compares with the model as
-            it is after that step, not with the input.
-        alternatives: Other configs of the same speed and size (e.g. other calibration
-            methods) that the accuracy fallback tries, re-calibrated, before it keeps any
-            layer in float.
-        exclusion: The config field listing node names the pass leaves as they are; the
-            accuracy fallback adds the layers it keeps in float (or dense) there. None: the
-            fallback does not apply to this pass.
-        exclusion_patterns: That field holds shell patterns (names are escaped into it).
+        pass_class: An onnx_ir pass (or its module path); its constructor takes ``(config)``
+            or, with a calibrator, ``(config, statistics)``.
+        config_class: Frozen dataclass of the options (or its module path); each field's
+            ``metadata["help"]`` is its description.
+        calibrate: Collects the statistics the pass needs on the model as it is right before
+            the pass runs; None for passes that need no data.
+        lossy: The fallback contract of a lossy pass; None for exact passes (outputs equal up
+            to float rounding).
+        changes_function: A config field that, when set, means the pass changes what the
+            model computes on purpose (merging an external adapter): verification then
+            compares with the model as it is after that step, not with the input.
     """
 
     name: str
-    pass_class: type[ir.passes.PassBase]
-    config_class: type
-    exact: bool
-    calibrate: Calibrator | None = None
-    changes_function: Callable[[Any], bool] | None = None
-    alternatives: Callable[[Any], list[Any]] | None = None
-    exclusion: str | None = None
-    exclusion_patterns: bool = False
+    pass_class: str | type[ir.passes.PassBase]
+    config_class: str | type
+    calibrate: str | Calibrator | None = None
+    lossy: Lossy | None = None
+    changes_function: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.lossy is None
 
     @property
     def needs_calibration(self) -> bool:
@@ -80,85 +89,135 @@ class PassSpec:
 
     @property
     def summary(self) -> str:
-        doc = (self.pass_class.__doc__ or "").strip()
+        doc = (resolve(self.pass_class).__doc__ or "").strip()
         return doc.splitlines()[0] if doc else self.name
+
+    def config_type(self) -> type:
+        return resolve(self.config_class)
 
     def options(self) -> list[tuple[str, str, Any, str]]:
         """(name, type, default, description) of every option."""
         rows = []
-        for f in dataclasses.fields(self.config_class):
+        for f in dataclasses.fields(self.config_type()):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
             rows.append((f.name, type_name, default, f.metadata.get("help", "")))
         return rows
 
+    def collect(self, model: ir.Model, data: Any, config: Any) -> Any:
+        """The pass's statistics on ``model`` (None for passes without a calibrator)."""
+        return None if self.calibrate is None else resolve(self.calibrate)(model, data, config)
+
     def build(self, config: Any, statistics: Any = None) -> ir.passes.PassBase:
-        if self.calibrate is None:
-            return self.pass_class(config)  # type: ignore[call-arg]
-        return self.pass_class(config, statistics)  # type: ignore[call-arg]
+        cls = resolve(self.pass_class)
+        return cls(config) if self.calibrate is None else cls(config, statistics)
+
+    def changes_function_for(self, config: Any) -> bool:
+        return self.changes_function is not None and bool(getattr(config, self.changes_function))
+
+    def alternatives(self, config: Any) -> list[Any]:
+        """Same-size configs the accuracy fallback tries before leaving nodes alone."""
+        if self.lossy is None or self.lossy.alternatives is None:
+            return []
+        return list(resolve(self.lossy.alternatives)(config))
+
+    def with_excluded(self, config: Any, excluded: Sequence[str]) -> Any:
+        """``config`` with node names added to ``exclude`` and ``tensor:NAME`` entries to ``exclude_tensors``."""
+        if self.lossy is None:
+            raise ValueError(f"pass {self.name!r} is exact; nothing of it can be excluded")
+        nodes = tuple(glob.escape(e) for e in excluded if not e.startswith("tensor:"))
+        tensors = tuple(e.removeprefix("tensor:") for e in excluded if e.startswith("tensor:"))
+        changes: dict[str, tuple[str, ...]] = {"exclude": (*config.exclude, *nodes)}
+        if tensors and self.lossy.tensors:
+            changes["exclude_tensors"] = (*config.exclude_tensors, *tensors)
+        return dataclasses.replace(config, **changes)
 
 
-def _uses_adapters(config: Any) -> bool:
-    return bool(config.adapters)
+class Registry(Mapping[str, PassSpec]):
+    """Pass specs by recipe name; immutable: :meth:`with_passes` returns an extended copy."""
+
+    def __init__(self, specs: Iterable[PassSpec]) -> None:
+        self._specs = {spec.name: spec for spec in specs}
+
+    def __getitem__(self, name: str) -> PassSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def get_spec(self, name: str) -> PassSpec:
+        """The spec registered as ``name``, or a RecipeError listing the valid names."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise RecipeError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(self._specs))}.") from None
+
+    def with_passes(self, *specs: PassSpec) -> Registry:
+        """A registry with ``specs`` added (replacing built-in ones of the same name)."""
+        return Registry([*self._specs.values(), *specs])
 
 
-REGISTRY: Mapping[str, PassSpec] = MappingProxyType(
-    {
-        "fold": PassSpec("fold", FoldConstantsPass, FoldConfig, exact=True),
-        "merge_lora": PassSpec(
-            "merge_lora", MergeLoraPass, MergeLoraConfig, exact=True, changes_function=_uses_adapters
+_P = "graphopt.passes"
+_CAL = "graphopt.calibration"
+
+REGISTRY = Registry(
+    [
+        PassSpec("fold", f"{_P}.fold.constants:FoldConstantsPass", f"{_P}.fold.constants:FoldConfig"),
+        PassSpec(
+            "merge_lora",
+            f"{_P}.lora.merge:MergeLoraPass",
+            f"{_P}.lora.merge:MergeLoraConfig",
+            changes_function="adapters",
         ),
-        "unmerge_lora": PassSpec(
-            "unmerge_lora", UnmergeLoraPass, UnmergeLoraConfig, exact=True, changes_function=_uses_adapters
+        PassSpec(
+            "unmerge_lora",
+            f"{_P}.lora.merge:UnmergeLoraPass",
+            f"{_P}.lora.merge:UnmergeLoraConfig",
+            changes_function="adapters",
         ),
-        "quantize": PassSpec(
+        PassSpec(
             "quantize",
-            QuantizeQDQPass,
-            QuantizeConfig,
-            exact=False,
-            calibrate=collect_ranges,
-            alternatives=range_alternatives,
-            exclusion="exclude_nodes",
+            f"{_P}.quantize.static:QuantizeQDQPass",
+            f"{_P}.quantize.config:QuantizeConfig",
+            calibrate=f"{_P}.quantize.calibrate:collect_ranges",
+            lossy=Lossy(f"{_P}.quantize.config:range_alternatives", tensors=True, op_types=True),
         ),
-        "tune": PassSpec("tune", TuneForRuntimePass, TuneConfig, exact=True, calibrate=measure),
-        "fp16": PassSpec(
-            "fp16", Float16Pass, Fp16Config, exact=False, calibrate=collect_magnitudes, exclusion="block_nodes"
+        PassSpec("tune", f"{_P}.tune:TuneForRuntimePass", f"{_P}.tune:TuneConfig", calibrate=f"{_CAL}.timing:measure"),
+        PassSpec(
+            "fp16",
+            f"{_P}.fp16:Float16Pass",
+            f"{_P}.fp16:Fp16Config",
+            calibrate=f"{_CAL}.magnitudes:collect_magnitudes",
+            lossy=Lossy(kept="in float32"),
         ),
-        "prune": PassSpec(
+        PassSpec(
             "prune",
-            PruneWeightsPass,
-            PruneConfig,
-            exact=False,
-            calibrate=collect_prune_statistics,
-            alternatives=prune_method_alternatives,
-            exclusion="exclude",
-            exclusion_patterns=True,
+            f"{_P}.prune.unstructured:PruneWeightsPass",
+            f"{_P}.prune.config:PruneConfig",
+            calibrate=f"{_P}.prune.unstructured:collect_prune_statistics",
+            lossy=Lossy(f"{_P}.prune.config:prune_method_alternatives", op_types=True, kept="dense"),
         ),
-        "prune_structured": PassSpec(
+        PassSpec(
             "prune_structured",
-            PruneStructuredPass,
-            PruneStructuredConfig,
-            exact=False,
-            calibrate=collect_structured_statistics,
-            exclusion="exclude",
-            exclusion_patterns=True,
+            f"{_P}.prune.structured:PruneStructuredPass",
+            f"{_P}.prune.config:PruneStructuredConfig",
+            calibrate=f"{_P}.prune.structured:collect_structured_statistics",
+            lossy=Lossy(kept="whole"),
         ),
-        "weight_only": PassSpec(
+        PassSpec(
             "weight_only",
-            WeightOnlyQuantizePass,
-            WeightOnlyConfig,
-            exact=False,
-            calibrate=collect_hessians,
-            alternatives=method_alternatives,
-            exclusion="exclude_nodes",
+            f"{_P}.weight_only.quantize:WeightOnlyQuantizePass",
+            f"{_P}.weight_only.config:WeightOnlyConfig",
+            calibrate=f"{_P}.weight_only.gptq:collect_hessians",
+            lossy=Lossy(f"{_P}.weight_only.config:method_alternatives", op_types=True),
         ),
-    }
+    ]
 )
 
 
 def get_spec(name: str) -> PassSpec:
-    """The spec registered as ``name``, or a RecipeError listing the valid names."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise RecipeError(f"unknown pass {name!r}; valid passes: {', '.join(sorted(REGISTRY))}.") from None
+    """The built-in spec registered as ``name``, or a RecipeError listing the valid names."""
+    return REGISTRY.get_spec(name)

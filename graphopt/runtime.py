@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -21,10 +20,10 @@ import onnxruntime as ort
 
 from graphopt import io
 from graphopt.errors import DeviceError, ModelLoadError, ModelSaveError
+from graphopt.hardware import DEVICES
 
 logger = logging.getLogger(__name__)
 
-DEVICES = ("cpu", "cuda")
 _PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -181,18 +180,3 @@ def _summarize(samples: list[float]) -> Latency:
     ordered = sorted(samples)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
     return Latency(statistics.median(ordered), p90, ordered[0], len(ordered))
-
-
-def u8s8_saturates() -> bool:
-    """Whether ORT's uint8 x int8 kernels can saturate on this CPU (x86-64 without VNNI).
-
-    Without VNNI, MLAS sums pairs of u8*s8 products in int16 (vpmaddubsw), which
-    overflows for large values; 7-bit weights (reduce_range) keep the sums in range.
-    """
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True  # unknown x86 CPU: assume the common case without VNNI
-    return not any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -15,61 +15,13 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from graphopt import budget as budget_rules
 from graphopt import runtime
+from graphopt.budget import Budget, OutputMetrics
 from graphopt.calibration.sources import Batch, DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError, ModelLoadError, PassError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Accuracy limits per output; None leaves a metric unchecked.
-
-    Attributes:
-        max_abs: Largest allowed absolute difference.
-        max_rel_l2: Largest allowed ||cand - ref|| / ||ref||.
-        min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
-        min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
-        min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
-        outputs: Outputs the budget applies to; empty means all.
-    """
-
-    max_abs: float | None = None
-    max_rel_l2: float | None = None
-    min_cosine: float | None = None
-    min_cosine_mean: float | None = None
-    min_top1: float | None = None
-    outputs: tuple[str, ...] = ()
-
-
-@dataclass
-class OutputMetrics:
-    """How far one output of the candidate is from the reference."""
-
-    name: str
-    max_abs: float = 0.0
-    rel_l2: float = 0.0
-    cosine_mean: float = 1.0
-    cosine_min: float = 1.0
-    top1: float | None = None
-    reference_max_abs: float = 0.0
-
-    def violations(self, budget: Budget) -> list[str]:
-        if budget.outputs and self.name not in budget.outputs:
-            return []
-        found = []
-        if budget.max_abs is not None and not self.max_abs <= budget.max_abs:
-            found.append(f"output {self.name!r}: max abs error {self.max_abs:.3g} > budget {budget.max_abs:.3g}")
-        if budget.max_rel_l2 is not None and not self.rel_l2 <= budget.max_rel_l2:
-            found.append(f"output {self.name!r}: relative L2 {self.rel_l2:.3g} > budget {budget.max_rel_l2:.3g}")
-        if budget.min_cosine is not None and not self.cosine_min >= budget.min_cosine:
-            found.append(f"output {self.name!r}: min cosine {self.cosine_min:.6f} < budget {budget.min_cosine}")
-        if budget.min_cosine_mean is not None and not self.cosine_mean >= budget.min_cosine_mean:
-            found.append(f"output {self.name!r}: mean cosine {self.cosine_mean:.6f} < budget {budget.min_cosine_mean}")
-        if budget.min_top1 is not None and self.top1 is not None and not self.top1 >= budget.min_top1:
-            found.append(f"output {self.name!r}: top-1 agreement {self.top1:.4f} < budget {budget.min_top1}")
-        return found
 
 
 @dataclass
@@ -141,6 +93,10 @@ class VerifyResult:
     def passed(self) -> bool:
         return not self.violations
 
+    def score(self, budget: Budget) -> float:
+        """The worst budget ratio over outputs and limits: <= 1 means within budget."""
+        return budget_rules.score(self.outputs, budget)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "device": self.device,
@@ -185,7 +141,7 @@ def compare_sessions(
         raise DataError("no input batches to verify with; give data with samples in it.")
     metrics = [acc.result() for acc in accumulators.values()]
     budget = budget or Budget()
-    violations = [v for m in metrics for v in m.violations(budget)]
+    violations = [v for m in metrics for v in budget_rules.violations(m, budget)]
     return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations)
 
 
@@ -236,3 +192,31 @@ def label_accuracy(
         scores = runtime.run(session, feeds, [name])[name]
         correct += int(np.sum(np.argmax(scores, axis=-1) == labels[start : start + batch_size]))
     return correct / len(labels) if len(labels) else 0.0
+
+
+class Checker:
+    """Verifies candidates against one reference session, opened once for every trial."""
+
+    def __init__(self, reference: ir.Model, data: DataSpec, budget: Budget, device: str, threads: int | None):
+        self.reference, self.data, self.budget, self.device, self.threads = reference, data, budget, device, threads
+        self.ref_session = runtime.create_session(reference, device, threads=threads)
+        self.specs = input_specs(reference)
+
+    def check(self, candidate: ir.Model) -> tuple[ort.InferenceSession, VerifyResult]:
+        """The candidate's session and its verification result."""
+        session = open_candidate(candidate, self.device, self.threads)
+        batches = iter_batches(self.data, self.specs)
+        return session, compare_sessions(
+            self.ref_session, session, batches, device=self.device, budget=self.budget
+        )
+
+    def score(self, candidate: ir.Model) -> float:
+        """Budget score of ``candidate`` (<= 1: within budget)."""
+        return self.check(candidate)[1].score(self.budget)
+
+    def latency(self, candidates: list[ir.Model], runs: int = 20) -> list[float]:
+        """Median latency (ms) of each candidate on the first verification batch, timed interleaved."""
+        sessions = {str(i): open_candidate(m, self.device, self.threads) for i, m in enumerate(candidates)}
+        feeds = next(iter_batches(self.data, self.specs))
+        timed = runtime.interleaved_latency(sessions, feeds, warmup=3, runs=runs)
+        return [timed[str(i)].median_ms for i in range(len(candidates))]

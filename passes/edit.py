@@ -5,6 +5,9 @@ No pass logic lives here: what a helper does is the same whatever pass calls it.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -95,3 +98,14 @@ def single_reader(value: ir.Value) -> ir.Node | None:
 def trans_b(node: ir.Node) -> bool:
     """Whether ``node`` is a Gemm reading its weight transposed (``[N, K]``)."""
     return node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
+
+
+def excluded(node: ir.Node, patterns: Sequence[str], op_types: Sequence[str] = ()) -> bool:
+    """Whether a lossy pass leaves ``node`` alone (every lossy pass's ``exclude`` option).
+
+    Its op type is listed, or its name or its weight's name matches one of the shell ``patterns``
+    (a plain name matches itself).
+    """
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    names = [n for n in (node.name, weight.name if weight is not None else None) if n]
+    return node.op_type in op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)

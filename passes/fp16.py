@@ -42,8 +42,10 @@ class Fp16Config:
     keep_io_types: bool = field(
         default=True, metadata={"help": "Keep graph inputs and outputs in float32 (Casts at the edges)."}
     )
-    block_op_types: tuple[str, ...] = field(default=DEFAULT_BLOCKED, metadata={"help": "Op types kept in float32."})
-    block_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names kept in float32."})
+    exclude_op_types: tuple[str, ...] = field(default=DEFAULT_BLOCKED, metadata={"help": "Op types kept in float32."})
+    exclude: tuple[str, ...] = field(
+        default=(), metadata={"help": "Node or weight names kept in float32; shell patterns like 'fc*' work."}
+    )
     max_abs: float = field(
         default=0.5 * FP16_MAX,
         metadata={"help": "With calibration data: nodes touching values beyond this magnitude stay float32."},
@@ -92,14 +94,14 @@ class Float16Pass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _convertible(self, node: ir.Node) -> bool:
-        if node.domain not in ("", "ai.onnx") or node.op_type in self.config.block_op_types:
+        if node.domain not in ("", "ai.onnx") or node.op_type in self.config.exclude_op_types:
             return False
         if node.op_type not in FP16_OPS or (node.op_type == "LayerNormalization" and len(node.outputs) > 1):
             return False
         values = [v for v in (*node.inputs, *node.outputs) if v is not None]
         if any(v.type is None or not isinstance(v.type, ir.TensorType) for v in values):
             return False  # unknown or non-tensor types: a boundary Cast could not be placed
-        if node.name and node.name in self.config.block_nodes:
+        if edit.excluded(node, self.config.exclude):
             return False
         if not any(v.dtype in _FLOAT_TYPES for v in values) and node.op_type not in ("Cast", "Constant"):
             return False
@@ -203,19 +205,3 @@ class _CastCache:
         return out
 
 
-def collect_magnitudes(model: ir.Model, data: object, config: Fp16Config) -> dict[str, float] | None:
-    """Max |x| of every float tensor of the main graph on the calibration data (None without data)."""
-    if data is None:
-        return None
-    from graphopt.calibration.collect import stream_activations
-
-    infer_types(model)
-    names = [out.name for node in model.graph for out in node.outputs if out.name and out.dtype == ir.DataType.FLOAT]
-    magnitudes: dict[str, float] = {}
-
-    def consume(name: str, array: np.ndarray) -> None:
-        finite = np.abs(array[np.isfinite(array)]) if array.size else array
-        magnitudes[name] = max(magnitudes.get(name, 0.0), float(finite.max(initial=0.0)))
-
-    stream_activations(model, data, names, consume)  # type: ignore[arg-type]
-    return magnitudes

@@ -7,10 +7,6 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from graphopt import runtime
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
-from graphopt.errors import DataError
-
 logger = logging.getLogger(__name__)
 
 
@@ -48,33 +44,13 @@ def residual_adds(graph: ir.Graph) -> list[ir.Node]:
     return found
 
 
-def _block_skip_layernorm(model: ir.Model) -> int:
+def block_skip_layernorm(model: ir.Model) -> int:
     # Sum computes the same broadcast addition, but ORT's SkipLayerNormFusion only matches Add.
     count = 0
     for node in residual_adds(model.graph):
         node.op_type = "Sum"
         count += 1
     return count
-
-
-def measure(model: ir.Model, data: DataSpec | None, config: TuneConfig) -> TuneDecision:
-    """Time the model as it is against the rewritten variant on one batch of ``data``."""
-    if not residual_adds(model.graph):
-        return TuneDecision(False, {}, "no Add -> LayerNormalization sites")
-    try:
-        feeds = next(iter(iter_batches(data or DataSpec(samples=1), input_specs(model))))
-    except (DataError, StopIteration) as exc:
-        return TuneDecision(False, {}, f"no inputs to time with ({exc}); give calibration data")
-    variant = model.clone()
-    _block_skip_layernorm(variant)
-    sessions = {
-        "as is": runtime.create_session(model, config.device, threads=config.threads),
-        "Add -> Sum": runtime.create_session(variant, config.device, threads=config.threads),
-    }
-    latency = runtime.interleaved_latency(sessions, feeds, runs=config.runs)
-    medians = {name: lat.median_ms for name, lat in latency.items()}
-    faster = medians["Add -> Sum"] < (1.0 - config.min_gain) * medians["as is"]
-    return TuneDecision(faster, medians, "measured")
 
 
 class TuneForRuntimePass(ir.passes.InPlacePass):
@@ -97,7 +73,7 @@ class TuneForRuntimePass(ir.passes.InPlacePass):
         self.details: dict[str, object] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        count = _block_skip_layernorm(model) if self.decision.skip_layernorm_fusion else 0
+        count = block_skip_layernorm(model) if self.decision.skip_layernorm_fusion else 0
         self.details = {
             "skip_layernorm_fusion_blocked": count,
             "latency_ms": dict(self.decision.latency_ms),

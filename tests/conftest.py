@@ -1,4 +1,4 @@
-"""Shared fixtures: a lossy stand-in pass registered for the duration of a test."""
+"""Shared fixtures: lossy stand-in passes, registered the public way (a registry extended for the test)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from graphopt.calibration.sources import require_data
 @dataclass(frozen=True)
 class NoiseConfig:
     scale: float = 0.1
+    exclude: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
 
 
 class AddNoisePass(ir.passes.InPlacePass):
@@ -32,20 +34,24 @@ class AddNoisePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
+@dataclass
+class NoisePasses:
+    """A registry with the stand-in passes, and the data sources the calibrated one was given."""
+
+    known: registry.Registry
+    seen: list[object]
+
+
 @pytest.fixture
-def with_noise_pass(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+def noise_passes() -> NoisePasses:
     seen: list[object] = []
 
     def calibrate(model: ir.Model, data: graphopt.DataSpec, config: NoiseConfig) -> str:
         seen.append(require_data(data, "calibrated_noise").source)
         return "stats"
 
-    specs = {
-        "noise": registry.PassSpec("noise", AddNoisePass, NoiseConfig, exact=False),
-        "calibrated_noise": registry.PassSpec(
-            "calibrated_noise", AddNoisePass, NoiseConfig, exact=False, calibrate=calibrate
-        ),
-    }
-    original = registry.get_spec
-    monkeypatch.setattr(registry, "get_spec", lambda name: specs[name] if name in specs else original(name))
-    return seen
+    known = registry.REGISTRY.with_passes(
+        registry.PassSpec("noise", AddNoisePass, NoiseConfig, lossy=registry.Lossy()),
+        registry.PassSpec("calibrated_noise", AddNoisePass, NoiseConfig, calibrate=calibrate, lossy=registry.Lossy()),
+    )
+    return NoisePasses(known, seen)

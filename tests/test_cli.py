@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphopt import cli
+from graphopt import cli, registry
 from tests import toy
+from tests.conftest import NoisePasses
 
 
 @pytest.fixture
@@ -15,8 +16,10 @@ def model_path(tmp_path: Path) -> Path:
     return toy.save(toy.foldable(), tmp_path / "model.onnx")
 
 
-def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    code = cli.main(list(args))
+def _run(
+    capsys: pytest.CaptureFixture[str], *args: str, known: registry.Registry = registry.REGISTRY
+) -> tuple[int, str]:
+    code = cli.main(list(args), known=known)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -70,10 +73,11 @@ def test_report_dir_has_json_markdown_and_plots(tmp_path: Path, capsys: pytest.C
 
 
 def test_over_budget_exits_1_and_writes_no_model(
-    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], with_noise_pass: list[object]
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], noise_passes: NoisePasses
 ) -> None:
     out, report = tmp_path / "o.onnx", tmp_path / "r.json"
-    code, text = _run(capsys, "optimize", str(model_path), "-o", str(out), "--pass", "noise", "--report", str(report))
+    args = ("optimize", str(model_path), "-o", str(out), "--pass", "noise", "--report", str(report))
+    code, text = _run(capsys, *args, known=noise_passes.known)
     assert code == 1 and "over the accuracy budget" in text
     assert not out.exists() and not json.loads(report.read_text())["verification"]["passed"]
 

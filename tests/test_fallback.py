@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,7 +14,6 @@ import graphopt
 from graphopt import verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import AccuracyBudgetError
-from graphopt.fallback import budget_score
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
@@ -24,9 +25,22 @@ def _result(**metrics: float) -> verify.VerifyResult:
 
 def test_budget_score_is_one_at_the_limit() -> None:
     budget = verify.Budget(max_rel_l2=0.1, min_cosine=0.99)
-    assert budget_score(_result(rel_l2=0.1, cosine_min=0.995), budget) == pytest.approx(1.0)
-    assert budget_score(_result(rel_l2=0.05, cosine_min=0.98), budget) == pytest.approx(2.0)
-    assert budget_score(_result(rel_l2=0.0, cosine_min=1.0), budget) == 0.0
+    assert _result(rel_l2=0.1, cosine_min=0.995).score(budget) == pytest.approx(1.0)
+    assert _result(rel_l2=0.05, cosine_min=0.98).score(budget) == pytest.approx(2.0)
+    assert _result(rel_l2=0.0, cosine_min=1.0).score(budget) == 0.0
+
+
+def test_score_and_violations_read_the_same_limits() -> None:
+    """Every limit that scores over 1 is reported as a violation, and only those."""
+    budget = verify.Budget(max_abs=0.1, max_rel_l2=0.1, min_cosine=0.99, min_cosine_mean=0.995, min_top1=0.9)
+    within = verify.OutputMetrics("y", max_abs=0.1, rel_l2=0.05, cosine_min=0.99, cosine_mean=0.999, top1=0.95)
+    assert graphopt.budget.violations(within, budget) == [] and graphopt.budget.score([within], budget) <= 1.0
+    for name, value in (("max_abs", 0.2), ("rel_l2", 0.2), ("cosine_min", 0.98), ("cosine_mean", 0.99), ("top1", 0.8)):
+        over = dataclasses.replace(within, **{name: value})
+        assert len(graphopt.budget.violations(over, budget)) == 1, name
+        assert graphopt.budget.score([over], budget) > 1.0, name
+    nan = dataclasses.replace(within, rel_l2=float("nan"))
+    assert graphopt.budget.violations(nan, budget) and graphopt.budget.score([nan], budget) == float("inf")
 
 
 def _cnn_recipe(budget: dict[str, float], **fallback: int) -> dict[str, object]:
@@ -53,7 +67,7 @@ def test_fallback_keeps_the_fewest_layers_in_float_to_meet_the_budget() -> None:
     assert fallback is not None and fallback["passed"] and 1 <= len(fallback["float_nodes"]) < 7
     assert result.report.verification.passed
     quantize = next(p for p in result.report.passes if p.name == "quantize")
-    assert set(fallback["float_nodes"]) <= set(quantize.options["exclude_nodes"])
+    assert set(fallback["float_nodes"]) <= set(quantize.options["exclude"])
 
 
 def test_unreachable_budget_reports_the_search_and_fails() -> None:
@@ -70,23 +84,25 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     """Two single layers meet the budget: the faster one is kept in float, not the first found."""
     from graphopt import io
     from graphopt.fallback import FallbackResult, _Search
-    from graphopt.passes.quantize.static import QuantizeConfig
+    from graphopt.passes.quantize import QuantizeConfig
     from tests import toy
 
-    class Tagging:  # a stand-in lossy pass: records what it was told to leave in float
-        name, exclusion, exclusion_patterns = "tagging", "exclude_nodes", False
+    class Tagging(ir.passes.InPlacePass):  # a stand-in lossy pass: records what it was told to leave in float
+        def __init__(self, config: QuantizeConfig, statistics: object = None) -> None:
+            super().__init__()
+            self.config = config
 
-        def build(self, config: QuantizeConfig, statistics: object) -> object:
-            def run(model: object) -> None:
-                model.doc_string = ",".join(config.exclude_nodes)
-
-            return run
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            model.doc_string = ",".join(self.config.exclude)
+            return ir.passes.PassResult(model, modified=True)
 
     scores = {"big": 0.9, "small": 0.95, "bad": 1.2, "big,small": 0.5}
     speed = {"big": 5.0, "small": 3.0, "bad": 1.0, "big,small": 6.0}
     before = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
     search = _Search(
-        Tagging(), QuantizeConfig(), before, None, lambda m: scores[m.doc_string], FallbackResult("quantize")
+        graphopt.registry.PassSpec("tagging", Tagging, QuantizeConfig, lossy=graphopt.registry.Lossy()),
+        QuantizeConfig(),
+        before, None, lambda m: scores[m.doc_string], FallbackResult("quantize")
     )
     for excluded in (["big"], ["bad"], ["small"], ["big", "small"]):
         search.score(excluded)
@@ -138,19 +154,19 @@ def test_pruning_falls_back_to_a_better_method_then_dense_layers() -> None:
 
 
 def test_exclusions_go_where_each_pass_reads_them() -> None:
-    from graphopt.fallback import with_excluded
     from graphopt.passes.fp16 import Fp16Config
     from graphopt.passes.prune.unstructured import PruneConfig
-    from graphopt.passes.quantize.static import QuantizeConfig
+    from graphopt.passes.quantize import QuantizeConfig
 
     spec = graphopt.registry.get_spec
-    quantize = with_excluded(QuantizeConfig(), ["fc", "tensor:h"], spec("quantize"))
-    assert quantize.exclude_nodes == ("fc",) and quantize.exclude_tensors == ("h",)
-    # prune's list holds shell patterns: a node name with pattern characters must match only itself
-    prune = with_excluded(PruneConfig(exclude=("head*",)), ["layers[0].fc"], spec("prune"))
+    quantize = spec("quantize").with_excluded(QuantizeConfig(), ["fc", "tensor:h"])
+    assert quantize.exclude == ("fc",) and quantize.exclude_tensors == ("h",)
+    # every exclude list holds shell patterns: a node name with pattern characters must match only itself
+    prune = spec("prune").with_excluded(PruneConfig(exclude=("head*",)), ["layers[0].fc"])
     assert prune.exclude == ("head*", "layers[[]0].fc")
-    assert with_excluded(Fp16Config(), ["softmax_in"], spec("fp16")).block_nodes == ("softmax_in",)
-    assert spec("fp16").exclusion == "block_nodes"
+    assert spec("fp16").with_excluded(Fp16Config(), ["softmax_in"]).exclude == ("softmax_in",)
+    # a pass without exclude_tensors never receives tensor entries
+    assert spec("fp16").with_excluded(Fp16Config(), ["tensor:h"]).exclude == ()
 
 
 def test_structured_pruning_keeps_the_fewest_producers_whole() -> None:

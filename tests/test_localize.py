@@ -10,7 +10,8 @@ from graphopt import io
 from graphopt.calibration.sources import DataSpec
 from graphopt.localize import layer_errors, match_tensors
 from graphopt.passes.fold.constants import FoldConstantsPass
-from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass, collect_ranges
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass
+from graphopt.passes.quantize.calibrate import collect_ranges
 
 DATA = Path(str(resources.files("graphopt") / "data"))
 

@@ -7,10 +7,11 @@ import onnx_ir as ir
 import pytest
 
 import graphopt
-from graphopt import io
+from graphopt import io, registry
 from graphopt.errors import AccuracyBudgetError, DataError, PassError
-from graphopt.passes.fold.constants import FoldConstantsPass
+from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from tests import toy
+from tests.conftest import NoisePasses
 
 
 @pytest.fixture
@@ -34,29 +35,29 @@ def test_optimize_leaves_the_given_model_unchanged(model_path: Path) -> None:
     assert len(list(model.graph)) == 6 and len(list(result.model.graph)) == 3
 
 
-def test_budget_failure_names_the_lossy_pass(model_path: Path, with_noise_pass: list[object]) -> None:
+def test_budget_failure_names_the_lossy_pass(model_path: Path, noise_passes: NoisePasses) -> None:
     plan = {"passes": ["fold", "noise"], "budget": {"max_rel_l2": 1e-3}}
     with pytest.raises(AccuracyBudgetError) as info:
-        graphopt.optimize(model_path, plan)
+        graphopt.optimize(model_path, plan, known=noise_passes.known)
     message = str(info.value)
     assert "output 'y': relative L2" in message and "Passes that changed the model: noise" in message
     assert info.value.report is not None and not info.value.report.verification.passed
     assert info.value.exit_code == 1
 
 
-def test_report_only_does_not_raise(model_path: Path, with_noise_pass: list[object]) -> None:
+def test_report_only_does_not_raise(model_path: Path, noise_passes: NoisePasses) -> None:
     plan = {"passes": ["noise"], "budget": {"max_rel_l2": 1e-3}, "verify": {"report_only": True, "latency_runs": 0}}
-    result = graphopt.optimize(model_path, plan)
+    result = graphopt.optimize(model_path, plan, known=noise_passes.known)
     assert not result.report.verification.passed and result.report.latency is None
 
 
-def test_calibration_reaches_the_pass(model_path: Path, tmp_path: Path, with_noise_pass: list[object]) -> None:
+def test_calibration_reaches_the_pass(model_path: Path, tmp_path: Path, noise_passes: NoisePasses) -> None:
     with pytest.raises(DataError, match="pass 'calibrated_noise' needs calibration data"):
-        graphopt.optimize(model_path, ["calibrated_noise"])
+        graphopt.optimize(model_path, ["calibrated_noise"], known=noise_passes.known)
     np.savez(tmp_path / "calib.npz", x=np.zeros((4, 8), np.float32))
     plan = {"passes": ["calibrated_noise"], "verify": {"report_only": True, "latency_runs": 0}}
-    graphopt.optimize(model_path, plan, calibration=tmp_path / "calib.npz")
-    assert with_noise_pass == [tmp_path / "calib.npz"]
+    graphopt.optimize(model_path, plan, calibration=tmp_path / "calib.npz", known=noise_passes.known)
+    assert noise_passes.seen == [tmp_path / "calib.npz"]
 
 
 def test_failing_pass_is_named_with_those_before(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,12 +71,13 @@ def test_failing_pass_is_named_with_those_before(model_path: Path, monkeypatch: 
 
 
 def test_check_blames_the_pass_that_broke_the_graph(
-    model_path: Path, monkeypatch: pytest.MonkeyPatch, with_noise_pass: list[object]
+    model_path: Path, noise_passes: NoisePasses
 ) -> None:
-    def breaks(self: FoldConstantsPass, model: ir.Model) -> ir.passes.PassResult:
-        next(iter(model.graph)).op_type = "NoSuchOp"
-        return ir.passes.PassResult(model, modified=True)
+    class Breaks(FoldConstantsPass):
+        def call(self, model: ir.Model) -> ir.passes.PassResult:
+            next(iter(model.graph)).op_type = "NoSuchOp"
+            return ir.passes.PassResult(model, modified=True)
 
-    monkeypatch.setattr(FoldConstantsPass, "call", breaks)
-    with pytest.raises(PassError, match=r"pass 2 'fold' \(after noise\) left a model that fails onnx.checker"):
-        graphopt.optimize(model_path, {"passes": ["noise", "fold"], "check": True})
+    known = noise_passes.known.with_passes(registry.PassSpec("breaks", Breaks, FoldConfig))
+    with pytest.raises(PassError, match=r"pass 2 'breaks' \(after noise\) left a model that fails onnx.checker"):
+        graphopt.optimize(model_path, {"passes": ["noise", "breaks"], "check": True}, known=known)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphopt import io, verify
+from graphopt import budget, io, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
 from tests import toy
@@ -41,20 +41,20 @@ def test_metrics_of_perturbed_outputs() -> None:
 
 def test_budget_violations_name_output_and_metric() -> None:
     metrics = verify.OutputMetrics("logits", max_abs=0.2, rel_l2=0.01, cosine_min=0.98, top1=0.9)
-    found = metrics.violations(verify.Budget(max_abs=0.1, min_cosine=0.99, min_top1=0.95, max_rel_l2=0.1))
+    found = budget.violations(metrics, verify.Budget(max_abs=0.1, min_cosine=0.99, min_top1=0.95, max_rel_l2=0.1))
     assert found == [
         "output 'logits': max abs error 0.2 > budget 0.1",
         "output 'logits': min cosine 0.980000 < budget 0.99",
         "output 'logits': top-1 agreement 0.9000 < budget 0.95",
     ]
-    assert metrics.violations(verify.Budget(max_abs=0.1, outputs=("other",))) == []
+    assert budget.violations(metrics, verify.Budget(max_abs=0.1, outputs=("other",))) == []
 
 
 def test_nan_output_fails_any_abs_budget() -> None:
     ref = np.ones((2, 3))
     cand = ref.copy()
     cand[0, 0] = np.nan
-    assert _acc(ref, cand).violations(verify.Budget(max_abs=1.0))
+    assert budget.violations(_acc(ref, cand), verify.Budget(max_abs=1.0))
 
 
 def test_random_inputs_respect_tables_and_masks(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -17,76 +16,16 @@ from graphopt.passes.edit import infer_types, trans_b
 from graphopt.passes.prune import recovery as prune_recovery
 from graphopt.passes.prune import scoring as prune_scoring
 from graphopt.passes.prune.calibration import LayerStatistics, collect_layer_statistics, layer_key
+from graphopt.passes.prune.config import PruneStructuredConfig
 from graphopt.passes.prune.groups import ChannelGroup, GroupFinder, consumer_weight_axis, producer_weight_axis
 from graphopt.passes.prune.recovery import RecoveryStatistics
 from graphopt.passes.prune.surgery import prune_group
-from graphopt.passes.prune.unstructured import excluded_by
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("conv", "mlp", "heads")
 # Where the channel counts before the first pruning are kept, so a second run knows its
 # target was reached (the pass is idempotent) instead of pruning again.
 HISTORY_KEY = "graphopt.prune_structured.channels"
-
-
-@dataclass(frozen=True)
-class PruneStructuredConfig:
-    """Options of the ``prune_structured`` pass."""
-
-    ratio: float = field(default=0.5, metadata={"help": "Fraction of each group's channels to remove."})
-    kinds: tuple[str, ...] = field(
-        default=KINDS, metadata={"help": "Groups to prune: conv (channels), mlp (neurons), heads (attention heads)."}
-    )
-    importance: Literal["weight", "activation"] = field(
-        default="weight",
-        metadata={
-            "help": "weight: L2 norms of the weights around each channel; "
-            "activation: each channel's contribution to the next layer on calibration data."
-        },
-    )
-    recover: bool = field(
-        default=False,
-        metadata={"help": "Re-fit the next layer by least squares on calibration data (no training)."},
-    )
-    ridge: float = field(
-        default=0.1, metadata={"help": "Re-fit regularisation towards the current weights, relative to mean X^T X."}
-    )
-    residual: Literal["together", "skip"] = field(
-        default="together",
-        metadata={"help": "Channels tied by a residual Add: prune all their producers together, or skip the group."},
-    )
-    round_to: int = field(
-        default=8,
-        metadata={
-            "help": "Keep widths that are multiples of this; ONNX Runtime's CPU convolutions slow down on others."
-        },
-    )
-    exclude: tuple[str, ...] = field(
-        default=(), metadata={"help": "Producer node or weight names to leave whole; shell patterns work."}
-    )
-    exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Producer op types to leave whole."})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 <= self.ratio < 1.0:
-            problems.append(f"ratio must be in [0, 1); got {self.ratio}")
-        unknown = sorted(set(self.kinds) - set(KINDS))
-        if unknown:
-            problems.append(f"kinds {unknown} are unknown; choose from {', '.join(KINDS)}")
-        if self.ridge < 0:
-            problems.append(f"ridge must be >= 0; got {self.ridge}")
-        if self.round_to < 1:
-            problems.append(f"round_to must be >= 1; got {self.round_to}")
-        if problems:
-            raise ValueError("; ".join(problems) + ".")
-
-    @property
-    def needs_data(self) -> bool:
-        return self.recover or self.importance == "activation"
-
-    def excluded(self, node: ir.Node) -> bool:
-        return excluded_by(node, self.exclude, self.exclude_op_types)
 
 
 @dataclass

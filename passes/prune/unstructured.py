@@ -2,83 +2,21 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.errors import PassError
+from graphopt.passes import edit
 from graphopt.passes.edit import trans_b
 from graphopt.passes.prune import scoring
 from graphopt.passes.prune.calibration import LayerStatistics, collect_layer_statistics, layer_key
+from graphopt.passes.prune.config import COO_INDEX_BYTES, PruneConfig
 
 logger = logging.getLogger(__name__)
-
-PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
-# Bytes per stored non-zero in a COO sparse initializer: the value plus its int64 index,
-# the only index type onnx.checker accepts.
-COO_INDEX_BYTES = 8
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """Options of the ``prune`` pass."""
-
-    pattern: Literal["unstructured", "n:m"] = field(
-        default="unstructured",
-        metadata={"help": "unstructured: any weights; n:m keeps n of every m along the reduction axis (2:4 on GPUs)."},
-    )
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights set to zero, for unstructured."})
-    n: int = field(default=2, metadata={"help": "Weights kept in each group of m, for pattern n:m."})
-    m: int = field(default=4, metadata={"help": "Group size along the reduction axis, for pattern n:m."})
-    method: Literal["magnitude", "wanda", "sparsegpt"] = field(
-        default="magnitude",
-        metadata={
-            "help": "magnitude: |W|; wanda: |W| x input norm (calibration); "
-            "sparsegpt: Hessian-based, updates kept weights (calibration)."
-        },
-    )
-    scope: Literal["layer", "global"] = field(
-        default="layer",
-        metadata={"help": "Unstructured sparsity per layer, or one magnitude threshold over all layers (global)."},
-    )
-    op_types: tuple[str, ...] = field(default=PRUNABLE_OPS, metadata={"help": "Op types whose weights are pruned."})
-    exclude: tuple[str, ...] = field(
-        default=(), metadata={"help": "Node or weight names to leave dense; shell patterns like 'fc*' work."}
-    )
-    exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave dense."})
-    block_size: int = field(default=128, metadata={"help": "SparseGPT: columns pruned per block."})
-    damp: float = field(default=0.01, metadata={"help": "SparseGPT: Hessian damping, a fraction of its mean diagonal."})
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 <= self.sparsity < 1.0:
-            problems.append(f"sparsity must be in [0, 1); got {self.sparsity}")
-        if not 0 < self.n < self.m:
-            problems.append(f"n:m needs 0 < n < m; got n={self.n}, m={self.m}")
-        if self.scope == "global" and self.method != "magnitude":
-            problems.append(
-                f"scope=global compares magnitudes across layers; it needs method=magnitude, not {self.method}"
-            )
-        if self.scope == "global" and self.pattern != "unstructured":
-            problems.append("scope=global applies to pattern=unstructured only")
-        if self.block_size < 1:
-            problems.append(f"block_size must be >= 1; got {self.block_size}")
-        if not self.damp > 0.0:
-            problems.append(f"damp must be > 0; got {self.damp}")
-        unknown = sorted(set(self.op_types) - set(PRUNABLE_OPS))
-        if unknown:
-            problems.append(f"op_types {unknown} cannot be pruned; choose from {', '.join(PRUNABLE_OPS)}")
-        if problems:
-            raise ValueError("; ".join(problems) + ".")
-
-    @property
-    def needs_data(self) -> bool:
-        return self.method != "magnitude"
 
 
 @dataclass(frozen=True)
@@ -116,17 +54,10 @@ def prunable_layers(graph: ir.Graph, config: PruneConfig) -> list[Layer]:
     return layers
 
 
-def excluded_by(node: ir.Node, patterns: tuple[str, ...], op_types: tuple[str, ...]) -> bool:
-    """Whether ``node`` (by op type, or its name or weight's name against shell ``patterns``) is left alone."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    names = [n for n in (node.name, weight.name if weight is not None else None) if n]
-    return node.op_type in op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
-
-
 def _unprunable(graph: ir.Graph, node: ir.Node, config: PruneConfig) -> str | None:
     """Why ``node``'s weight is left dense, or None when it can be pruned."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if excluded_by(node, config.exclude, config.exclude_op_types):
+    if edit.excluded(node, config.exclude, config.exclude_op_types):
         return "excluded by the config"
     if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
         return "its weight is not a float constant"
@@ -157,14 +88,6 @@ def collect_prune_statistics(model: ir.Model, data: object, config: PruneConfig)
         return {}
     spec = require_data(data, "prune")  # type: ignore[arg-type]
     return collect_layer_statistics(model, spec, [layer.node for layer in layers], gram=config.method == "sparsegpt")
-
-
-def prune_method_alternatives(config: PruneConfig) -> list[PruneConfig]:
-    """Calibrated methods at the same sparsity (same size and speed), for the accuracy fallback."""
-    if config.scope != "layer":
-        return []
-    order = ("magnitude", "wanda", "sparsegpt")
-    return [replace(config, method=m) for m in order[order.index(config.method) + 1 :]]
 
 
 class PruneWeightsPass(ir.passes.InPlacePass):

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
-from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass
+from graphopt.passes.quantize.config import QuantizeConfig
+from graphopt.passes.quantize.static import QuantizeQDQPass
 
 __all__ = ["QuantizeConfig", "QuantizeQDQPass"]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
-from graphopt.passes.weight_only.quantize import WeightOnlyConfig, WeightOnlyQuantizePass
+from graphopt.passes.weight_only.config import WeightOnlyConfig
+from graphopt.passes.weight_only.quantize import WeightOnlyQuantizePass
 
 __all__ = ["WeightOnlyConfig", "WeightOnlyQuantizePass"]

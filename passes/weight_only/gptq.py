@@ -14,16 +14,15 @@ attention block share one), whatever the number of samples.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.calibration.collect import stream_activations
 from graphopt.calibration.sources import DataSpec, require_data
-
-if TYPE_CHECKING:
-    from graphopt.passes.weight_only.quantize import WeightOnlyConfig
+from graphopt.passes.weight_only.config import WeightOnlyConfig
+from graphopt.passes.weight_only.layers import plan_layers
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ class Grid(Protocol):
 
 def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyConfig) -> dict[str, np.ndarray] | None:
     """Calibrate ``X^T X / n`` of every quantized MatMul/Gemm input (only for ``method: gptq``)."""
-    from graphopt.passes.weight_only.quantize import plan_layers  # the pass imports this module
-
     if config.method != "gptq":
         return None
     data = require_data(data, "weight_only")

@@ -14,7 +14,6 @@ load time; the file keeps the small form. Layers that share a weight share its i
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,9 +23,8 @@ from graphopt.errors import PassError
 from graphopt.numerics.blocks import IntBlocks, fits_float16, matmul_nbits_layout, pack_nibbles
 from graphopt.numerics.nf4 import Bnb4Blocks, DoubleQuant, matmul_bnb4_layout
 from graphopt.passes.edit import replace_node, unique_name
-
-if TYPE_CHECKING:
-    from graphopt.passes.weight_only.quantize import Layer, WeightOnlyConfig
+from graphopt.passes.weight_only.config import WeightOnlyConfig
+from graphopt.passes.weight_only.layers import Layer
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -15,192 +14,13 @@ from graphopt.numerics.blocks import IntBlocks, quantize_int_blocks
 from graphopt.numerics.nf4 import Bnb4Blocks, quantize_bnb4
 from graphopt.passes import edit
 from graphopt.passes.weight_only import gptq as gptq_module
+from graphopt.passes.weight_only.config import FLOAT_FORMATS, WeightOnlyConfig
 from graphopt.passes.weight_only.kernels import ort_notes, predict_kernels
+from graphopt.passes.weight_only.layers import Layer, plan_layers
 from graphopt.passes.weight_only.lower import MS_DOMAIN, Lowering, raise_opset
 
 logger = logging.getLogger(__name__)
 
-_FLOAT_FORMATS = ("nf4", "fp4")
-collect_hessians = gptq_module.collect_hessians
-
-
-@dataclass(frozen=True)
-class WeightOnlyConfig:
-    """Options of the ``weight_only`` pass."""
-
-    format: Literal["matmul_nbits", "qdq", "nf4", "fp4"] = field(
-        default="matmul_nbits",
-        metadata={
-            "help": "matmul_nbits: com.microsoft.MatMulNBits (ONNX Runtime CPU/GPU); qdq: standard blocked "
-            "DequantizeLinear -> MatMul (opset 21; ORT's CPU EP fuses it into MatMulNBits); nf4/fp4: QLoRA "
-            "4-bit floats in com.microsoft.MatMulBnb4."
-        },
-    )
-    bits: Literal[4, 8] = field(default=4, metadata={"help": "Bits per weight for matmul_nbits/qdq (nf4/fp4: 4)."})
-    block_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Weights per scale along the input axis: a power of two >= 16, or 0 for one scale per "
-            "output channel. Default: 32 (int formats), 64 (nf4/fp4, as QLoRA)."
-        },
-    )
-    symmetric: bool = field(
-        default=True,
-        metadata={"help": "Signed codes without zero point; false: unsigned codes with a zero point per block."},
-    )
-    method: Literal["rtn", "gptq"] = field(
-        default="rtn",
-        metadata={
-            "help": "rtn: round to nearest; gptq: error-compensating row-by-row update from calibration "
-            "activations (needs calibration data)."
-        },
-    )
-    clip_search: bool = field(
-        default=True,
-        metadata={"help": "Per block, shrink the range if that lowers the block's reconstruction error."},
-    )
-    clip_min: float = field(default=0.8, metadata={"help": "Smallest range shrink factor the clip search tries."})
-    clip_steps: int = field(default=8, metadata={"help": "Shrink factors tried between 1.0 and clip_min."})
-    gptq_damp: float = field(default=0.01, metadata={"help": "GPTQ dampening: fraction of mean(diag H) added to H."})
-    double_quant: bool = field(
-        default=True, metadata={"help": "nf4/fp4: store block absmax in 8 bits, groups of 256 (QLoRA)."}
-    )
-    accuracy_level: Literal[0, 1, 2, 3, 4] | None = field(
-        default=None,
-        metadata={
-            "help": "MatMulNBits accuracy_level: 4 lets the CPU kernel quantize activations to int8 per block "
-            "(~1.4x faster at batch 1, slower at large batches without VNNI); 0 computes in float. Default: "
-            "0 for 4 bits, 4 for 8 bits (the 8-bit float kernel is several times slower than float32)."
-        },
-    )
-    scale_type: Literal["float16", "float32"] = field(
-        default="float16",
-        metadata={"help": "How scales are stored; float16 (Cast to float32 at load) keeps int4 at 4.5 bits/weight."},
-    )
-    op_types: tuple[str, ...] = field(
-        default=("MatMul", "Gemm", "Gather"), metadata={"help": "Op types whose constant weights are quantized."}
-    )
-    exclude_nodes: tuple[str, ...] = field(default=(), metadata={"help": "Node names to leave in float."})
-
-    def __post_init__(self) -> None:
-        size = self.block_size
-        if size is not None and size != 0 and (size < 16 or size & (size - 1)):
-            raise ValueError(f"block_size must be 0 (per output channel) or a power of two >= 16; got {size}.")
-        if self.format in _FLOAT_FORMATS and self.bits != 4:
-            raise ValueError(f"format {self.format!r} stores 4-bit floats; set bits: 4 (got {self.bits}).")
-        if self.format in _FLOAT_FORMATS and size == 0:
-            raise ValueError(f"format {self.format!r} needs blocks along K; block_size 0 is for matmul_nbits/qdq.")
-        if not 0.0 < self.clip_min <= 1.0:
-            raise ValueError(f"clip_min must be in (0, 1]; got {self.clip_min}.")
-        if self.clip_steps < 1:
-            raise ValueError(f"clip_steps must be >= 1; got {self.clip_steps}.")
-        if self.gptq_damp <= 0:
-            raise ValueError(f"gptq_damp must be > 0; got {self.gptq_damp}.")
-
-    @property
-    def kernel_accuracy_level(self) -> int:
-        """The MatMulNBits accuracy_level written (``accuracy_level`` with its default resolved)."""
-        if self.accuracy_level is not None:
-            return self.accuracy_level
-        return 4 if self.bits == 8 else 0
-
-    @property
-    def default_block(self) -> int:
-        if self.block_size is not None:
-            return self.block_size
-        return 64 if self.format in _FLOAT_FORMATS else 32
-
-    def block_for(self, k: int) -> int:
-        """The block size used for a reduction of length ``k`` (per channel: a power of two >= k)."""
-        return self.default_block or max(16, 1 << (max(k, 1) - 1).bit_length())
-
-    def clip_ratios(self) -> tuple[float, ...]:
-        if not self.clip_search or self.clip_min >= 1.0:
-            return (1.0,)
-        return tuple(float(r) for r in np.linspace(1.0, self.clip_min, self.clip_steps))
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One constant weight to quantize and the node that reads it.
-
-    ``k`` is the reduction length (the blocked axis) and ``n`` the other one; ``transposed``
-    says the weight is stored ``[n, k]`` (Gemm with transB, embedding tables ``[V, D]``).
-    """
-
-    node: ir.Node
-    weight: ir.Value
-    kind: Literal["matmul", "gemm", "gather"]
-    k: int
-    n: int
-    transposed: bool
-    activation: ir.Value | None
-
-
-def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer], dict[str, int]]:
-    """Main-graph layers the pass will quantize, and why others were skipped (reason -> count)."""
-    layers: list[Layer] = []
-    skipped: Counter[str] = Counter()
-    for node in graph:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
-            continue
-        if node.name and node.name in config.exclude_nodes:
-            skipped["excluded by name"] += 1
-            continue
-        layer, reason = _match(node, config)
-        if layer is not None:
-            layers.append(layer)
-        elif reason:
-            logger.debug("weight_only: %s (%s) left in float: %s", node.name, node.op_type, reason)
-            skipped[reason] += 1
-    # A weight that some other op (or a subgraph, or the graph output) reads stays in float for it
-    # anyway: quantizing its other readers would store it twice.
-    readers: dict[str, set[int]] = {}
-    for layer in layers:
-        readers.setdefault(layer.weight.name, set()).add(id(layer.node))
-    kept = []
-    for layer in layers:
-        value = layer.weight
-        if value.is_graph_output() or any(id(use.node) not in readers[value.name] for use in value.uses()):
-            logger.debug("weight_only: %s left in float: %s is also read by other ops", layer.node.name, value.name)
-            skipped["weight also read by other ops"] += 1
-        else:
-            kept.append(layer)
-    return kept, dict(skipped)
-
-
-def _constant_float_matrix(value: ir.Value | None) -> bool:
-    return (
-        value is not None
-        and value.const_value is not None
-        and value.const_value.dtype == ir.DataType.FLOAT
-        and len(value.const_value.shape) == 2
-    )
-
-
-def _match(node: ir.Node, config: WeightOnlyConfig) -> tuple[Layer | None, str | None]:
-    inputs = list(node.inputs)
-    if node.op_type == "Gather":
-        table = inputs[0] if inputs else None
-        if not _constant_float_matrix(table) or node.attributes.get_int("axis", 0) != 0:
-            return None, None  # not an embedding lookup
-        v, d = table.const_value.shape  # type: ignore[union-attr]
-        return Layer(node, table, "gather", d, v, True, None), None  # type: ignore[arg-type]
-    weight = inputs[1] if len(inputs) > 1 else None
-    activation = inputs[0] if inputs else None
-    if not _constant_float_matrix(weight):
-        return None, "weight is not a constant float32 matrix"
-    if activation is None or activation.const_value is not None or (activation.shape and len(activation.shape) < 2):
-        return None, "input A is constant or not a matrix"
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        return None, "Gemm with transA"
-    trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
-    rows, cols = weight.const_value.shape  # type: ignore[union-attr]
-    k, n = (cols, rows) if trans_b else (rows, cols)
-    if config.format in _FLOAT_FORMATS and k % config.block_for(k):
-        return None, f"K not a multiple of the {config.format} block size"
-    kind = "gemm" if node.op_type == "Gemm" else "matmul"
-    return Layer(node, weight, kind, k, n, trans_b, activation), None  # type: ignore[arg-type]
 
 
 @dataclass
@@ -212,11 +32,6 @@ class _Tally:
     bytes_after: Counter[str] = field(default_factory=Counter)
     bytes_before: Counter[str] = field(default_factory=Counter)
     errors: list[dict[str, object]] = field(default_factory=list)
-
-
-def method_alternatives(config: WeightOnlyConfig) -> list[WeightOnlyConfig]:
-    """GPTQ for round-to-nearest: same format, size and speed, for the accuracy fallback (needs calibration data)."""
-    return [replace(config, method="gptq")] if config.method == "rtn" else []
 
 
 class WeightOnlyQuantizePass(ir.passes.InPlacePass):
@@ -311,7 +126,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def _round(self, layer: Layer, w: np.ndarray, importance: np.ndarray | None) -> IntBlocks | Bnb4Blocks:
         config, block = self.config, self.config.block_for(layer.k)
-        if config.format in _FLOAT_FORMATS and layer.kind != "gather":
+        if config.format in FLOAT_FORMATS and layer.kind != "gather":
             return quantize_bnb4(
                 w,
                 config.format,  # type: ignore[arg-type]

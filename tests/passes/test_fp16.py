@@ -9,10 +9,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import io, recipe, runtime
+from graphopt.calibration.magnitudes import collect_magnitudes
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
 from graphopt.passes.fold.constants import FoldConstantsPass
-from graphopt.passes.fp16 import Float16Pass, Fp16Config, collect_magnitudes
+from graphopt.passes.fp16 import Float16Pass, Fp16Config
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
@@ -39,7 +40,7 @@ def test_cnn_in_fp16_matches_fp32_and_halves_weights() -> None:
 
 def test_blocked_ops_and_io_types() -> None:
     model = _cnn()
-    Float16Pass(Fp16Config(keep_io_types=False, block_op_types=("Gemm",)))(model)
+    Float16Pass(Fp16Config(keep_io_types=False, exclude_op_types=("Gemm",)))(model)
     assert model.graph.inputs[0].dtype == ir.DataType.FLOAT16
     gemm = next(n for n in model.graph if n.op_type == "Gemm")
     assert all(v.dtype == ir.DataType.FLOAT for v in gemm.inputs if v is not None)
@@ -66,7 +67,7 @@ def test_values_beyond_fp16_range_stay_float32(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"keep_io_types": "no"}, "keep_io_types: expected bool"), ({"block_op_types": "Softmax"}, "expected a list")],
+    [({"keep_io_types": "no"}, "keep_io_types: expected bool"), ({"exclude_op_types": "Softmax"}, "expected a list")],
 )
 def test_bad_configs(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError, match=message):

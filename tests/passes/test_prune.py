@@ -15,7 +15,8 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.passes.prune import scoring
 from graphopt.passes.prune.calibration import LayerStatistics, conv_patches
-from graphopt.passes.prune.unstructured import PruneConfig, PruneWeightsPass, collect_prune_statistics, prunable_layers
+from graphopt.passes.prune.config import PruneConfig
+from graphopt.passes.prune.unstructured import PruneWeightsPass, collect_prune_statistics, prunable_layers
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))

@@ -11,11 +11,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, recipe, runtime, verify
+from graphopt import hardware, io, recipe, runtime, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.passes.fold.constants import FoldConstantsPass
-from graphopt.passes.quantize.static import QuantizeConfig, QuantizeQDQPass, calibration_targets, collect_ranges
+from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass
+from graphopt.passes.quantize.calibrate import collect_ranges
+from graphopt.passes.quantize.select import calibration_targets
 from tests import toy
 
 DATA = Path(str(resources.files("graphopt") / "data"))
@@ -180,7 +182,7 @@ def test_exact_zeros_stay_zero(tmp_path: Path) -> None:
 
 def test_excluded_nodes_stay_float(tmp_path: Path) -> None:
     model = _relu_mlp(tmp_path)
-    config = QuantizeConfig(exclude_nodes=("fc2",))
+    config = QuantizeConfig(exclude=("fc2",))
     QuantizeQDQPass(config, _synthetic_ranges(model, config))(model)
     assert "W2" in model.graph.initializers and "W1_quantized" in model.graph.initializers
 
@@ -355,7 +357,7 @@ def test_without_islands_every_compute_output_is_quantized_as_ort_does(tmp_path:
 
 
 def test_fallback_alternatives_keep_speed_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    from graphopt.passes.quantize import static as quantize_module
+    from graphopt.passes.quantize import config as quantize_module
 
     def changed(config: QuantizeConfig) -> list[dict[str, object]]:
         return [
@@ -363,10 +365,10 @@ def test_fallback_alternatives_keep_speed_and_size(monkeypatch: pytest.MonkeyPat
             for alt in quantize_module.range_alternatives(config)
         ]
 
-    monkeypatch.setattr(runtime, "u8s8_saturates", lambda: True)
+    monkeypatch.setattr(hardware, "u8s8_saturates", lambda: True)
     eight_bit = QuantizeConfig(method="minmax", reduce_range=False)
     assert changed(eight_bit) == [{"reduce_range": "auto"}, {"method": "percentile"}, {"method": "mse"}]
     assert changed(QuantizeConfig(method="mse")) == [{"method": "percentile"}]
     assert changed(QuantizeConfig(mode="dynamic")) == []
-    monkeypatch.setattr(runtime, "u8s8_saturates", lambda: False)
+    monkeypatch.setattr(hardware, "u8s8_saturates", lambda: False)
     assert changed(eight_bit) == [{"method": "percentile"}, {"method": "mse"}]

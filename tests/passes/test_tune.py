@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import io, runtime
 from graphopt.calibration.sources import DataSpec
-from graphopt.passes.tune import TuneConfig, TuneDecision, TuneForRuntimePass, measure, residual_adds
+from graphopt.calibration.timing import measure
+from graphopt.passes.tune import TuneConfig, TuneDecision, TuneForRuntimePass, residual_adds
 from tests import toy
 
 

@@ -15,8 +15,10 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.numerics import blocks as quant_blocks
 from graphopt.numerics import nf4 as quant_nf4
+from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass
+from graphopt.passes.weight_only.gptq import collect_hessians
 from graphopt.passes.weight_only.kernels import observed_kernels
-from graphopt.passes.weight_only.quantize import WeightOnlyConfig, WeightOnlyQuantizePass, collect_hessians, plan_layers
+from graphopt.passes.weight_only.layers import plan_layers
 from tests import toy
 
 FORMATS = [("matmul_nbits", 4), ("matmul_nbits", 8), ("qdq", 4), ("qdq", 8), ("nf4", 4), ("fp4", 4)]
@@ -192,7 +194,7 @@ def test_unsupported_patterns_are_left_alone(tmp_path: Path) -> None:
 
 def test_excluded_nodes_op_types_and_per_channel(tmp_path: Path) -> None:
     model = _load(_mlp(k=100), tmp_path)
-    layers, skipped = plan_layers(model.graph, WeightOnlyConfig(exclude_nodes=("fc2",), op_types=("MatMul",)))
+    layers, skipped = plan_layers(model.graph, WeightOnlyConfig(exclude=("fc2",), op_types=("MatMul",)))
     assert [layer.node.name for layer in layers] == ["fc1"] and skipped == {"excluded by name": 1}
     assert WeightOnlyConfig(block_size=0).block_for(100) == 128
     for fmt in ("matmul_nbits", "qdq"):

@@ -1,0 +1,104 @@
+"""The accuracy budget: its limits, the metrics they read, and the one rule that checks and scores them.
+
+Verification reports violations and the accuracy fallback ranks candidates from the same
+table of limits (:data:`LIMITS`), so a new limit is added once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy limits per output; None leaves a metric unchecked.
+
+    Attributes:
+        max_abs: Largest allowed absolute difference.
+        max_rel_l2: Largest allowed ||cand - ref|| / ||ref||.
+        min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
+        min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
+        min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
+        outputs: Outputs the budget applies to; empty means all.
+    """
+
+    max_abs: float | None = None
+    max_rel_l2: float | None = None
+    min_cosine: float | None = None
+    min_cosine_mean: float | None = None
+    min_top1: float | None = None
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass
+class OutputMetrics:
+    """How far one output of the candidate is from the reference."""
+
+    name: str
+    max_abs: float = 0.0
+    rel_l2: float = 0.0
+    cosine_mean: float = 1.0
+    cosine_min: float = 1.0
+    top1: float | None = None
+    reference_max_abs: float = 0.0
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One budget field: the metric it bounds, from above (an error) or from below (an agreement)."""
+
+    field: str
+    metric: str
+    upper: bool
+    label: str
+    digits: str  # how the message prints the metric
+
+
+LIMITS = (
+    Limit("max_abs", "max_abs", True, "max abs error", ".3g"),
+    Limit("max_rel_l2", "rel_l2", True, "relative L2", ".3g"),
+    Limit("min_cosine", "cosine_min", False, "min cosine", ".6f"),
+    Limit("min_cosine_mean", "cosine_mean", False, "mean cosine", ".6f"),
+    Limit("min_top1", "top1", False, "top-1 agreement", ".4f"),
+)
+
+
+def ratio(limit: Limit, value: float, bound: float) -> float:
+    """How much of the budget ``value`` uses: <= 1 within it, 1 exactly at the limit, 0 when perfect."""
+    if math.isnan(value):
+        return math.inf
+    if limit.upper:
+        return value / bound if bound > 0 else (0.0 if value == 0 else math.inf)
+    if bound >= 1.0:  # (1 - value) / (1 - bound) with no room at all
+        return 0.0 if value >= 1.0 else math.inf
+    return max(0.0, 1.0 - value) / (1.0 - bound)
+
+
+def checked(metrics: OutputMetrics, budget: Budget) -> Iterable[tuple[Limit, float, float]]:
+    """(limit, metric value, bound) of every limit the budget sets that applies to this output."""
+    if budget.outputs and metrics.name not in budget.outputs:
+        return
+    for limit in LIMITS:
+        bound = getattr(budget, limit.field)
+        value = getattr(metrics, limit.metric)
+        if bound is not None and value is not None:
+            yield limit, float(value), float(bound)
+
+
+def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
+    """One message per limit this output misses."""
+    found = []
+    for limit, value, bound in checked(metrics, budget):
+        if ratio(limit, value, bound) > 1.0:
+            sign = ">" if limit.upper else "<"
+            bound_text = f"{bound:{limit.digits}}" if limit.upper else f"{bound}"
+            found.append(f"output {metrics.name!r}: {limit.label} {value:{limit.digits}} {sign} budget {bound_text}")
+    return found
+
+
+def score(outputs: Iterable[OutputMetrics], budget: Budget) -> float:
+    """The worst budget ratio over outputs and limits: <= 1 means within budget."""
+    ratios = (ratio(limit, value, bound) for out in outputs for limit, value, bound in checked(out, budget))
+    return max(ratios, default=0.0)

@@ -1,0 +1,212 @@
+"""What each ``graphopt`` command does, once :mod:`graphopt.cli` has parsed its arguments.
+
+Kept apart from the parser so that ``graphopt --help`` loads neither ONNX nor ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from graphopt import budget as budget_rules
+from graphopt import demo, io, ort_view, plots, recipe, registry, render, runtime, stats, verify
+from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
+from graphopt.pipeline import optimize
+from graphopt.report import Report
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+
+def _dims(pairs: Sequence[str]) -> dict[str, int]:
+    dims = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise RecipeError(f"--dim {pair!r}: expected NAME=INT, e.g. --dim batch=4.")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _default_recipe() -> Path:
+    return Path(str(resources.files("graphopt") / "recipes" / "default.yaml"))
+
+
+def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
+    if args.recipe and args.passes:
+        raise RecipeError("give either --recipe or --pass, not both.")
+    base = recipe.load_recipe(args.recipe or _default_recipe(), known=args.known)
+    passes = tuple(recipe.parse_pass_arg(p, known=args.known) for p in args.passes) if args.passes else base.passes
+    data = base.verify.data
+    dims = {**dict(data.dims or {}), **_dims(args.dim)}
+    verify_data = dataclasses.replace(
+        data, source=args.verify_data or data.source, samples=args.samples or data.samples, dims=dims
+    )
+    # Everything the recipe says (layerwise included) unless a flag overrides it.
+    settings = dataclasses.replace(
+        base.verify,
+        enabled=base.verify.enabled and not args.no_verify,
+        data=verify_data,
+        report_only=base.verify.report_only or args.report_only,
+        threads=args.threads or base.verify.threads,
+    )
+    return recipe.Recipe(
+        passes=passes,
+        calibration=base.calibration,
+        verify=settings,
+        budget=base.budget,
+        device=args.device or base.device,
+        check=base.check or args.check,
+        fallback=base.fallback,
+    )
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    plan = _build_recipe(args)
+    source = Path(args.model)
+    output = Path(args.output)
+    calibration = None
+    if args.calib:
+        base = plan.calibration or DataSpec(samples=128)
+        calibration = dataclasses.replace(base, source=args.calib)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
+    ) as bar:
+        task = bar.add_task("optimizing", total=len(plan.passes))
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, description=f"pass {min(done + 1, total)}/{total}: {name}")
+
+        try:
+            result = optimize(source, plan, calibration=calibration, progress=progress)
+        except AccuracyBudgetError as exc:
+            if isinstance(exc.report, Report):
+                _write_reports(exc.report, args)
+                render.render_report(console, exc.report)
+            raise
+    saved = io.save_model(
+        result.model,
+        output,
+        protect=[source],
+        external_data=True if args.external_data else None,
+        sparse=args.sparse,
+        keep_debug_metadata=args.keep_debug_metadata,
+    )
+    if result.report.runtime is not None:
+        ort_view.note_sparse_initializers(result.report.runtime, saved.sparse_initializers)
+    result.report.output_path = str(saved.path)
+    result.report.output_bytes_on_disk = saved.bytes_on_disk
+    render.render_report(console, result.report)
+    _write_reports(result.report, args)
+    console.print(f"wrote {saved.path}" + (f" and {saved.data_path.name}" if saved.data_path else ""))
+    return 0
+
+
+def _write_reports(report: Report, args: argparse.Namespace) -> None:
+    if args.report:
+        Path(args.report).write_text(report.to_json(), encoding="utf-8")
+    if args.report_md:
+        Path(args.report_md).write_text(report.to_markdown(), encoding="utf-8")
+    if args.report_dir:
+        folder = Path(args.report_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(report.to_json(), encoding="utf-8")
+        (folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+        written = plots.write_plots(report, folder)
+        console.print(f"report in {folder}: report.json, report.md" + "".join(f", {p.name}" for p in written))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    model = io.load_model(args.model)
+    model_stats = stats.model_stats(model, sparsity=True)
+    if args.json:
+        console.print_json(json.dumps(model_stats.to_dict()))
+        return 0
+    specs = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in input_specs(model))
+    outputs = ", ".join(
+        f"{v.name} {v.dtype.name if v.dtype else '?'} {[str(d) for d in v.shape] if v.shape else '?'}"
+        for v in model.graph.outputs
+    )
+    render.render_stats(console, args.model, model_stats, {"inputs": specs, "outputs": outputs})
+    return 0
+
+
+def _data_from_args(args: argparse.Namespace, default_samples: int) -> DataSpec:
+    return DataSpec(
+        source=args.data,
+        samples=args.samples or default_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dims=_dims(args.dim),
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reference, candidate = io.load_model(args.reference), io.load_model(args.candidate)
+    budget = budget_rules.Budget(
+        max_abs=args.max_abs, max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, min_top1=args.min_top1
+    )
+    data = _data_from_args(args, 16)
+    result = verify.verify_models(reference, candidate, data, device=args.device, budget=budget, threads=args.threads)
+    render.render_verification(console, result)
+    return 0 if result.passed else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    model = io.load_model(args.model)
+    feeds = next(iter_batches(_data_from_args(args, args.batch_size), input_specs(model)))
+    session = runtime.create_session(model, args.device, threads=args.threads)
+    latency = runtime.measure_latency(session, feeds, warmup=args.warmup, runs=args.runs)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+    console.print(
+        f"{args.model} on {args.device} ({', '.join(session.get_providers())}), threads={args.threads or 'default'}, "
+        f"inputs {shapes}: median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms, "
+        f"min {latency.min_ms:.3f} ms over {latency.runs} runs after {args.warmup} warm-up"
+    )
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    render.render_passes(console)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return demo.run_demo(console, Path(args.out) if args.out else None)
+
+
+
+
+COMMANDS = {
+    "optimize": cmd_optimize,
+    "inspect": cmd_inspect,
+    "verify": cmd_verify,
+    "bench": cmd_bench,
+    "passes": cmd_passes,
+    "demo": cmd_demo,
+}
+
+
+def run(args: argparse.Namespace, known: registry.Registry) -> int:
+    """Run the parsed command: exit code 0 ok, 1 over budget, 2 user error, 3 pass failed, 130 interrupted."""
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    args.known = known
+    try:
+        return int(COMMANDS[args.command](args))
+    except GraphoptError as exc:
+        err_console.print(f"[red]error[/red]: {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing was written.")
+        return 130
