@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,7 +32,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
+from graphopt import runtime
 from graphopt.errors import ModelLoadError, ModelSaveError
+from graphopt.serialize import (  # re-exported: io is where users look for them
+    EXTERNAL_DATA_THRESHOLD,
+    iter_tensors,
+    min_ir_version,
+    model_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +47,6 @@ _TEMP_PREFIX = ".graphopt-"
 # A temporary folder this old beside an output was left by a save that was killed.
 STALE_TEMP_SECONDS = 3600
 
-# Protobuf cannot serialize a message over 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Bytes a COO sparse initializer spends on each non-zero's index: onnx.checker accepts
 # only int64 indices.
 SPARSE_INDEX_BYTES = 8
@@ -132,24 +137,10 @@ def _run_checker(path: Path) -> None:
         ) from exc
 
 
-def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Yield every tensor of ``graph``, its nodes' attributes and its subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _iter_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _iter_tensors(sub)
-
-
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse external data that escapes the model folder, is missing or is too short."""
     base = path.parent.resolve()
-    for tensor in _iter_tensors(proto.graph):
+    for tensor in iter_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -213,70 +204,6 @@ def external_data_files(model: ir.Model) -> set[Path]:
     return files
 
 
-def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize ``model`` (external tensors stay references to their files)."""
-    return ir.serde.serialize_model(model)
-
-
-def model_bytes(model: ir.Model) -> int:
-    """Bytes of all initializers, whether in memory or in external files."""
-    total = 0
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                total += value.const_value.nbytes
-    return total
-
-
-def to_bytes(model: ir.Model, ir_version: int | None = None) -> bytes:
-    """Serialize a model under 2 GiB with all tensor data inlined, for ONNX Runtime."""
-    proto = to_proto(model)
-    _inline_external(proto, model)
-    if ir_version is not None:
-        proto.ir_version = ir_version
-    return proto.SerializeToString()
-
-
-def _inline_external(proto: onnx.ModelProto, model: ir.Model) -> None:
-    by_name = {}
-    for graph in model.graphs():
-        for name, value in graph.initializers.items():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                by_name[name] = value.const_value
-    if not by_name:
-        return
-    for tensor in _iter_tensors(proto.graph):
-        source = by_name.get(tensor.name)
-        if source is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            tensor.ClearField("external_data")
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            tensor.raw_data = source.tobytes()
-
-
-def tiny_model_bytes(ir_version: int) -> bytes:
-    """A one-node model at ``ir_version``, to probe what ONNX Runtime accepts."""
-    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
-    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
-    proto.ir_version = ir_version
-    return proto.SerializeToString()
-
-
-def min_ir_version(model: ir.Model) -> int:
-    """The lowest IR version the model's opset imports allow."""
-    opsets = [onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()]
-    known = [op for op in opsets if op.domain in ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.training")]
-    return onnx.helper.find_min_ir_version_for(known, ignore_unknown=True) if known else 3
-
-
-def check_model(model: ir.Model) -> None:
-    """Run ``onnx.checker`` on a model in memory; raises ``onnx.checker.ValidationError``."""
-    proto = to_proto(model)
-    if proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(proto)
-
-
 def save_model(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -307,8 +234,6 @@ def save_model(
             default: nothing reads them at run time. Module scopes are always kept
             (adapter mapping reads them).
     """
-    from graphopt import runtime  # runtime builds sessions from what io writes
-
     path = Path(path)
     use_external = model_bytes(model) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = f"{path.name}.data" if use_external else None
@@ -471,8 +396,6 @@ def _strip_debug_metadata(model: ir.Model) -> list[tuple[dict[str, str], str, st
 
 
 def _verify_written(tmp_path: Path) -> None:
-    from graphopt import runtime
-
     try:
         onnx.checker.check_model(str(tmp_path))
     except onnx.checker.ValidationError as exc:

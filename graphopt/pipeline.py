@@ -21,7 +21,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import fallback, io, localize, ort_view, recipe, registry, runtime, stats, verify
+from graphopt import fallback, io, localize, ort_view, recipe, registry, runtime, serialize, stats, verify
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.report import PassRecord, Report
@@ -165,7 +165,7 @@ class Pipeline:
 
     def _check(self, model: ir.Model, index: int) -> None:
         try:
-            io.check_model(model)
+            serialize.check_model(model)
         except onnx.checker.ValidationError as exc:
             raise PassError(f"{self._where(index)} left a model that fails onnx.checker: {exc}") from exc
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from graphopt import io
+from graphopt import serialize
 from graphopt.errors import DeviceError, ModelLoadError, ModelSaveError
 from graphopt.hardware import DEVICES
 
@@ -53,7 +53,7 @@ def max_ir_version() -> int:
     options = _session_options(threads=1, optimization="disable")
     for version in range(14, 6, -1):
         try:
-            ort.InferenceSession(io.tiny_model_bytes(version), options, providers=_PROVIDERS["cpu"])
+            ort.InferenceSession(serialize.tiny_model_bytes(version), options, providers=_PROVIDERS["cpu"])
         except Exception:  # ORT raises its own Fail/InvalidGraph types without a base class
             continue
         return version
@@ -107,7 +107,7 @@ def create_session(
     check_device(device)
     options = _session_options(threads, optimization, optimized_model_path)
     if isinstance(model, ir.Model):
-        model = io.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version)))
+        model = serialize.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version)))
     elif not isinstance(model, bytes):
         model = str(model)
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.hostile_files import CASES, Case, snapshot
 from graphopt import cli
+from tests.harness.hostile_files import CASES, Case, snapshot
 
 _OPENED: list[str] = []
 _RECORDING: list[bool] = [False]

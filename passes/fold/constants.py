@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graphopt.passes.fold import private_api
 from graphopt.passes.fold.optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             inline=self.config.inline_functions,
         )(model)
         ir.passes.Sequential(
-            _IdentityEliminationPass(),
+            private_api.IdentityEliminationPass(),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.TopologicalSortPass(),
         )(model)
@@ -93,16 +94,6 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             if size > self.config.size_limit or (size > _SHARED_INPUT_LIMIT and len(value.uses()) > 1):
                 return False
         return False if _widens(node) else None
-
-
-class _IdentityEliminationPass(common_passes.IdentityEliminationPass):
-    """onnx_ir's pass, except ``b = Identity(a)`` with both graph outputs (it would merge them)."""
-
-    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
-        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
-        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
-            return False
-        return super()._try_eliminate_identity_node(node)
 
 
 _SHIELD_DOMAIN = "graphopt.shielded"

@@ -6,54 +6,46 @@ size limits and a veto hook come from fold's config, and every rewrite rule is t
 on nodes of its root op type. onnxscript tries each of its ~46 rules on every node,
 which was three quarters of fold's time on the zoo transformer.
 
-Pinned to onnxscript 0.7: it reads ``rewriter._DEFAULT_REWRITE_RULES`` and the
-``FoldConstantsPass`` class, which that release does not export.
+The private names it still needs (the default rule list, a rule's root op) live in
+:mod:`graphopt.passes.fold.private_api`, checked by a test on every upgrade.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
-from onnxscript.optimizer import _constant_folding
-from onnxscript.rewriter import _rewrite_rule
+from onnxscript.optimizer import fold_constants_ir
+
+from graphopt.passes.fold import private_api
 
 
-class _RootFilteredRule(_rewrite_rule.RewriteRule):
-    """A rule that skips nodes whose op type cannot be its pattern's root."""
+class _FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's constant folding (its public ``fold_constants_ir``) as a pass of the loop."""
 
-    def __init__(self, rule: _rewrite_rule.RewriteRule, root: tuple[str, str]) -> None:
-        self.__dict__.update(rule.__dict__)
-        self._root = root
+    def __init__(self, *, shape_inference: bool, size_limit: int, should_fold: Callable[[ir.Node], bool | None]):
+        super().__init__()
+        self.shape_inference, self.size_limit, self.should_fold = shape_inference, size_limit, should_fold
 
-    def try_rewrite(self, model: ir.Model, graph_or_function: Any, node: ir.Node, **kwargs: Any) -> Any:
-        if node.op_type != self._root[0] or (node.domain or "") != self._root[1]:
-            return None
-        return super().try_rewrite(model, graph_or_function, node, **kwargs)
-
-
-def _root(rule: _rewrite_rule.RewriteRule) -> tuple[str, str] | None:
-    """(op type, domain) of a single-output pattern's root node, when fixed."""
-    pattern = getattr(rule, "_target_pattern", None)
-    if pattern is None or not pattern.has_single_output_node:
-        return None
-    node = pattern.output_nodes[0]
-    op, domain = getattr(node.op, "_value", None), getattr(node.domain, "_value", None)
-    if not isinstance(op, str) or not isinstance(domain, str):
-        return None
-    return op, "" if domain == "ai.onnx" else domain
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = fold_constants_ir(
+            model,
+            onnx_shape_inference=self.shape_inference,
+            input_size_limit=self.size_limit,
+            output_size_limit=self.size_limit,
+            should_fold=self.should_fold,
+        )
+        return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
-def default_rules() -> list[_rewrite_rule.RewriteRule]:
+def default_rules() -> list[rewriter.RewriteRule]:
     """onnxscript's default rules (BatchNorm fusion included), each filtered by its root op."""
-    rules: Sequence[_rewrite_rule.RewriteRule] = rewriter._DEFAULT_REWRITE_RULES
     filtered = []
-    for rule in rules:
-        root = _root(rule)
-        filtered.append(_RootFilteredRule(rule, root) if root is not None else rule)
+    for rule in private_api.default_rules():
+        root = private_api.rule_root(rule)
+        filtered.append(private_api.RootFilteredRule(rule, root) if root is not None else rule)
     return filtered
 
 
@@ -68,13 +60,8 @@ def build_optimizer(
     """The fold-and-rewrite loop with final cleanup, as an in-place pass."""
     loop = ir.passes.PassManager(
         [
-            _constant_folding.FoldConstantsPass(
-                shape_inference=shape_inference,
-                input_size_limit=size_limit,
-                output_size_limit=size_limit,
-                should_fold=should_fold,
-            ),
-            rewriter.RewritePass(default_rules()),
+            _FoldConstants(shape_inference=shape_inference, size_limit=size_limit, should_fold=should_fold),
+            rewriter.RewritePass(rewriter.RewriteRuleSet(default_rules())),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
             common_passes.RemoveUnusedOpsetsPass(),

@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from graphopt import io, recipe, runtime
+from graphopt import io, recipe, runtime, serialize
 from graphopt.errors import RecipeError
 from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
 from tests import toy
@@ -26,7 +26,7 @@ def _fold_and_compare(tmp_path: Path, proto: onnx.ModelProto, feeds: dict[str, n
     model = _load(proto, tmp_path, "m2.onnx")
     result = FoldConstantsPass()(model)
     assert result.modified
-    io.check_model(model)
+    serialize.check_model(model)
     expected, got = _outputs(reference, feeds), _outputs(model, feeds)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6)
@@ -93,9 +93,9 @@ def test_functions_folded_in_place_without_inlining(tmp_path: Path) -> None:
 
 def test_shared_weight_is_not_duplicated(tmp_path: Path) -> None:
     model = _load(toy.shared_weight(), tmp_path)
-    before = io.model_bytes(model)
+    before = serialize.model_bytes(model)
     FoldConstantsPass()(model)
-    assert io.model_bytes(model) <= before
+    assert serialize.model_bytes(model) <= before
 
 
 def test_size_limit_keeps_large_folds_out(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io, runtime
+from graphopt import io, runtime, serialize
 from graphopt.passes.fold.constants import FoldConstantsPass
 from tests import toy
 
@@ -60,7 +60,7 @@ def test_fold_keeps_outputs_of_random_graphs(spec: tuple[list[tuple[str, bool]],
         path = toy.save(_build(ops, seed), Path(tmp) / "m.onnx")
         reference, model = io.load_model(path), io.load_model(path)
     FoldConstantsPass()(model)
-    io.check_model(model)
+    serialize.check_model(model)
     x = np.random.default_rng(seed).standard_normal((3, 4)).astype(np.float32)
     expected = runtime.run(runtime.create_session(reference, optimization="disable"), {"x": x})["y"]
     got = runtime.run(runtime.create_session(model, optimization="disable"), {"x": x})["y"]

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io, recipe, runtime
+from graphopt import io, recipe, runtime, serialize
 from graphopt.calibration.magnitudes import collect_magnitudes
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import RecipeError
@@ -28,8 +28,8 @@ def _cnn() -> ir.Model:
 def test_cnn_in_fp16_matches_fp32_and_halves_weights() -> None:
     reference, model = _cnn(), _cnn()
     assert Float16Pass(Fp16Config())(model).modified
-    io.check_model(model)
-    assert io.model_bytes(model) < 0.51 * io.model_bytes(reference)
+    serialize.check_model(model)
+    assert serialize.model_bytes(model) < 0.51 * serialize.model_bytes(reference)
     assert [v.dtype for v in [*model.graph.inputs, *model.graph.outputs]] == [ir.DataType.FLOAT, ir.DataType.FLOAT]
     x = np.load(DATA / "digits_test.npz")["input"][:32]
     expected = runtime.run(runtime.create_session(reference), {"input": x})["logits"]

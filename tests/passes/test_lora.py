@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io, recipe, runtime
+from graphopt import io, recipe, runtime, serialize
 from graphopt.errors import DataError, RecipeError
 from graphopt.numerics import affine as quant
 from graphopt.numerics import blocks as quant_blocks
@@ -145,7 +145,7 @@ def _merge(model: ir.Model, feeds: dict[str, np.ndarray], config: MergeLoraConfi
     io_before = [(v.name, v.dtype, v.shape) for v in [*model.graph.inputs, *model.graph.outputs]]
     merge = MergeLoraPass(config)
     assert merge(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     _assert_close(_run(model, feeds), before)
     assert [(v.name, v.dtype, v.shape) for v in [*model.graph.inputs, *model.graph.outputs]] == io_before
     assert not MergeLoraPass(config)(model).modified
@@ -342,7 +342,7 @@ def test_quantized_base_is_requantized_in_its_own_format(kind: str, tolerance: f
     formats = {n: (v.dtype, v.shape) for n, v in model.graph.initializers.items() if n not in ("A", "B", "s")}
     merge = MergeLoraPass()
     assert merge(model).modified and not MergeLoraPass()(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     assert {n: (v.dtype, v.shape) for n, v in model.graph.initializers.items()} == formats
     assert "Mul" not in _ops(model) and len(_ops(model)) == (2 if kind.startswith("dq") else 1)
     error = np.abs(_run(model, {"x": x})["y"] - wanted).max() / np.abs(wanted).max()
@@ -424,7 +424,7 @@ def test_adapter_folder_merges_and_unmerges(tmp_path: Path) -> None:
     config = MergeLoraConfig(adapters=(str(tmp_path / "ad"),))
     merge = MergeLoraPass(config)
     assert merge(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     for name, weight in _effective(model).items():
         np.testing.assert_allclose(weight, expected[name], rtol=1e-5, atol=1e-5)
     assert merge.details["modules_matched"] == 3 and merge.details["modules_merged"] == {"matmul": 2, "gemm": 1}
@@ -561,7 +561,7 @@ def test_adapter_beside_a_quantized_base_as_a_float_branch(tmp_path: Path) -> No
     config = MergeLoraConfig(adapters=(str(tmp_path / "ad"),), mapping={"base": "MatMulNBits_base"})
     merge = MergeLoraPass(dataclasses.replace(config, quantized="keep_branch"))
     assert merge(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     a, b = factors["base"]
     x = _x((4, 32))
     np.testing.assert_allclose(_run(model, {"x": x})["y"], x @ (w + 2.0 * (b @ a).T), rtol=1e-4, atol=1e-4)

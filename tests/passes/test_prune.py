@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, recipe, runtime
+from graphopt import io, recipe, runtime, serialize
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.passes.prune import scoring
@@ -85,7 +85,7 @@ def test_two_four_pattern_along_each_reduction_axis(tmp_path: Path) -> None:
     assert np.all((w["Wg"].reshape(16, 2, 4) != 0).sum(axis=2) == 2)
     assert np.all((w["Wc"] != 0).sum(axis=1) == 2)
     assert np.count_nonzero(w["Bc"]) == 8 and np.count_nonzero(w["Bg"]) == 16  # biases stay dense
-    io.check_model(model)
+    serialize.check_model(model)
     x = np.random.default_rng(1).standard_normal((3, 4, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), _numpy_forward(w, x), rtol=1e-4, atol=1e-4)
     assert [v.name for v in model.graph.outputs] == ["y"] and list(model.graph.outputs[0].shape) == ["batch", 12]

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, recipe, runtime, verify
+from graphopt import io, recipe, runtime, serialize, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.passes.prune.groups import consumer_weight_axis
@@ -214,7 +214,7 @@ def test_pruning_equals_zeroing_the_removed_channels(
     reference = _zeroed_reference(model.clone(), EXACT)
     pass_ = PruneStructuredPass(EXACT)
     assert pass_(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), _run(reference, x), rtol=1e-4, atol=1e-5)
     assert [v.name for v in model.graph.outputs] == ["y"] and model.graph.outputs[0].dtype == ir.DataType.FLOAT

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import hardware, io, recipe, runtime, verify
+from graphopt import hardware, io, recipe, runtime, serialize, verify
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.passes.fold.constants import FoldConstantsPass
@@ -58,7 +58,7 @@ def quantized_cnn(digits: dict[str, np.ndarray], tmp_path_factory: pytest.TempPa
 
 def test_cnn_fuses_into_integer_kernels(quantized_cnn: tuple[ir.Model, ir.Model], tmp_path: Path) -> None:
     _, model = quantized_cnn
-    io.check_model(model)
+    serialize.check_model(model)
     ops = _ort_ops(model, tmp_path)
     # Every Conv, both residual Adds, the global pooling and the Gemm run as integer kernels.
     assert ops["QLinearConv"] == 6 and ops["QLinearAdd"] == 2 and ops["QGemm"] == 1
@@ -126,7 +126,7 @@ def test_cnn_accuracy_and_size(quantized_cnn: tuple[ir.Model, ir.Model], digits:
     before = verify.label_accuracy(reference, {"input": digits["test"]}, digits["labels"])
     after = verify.label_accuracy(model, {"input": digits["test"]}, digits["labels"])
     assert after >= before - 0.005
-    assert io.model_bytes(model) < 0.3 * io.model_bytes(reference)
+    assert serialize.model_bytes(model) < 0.3 * serialize.model_bytes(reference)
 
 
 def test_second_run_and_qat_models_are_left_alone(quantized_cnn: tuple[ir.Model, ir.Model], tmp_path: Path) -> None:
@@ -211,7 +211,7 @@ def test_embedding_tables_shrink(tmp_path: Path) -> None:
     )
     model = io.load_model(toy.save(toy._model(graph), tmp_path / "emb.onnx"))
     assert QuantizeQDQPass(QuantizeConfig(), {})(model).modified
-    assert io.model_bytes(model) < 0.3 * table.nbytes
+    assert serialize.model_bytes(model) < 0.3 * table.nbytes
     ids = rng.integers(0, 100, (3, 5)).astype(np.int64)
     got = runtime.run(runtime.create_session(model), {"ids": ids})["y"]
     np.testing.assert_allclose(got, table[ids], atol=np.abs(table).max() / 127)
@@ -283,7 +283,7 @@ def test_outlier_channels_run_in_float_beside_the_int8_product(tmp_path: Path) -
         quantize = QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(data), batch_size=16), config))
         quantize(model)
         assert quantize.details["outlier_channels"] == (1 if outliers else 0)
-        io.check_model(model)
+        serialize.check_model(model)
         got = runtime.run(runtime.create_session(model), {"x": test})["y"]
         errors[outliers] = float(np.abs(got - expected).max())
         # The int8 product (bias fused) still runs as one integer kernel.

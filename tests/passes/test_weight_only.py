@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, recipe, runtime
+from graphopt import io, recipe, runtime, serialize
 from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.numerics import blocks as quant_blocks
@@ -91,7 +91,7 @@ def test_formats_compute_the_quantized_weights_in_onnxruntime(fmt: str, bits: in
     float_out = runtime.run(runtime.create_session(model), {"x": x})["y"]
     quantize = WeightOnlyQuantizePass(config)
     assert quantize(model).modified
-    io.check_model(model)
+    serialize.check_model(model)
     assert [v.name for v in model.graph.outputs] == ["y"] and model.graph.outputs[0].shape == ir.Shape(["batch", 32])
     # Float compute (graph rewrites off, or accuracy_level 0): equal up to float32 summation order.
     got = runtime.run(runtime.create_session(model, optimization="disable"), {"x": x})["y"]
@@ -120,11 +120,11 @@ def test_kernels_and_traps_are_reported_as_onnxruntime_runs_them(tmp_path: Path)
 
 def test_size_and_bits_per_weight(tmp_path: Path) -> None:
     model = _load(_mlp(k=256, hidden=512), tmp_path)
-    before = io.model_bytes(model)
+    before = serialize.model_bytes(model)
     quantize = WeightOnlyQuantizePass(WeightOnlyConfig())
     quantize(model)
     assert quantize.details["bits_per_param"] == 4.5  # 4-bit codes + a float16 scale per 32
-    assert io.model_bytes(model) < 0.15 * before
+    assert serialize.model_bytes(model) < 0.15 * before
     nf4 = WeightOnlyQuantizePass(WeightOnlyConfig(format="nf4"))
     nf4(_load(_mlp(k=256, hidden=512), tmp_path))
     assert 4.12 < nf4.details["bits_per_param"] < 4.14  # type: ignore[operator]
@@ -202,7 +202,7 @@ def test_excluded_nodes_op_types_and_per_channel(tmp_path: Path) -> None:
         quantize = WeightOnlyQuantizePass(WeightOnlyConfig(format=fmt, block_size=0))  # type: ignore[arg-type]
         quantize(model)
         assert quantize.details["layers"] == 3
-        io.check_model(model)
+        serialize.check_model(model)
     nf4 = WeightOnlyQuantizePass(WeightOnlyConfig(format="nf4"))
     nf4(_load(_mlp(k=100), tmp_path))
     assert nf4.details["skipped"] == {"K not a multiple of the nf4 block size": 2} and nf4.details["layers"] == 1
@@ -342,7 +342,7 @@ def test_qdq_opset_is_raised_only_when_every_op_survives(tmp_path: Path) -> None
     model = _load(_mlp(opset=13), tmp_path)
     WeightOnlyQuantizePass(WeightOnlyConfig(format="qdq"))(model)
     assert model.opset_imports[""] == 21
-    io.check_model(model)
+    serialize.check_model(model)
     old = _mlp(opset=11)
     old.graph.node.append(helper.make_node("ReduceMean", ["y"], ["m"], axes=[1], name="mean"))
     old.graph.output.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["batch", 1]))
@@ -397,7 +397,7 @@ def test_a_3gb_model_is_quantized_in_bounded_memory(tmp_path: Path, request: pyt
         pytest.skip("takes minutes: run it with -m slow (the bench measures it too)")
     if shutil.disk_usage(tmp_path).free < 8e9:
         pytest.skip("needs 8 GB of free disk")
-    from bench.bench_weight_only import make_large_model, run_child
+    from tests.harness.large_models import make_large_model, run_child
 
     source = make_large_model(tmp_path, layers=12)
     assert source.stat().st_size + (tmp_path / "large.onnx.data").stat().st_size >= 3e9

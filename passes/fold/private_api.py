@@ -1,0 +1,62 @@
+"""Every use of onnxscript's and onnx_ir's private names, in one place.
+
+graphopt uses their public API everywhere else. What is here has no public form yet:
+
+- onnxscript's default rewrite rule list (``rewriter._DEFAULT_REWRITE_RULES``);
+- the root op of a rule's pattern (``RewriteRule._target_pattern``), to try each rule only on
+  nodes of that op type (three quarters of fold's time on the zoo transformer otherwise);
+- onnx_ir's ``IdentityEliminationPass._try_eliminate_identity_node``, to keep it from merging
+  two graph outputs.
+
+``tests/passes/test_private_api.py`` checks each name and shape on the installed versions, so
+an upgrade that moves one fails there, loudly, and not deep inside a fold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript import rewriter
+
+
+def default_rules() -> Sequence[rewriter.RewriteRule]:
+    """onnxscript's default rewrite rules (what ``onnxscript.optimizer.optimize`` applies)."""
+    return rewriter._DEFAULT_REWRITE_RULES
+
+
+def rule_root(rule: rewriter.RewriteRule) -> tuple[str, str] | None:
+    """(op type, domain) of a single-output pattern's root node, when fixed."""
+    pattern = getattr(rule, "_target_pattern", None)
+    if pattern is None or not pattern.has_single_output_node:
+        return None
+    node = pattern.output_nodes[0]
+    op, domain = getattr(node.op, "_value", None), getattr(node.domain, "_value", None)
+    if not isinstance(op, str) or not isinstance(domain, str):
+        return None
+    return op, "" if domain == "ai.onnx" else domain
+
+
+class RootFilteredRule(rewriter.RewriteRule):
+    """A rule that skips nodes whose op type cannot be its pattern's root."""
+
+    def __init__(self, rule: rewriter.RewriteRule, root: tuple[str, str]) -> None:
+        self.__dict__.update(rule.__dict__)  # a copy of the rule: RewriteRule has no copy API
+        self._root = root
+
+    def try_rewrite(self, model: ir.Model, graph_or_function: Any, node: ir.Node, **kwargs: Any) -> Any:
+        if node.op_type != self._root[0] or (node.domain or "") != self._root[1]:
+            return None
+        return super().try_rewrite(model, graph_or_function, node, **kwargs)
+
+
+class IdentityEliminationPass(common_passes.IdentityEliminationPass):
+    """onnx_ir's pass, except ``b = Identity(a)`` with both graph outputs (it would merge them)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+            return False
+        return super()._try_eliminate_identity_node(node)

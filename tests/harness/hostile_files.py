@@ -1,0 +1,196 @@
+"""Hostile and broken inputs through the graphopt CLI: each must be a clean exit-2 error.
+
+For every case the CLI runs in a fresh process; we check the exit code, that no
+traceback was printed, and that nothing was written anywhere in the case's folder tree.
+
+    python bench/hostile_files.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+@dataclass(frozen=True)
+class Case:
+    """One hostile input: how to make it and the CLI arguments that feed it to graphopt."""
+
+    name: str
+    make: Callable[[Path], list[str]]  # writes files under the folder, returns CLI args
+
+
+def _model(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto] = (), opset: int = 18, **kw: object
+) -> onnx.ModelProto:
+    inputs = kw.pop("inputs", None) or [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])]
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], list(inits)
+    )
+    opsets = [helper.make_opsetid("", opset), *kw.pop("extra_opsets", [])]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def _good() -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    return _model([helper.make_node("MatMul", ["x", "W"], ["y"])], [w])
+
+
+def _write(folder: Path, name: str, data: bytes | onnx.ModelProto) -> Path:
+    path = folder / name
+    path.write_bytes(data if isinstance(data, bytes) else data.SerializeToString())
+    return path
+
+
+def _optimize(path: Path, folder: Path) -> list[str]:
+    return ["optimize", str(path), "-o", str(folder / "out" / "out.onnx")]
+
+
+def _external(folder: Path, location: str, *, symlink_out: bool = False, truncate: bool = False) -> list[str]:
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    proto = _good()
+    onnx.save(proto, str(model_dir / "m.onnx"), save_as_external_data=True, location="w.data", size_threshold=0)
+    data = model_dir / "w.data"
+    if symlink_out:
+        outside = folder / "secret.data"
+        data.rename(outside)
+        data.symlink_to(outside)
+    if truncate:
+        data.write_bytes(data.read_bytes()[:8])
+    proto = onnx.load(str(model_dir / "m.onnx"), load_external_data=False)
+    for entry in proto.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = location
+    onnx.save(proto, str(model_dir / "m.onnx"))
+    (folder / "secret.data").write_bytes(b"\0" * 64) if not symlink_out else None
+    return _optimize(model_dir / "m.onnx", folder)
+
+
+def _huge_dims(folder: Path) -> list[str]:
+    tensor = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[1 << 20, 1 << 20], raw_data=b"\0" * 16)
+    return _optimize(_write(folder, "m.onnx", _model([helper.make_node("Add", ["x", "W"], ["y"])], [tensor])), folder)
+
+
+def _negative_dims(folder: Path) -> list[str]:
+    tensor = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[-3, 4], raw_data=b"\0" * 16)
+    return _optimize(_write(folder, "m.onnx", _model([helper.make_node("Add", ["x", "W"], ["y"])], [tensor])), folder)
+
+
+def _huge_input(folder: Path) -> list[str]:
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 31, 1 << 31])]
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], inputs=inputs)
+    return _optimize(_write(folder, "m.onnx", model), folder)
+
+
+def _unknown_domain(folder: Path) -> list[str]:
+    model = _model(
+        [helper.make_node("Baz", ["x"], ["y"], domain="foo.bar")], extra_opsets=[helper.make_opsetid("foo.bar", 1)]
+    )
+    return _optimize(_write(folder, "m.onnx", model), folder)
+
+
+def _hostile_recipe(folder: Path) -> list[str]:
+    recipe = folder / "r.yaml"
+    recipe.write_text("passes: !!python/object/apply:os.system ['touch pwned']\n")
+    return [*_optimize(_write(folder, "m.onnx", _good()), folder), "--recipe", str(recipe)]
+
+
+def _pickled_npz(folder: Path) -> list[str]:
+    np.savez(folder / "calib.npz", x=np.array([{"a": 1}], dtype=object))
+    return [*_optimize(_write(folder, "m.onnx", _good()), folder), "--verify-data", str(folder / "calib.npz")]
+
+
+CASES: tuple[Case, ...] = (
+    Case("empty file", lambda f: _optimize(_write(f, "m.onnx", b""), f)),
+    Case("random bytes", lambda f: _optimize(_write(f, "m.onnx", np.random.default_rng(0).bytes(4096)), f)),
+    Case("truncated model", lambda f: _optimize(_write(f, "m.onnx", _good().SerializeToString()[:60]), f)),
+    Case(
+        "protobuf that is not a model",
+        lambda f: _optimize(
+            _write(f, "m.onnx", numpy_helper.from_array(np.ones(8, np.float32)).SerializeToString()), f
+        ),
+    ),
+    Case("missing model file", lambda f: _optimize(f / "nope.onnx", f)),
+    Case("a folder, not a file", lambda f: _optimize(f, f)),
+    Case("missing external data", lambda f: _external(f, "gone.data")),
+    Case("external data ../ escape", lambda f: _external(f, "../secret.data")),
+    Case("external data absolute path", lambda f: _external(f, str(f / "secret.data"))),
+    Case("external data symlink out", lambda f: _external(f, "w.data", symlink_out=True)),
+    Case("truncated external data", lambda f: _external(f, "w.data", truncate=True)),
+    Case("huge dims", _huge_dims),
+    Case("negative dims", _negative_dims),
+    Case("huge graph input", _huge_input),
+    Case("op from an unknown domain", _unknown_domain),
+    Case(
+        "opset newer than installed",
+        lambda f: _optimize(_write(f, "m.onnx", _model([helper.make_node("Relu", ["x"], ["y"])], opset=40)), f),
+    ),
+    Case("recipe with a python object tag", _hostile_recipe),
+    Case("pickled object array as data", _pickled_npz),
+)
+
+
+def snapshot(folder: Path) -> dict[str, int]:
+    """Every file (not following symlinks) under ``folder`` with its size."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = Path(root) / name
+            files[str(path)] = path.lstat().st_size
+    return files
+
+
+def run_case(case: Case) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "out").mkdir()
+        args = case.make(folder)
+        before = snapshot(folder)
+        done = subprocess.run(
+            [sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True, cwd=tmp, timeout=300
+        )
+        written = sorted(set(snapshot(folder)) - set(before))
+        text = done.stdout + done.stderr
+        return {
+            "case": case.name,
+            "exit_code": done.returncode,
+            "traceback": "Traceback" in text,
+            "files_written": written,
+            "message": " ".join(text.split())[:160],
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    rows = [run_case(case) for case in CASES]
+    print("| case | exit code | traceback | files written | message |\n|---|---:|---|---:|---|")
+    for r in rows:
+        print(
+            f"| {r['case']} | {r['exit_code']} | {'yes' if r['traceback'] else 'no'} "
+            f"| {len(r['files_written'])} | {r['message']} |"
+        )
+    clean = sum(r["exit_code"] == 2 and not r["traceback"] and not r["files_written"] for r in rows)
+    print(f"\n{len(rows)} cases, {clean} clean errors (exit 2, no traceback, nothing written)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0 if clean == len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
