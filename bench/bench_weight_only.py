@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import cosines  # noqa: E402
 from graphopt import io, runtime  # noqa: E402
 from graphopt.calibration.sources import DataSpec  # noqa: E402
+from graphopt.ort_view import observed_kernels  # noqa: E402
 from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass  # noqa: E402
 from graphopt.passes.weight_only.gptq import collect_hessians  # noqa: E402
-from graphopt.passes.weight_only.kernels import observed_kernels  # noqa: E402
 from models import zoo  # noqa: E402
 from tests.harness.large_models import make_large_model, run_child  # noqa: E402
 

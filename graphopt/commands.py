@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphopt import budget as budget_rules
 from graphopt import demo, io, ort_view, plots, recipe, registry, render, runtime, stats, verify
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
 from graphopt.pipeline import optimize
 from graphopt.report import Report
@@ -77,7 +77,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     output = Path(args.output)
     calibration = None
     if args.calib:
-        base = plan.calibration or DataSpec(samples=128)
+        base = plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)
         calibration = dataclasses.replace(base, source=args.calib)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from graphopt import io, recipe, render, verify
 from graphopt.budget import Budget
-from graphopt.calibration.sources import DataSpec
+from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec
 from graphopt.pipeline import optimize
 
 
@@ -40,7 +40,9 @@ def run_demo(console: Console, out_dir: Path | None = None) -> int:
             verify=dataclasses.replace(base.verify, data=DataSpec(source=str(verify_data), samples=64, batch_size=64)),
             budget=Budget(min_top1=0.98),
         )
-        calibration = DataSpec(source=str(_data_file("digits_calib.npz")), samples=128, batch_size=32)
+        calibration = DataSpec(
+            source=str(_data_file("digits_calib.npz")), samples=DEFAULT_CALIBRATION_SAMPLES, batch_size=32
+        )
         console.print(
             f"[bold]graphopt demo[/bold]: default recipe {[s.name for s in plan.passes]} on {model_path.name}"
         )

@@ -36,6 +36,7 @@ from graphopt import runtime
 from graphopt.errors import ModelLoadError, ModelSaveError
 from graphopt.serialize import (  # re-exported: io is where users look for them
     EXTERNAL_DATA_THRESHOLD,
+    SPARSE_INDEX_BYTES,
     iter_tensors,
     min_ir_version,
     model_bytes,
@@ -47,9 +48,6 @@ _TEMP_PREFIX = ".graphopt-"
 # A temporary folder this old beside an output was left by a save that was killed.
 STALE_TEMP_SECONDS = 3600
 
-# Bytes a COO sparse initializer spends on each non-zero's index: onnx.checker accepts
-# only int64 indices.
-SPARSE_INDEX_BYTES = 8
 # Sparse initializers exist from IR version 6 on.
 SPARSE_MIN_IR_VERSION = 6
 # sparse="always" stores weights at least this sparse: pruned ones, not a dense table that

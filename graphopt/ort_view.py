@@ -9,14 +9,13 @@ computed in fp32 on the CPU).
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import onnx_ir as ir
 
-from graphopt import io, runtime
+from graphopt import runtime
+from graphopt.passes.weight_only import kernels
 
 INTEGER_KERNELS = frozenset(
     {
@@ -62,10 +61,7 @@ def _weight_elements(graph: ir.Graph, node: ir.Node) -> int:
 
 def inspect_runtime(model: ir.Model, device: str = "cpu", *, threads: int | None = None) -> RuntimeView:
     """Let ONNX Runtime optimize ``model`` for ``device`` and summarise what it will run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "ort_optimized.onnx"
-        session = runtime.create_session(model, device, threads=threads, optimized_model_path=path)
-        optimized = io.load_model(path)
+    optimized, session = runtime.optimized_graph(model, device, threads=threads)
     view = RuntimeView(device=device, providers=list(session.get_providers()))
     nodes = list(optimized.graph)
     view.ops = dict(Counter(n.op_type for n in nodes).most_common())
@@ -112,3 +108,21 @@ def _warnings(model: ir.Model, view: RuntimeView) -> list[str]:
     if view.device == "cpu" and fp16:
         found.append("float16 weights on the CPU EP: ORT computes most ops in float32, so fp16 brings no speed here.")
     return found
+
+
+def observed_kernels(model: runtime.ModelSource, *, optimization: str = "all") -> dict[str, int]:
+    """Open ``model`` in ONNX Runtime (CPU), save its optimized graph and count the same kernels.
+
+    Only for models ONNX Runtime can save inline (under 2 GB).
+    """
+    optimized, _ = runtime.optimized_graph(model, "cpu", threads=1, optimization=optimization)
+    counted: Counter[str] = Counter()
+    for node in optimized.graph:
+        kernel = kernels.contrib_kernel(node)
+        weight = node.inputs[0] if node.op_type == "DequantizeLinear" and node.inputs else None
+        if kernel is None and weight is not None and weight.const_value is not None and weight.dtype in kernels.BITS:
+            readers = [use.node.op_type for use in node.outputs[0].uses()]
+            kernel = f"DequantizeLinear+{readers[0]}" if readers else None
+        if kernel is not None:
+            counted[kernel] += 1
+    return dict(sorted(counted.items()))

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt import fallback, io, localize, ort_view, recipe, registry, runtime, serialize, stats, verify
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.report import PassRecord, Report
 
@@ -143,9 +143,7 @@ class Pipeline:
         """The lossy steps of the last run, last first (with ``keep_snapshots``)."""
         return list(reversed(self._snapshots))
 
-    def rerun(
-        self, snapshot: Snapshot, config: Any, statistics: Any, calibration: DataSpec | None = None
-    ) -> ir.Model:
+    def rerun(self, snapshot: Snapshot, config: Any, statistics: Any, calibration: DataSpec | None = None) -> ir.Model:
         """Run the pipeline again from ``snapshot``'s step, with ``config`` and ``statistics`` for it.
 
         The step's config is replaced for good; records from that step on are replaced; no
@@ -221,7 +219,9 @@ def optimize(
     device = device or plan.device
     runtime.check_device(device)
     if isinstance(calibration, (str, os.PathLike)):
-        calibration = DataSpec(source=calibration, samples=(plan.calibration or DataSpec(samples=128)).samples)
+        calibration = DataSpec(
+            source=calibration, samples=(plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)).samples
+        )
     calibration = calibration or plan.calibration
     source = None if isinstance(model_or_path, ir.Model) else Path(model_or_path)
     reference = model_or_path if isinstance(model_or_path, ir.Model) else io.load_model(model_or_path)

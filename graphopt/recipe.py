@@ -29,7 +29,7 @@ import yaml
 
 from graphopt import registry
 from graphopt.budget import Budget
-from graphopt.calibration.sources import DataSpec
+from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec
 from graphopt.errors import RecipeError
 from graphopt.hardware import DEVICES
 
@@ -123,7 +123,9 @@ def parse_recipe(
         raise RecipeError(f"{where}: device {device!r} is not one of {', '.join(DEVICES)}.")
     calibration = None
     if data.get("calibration") is not None:
-        calibration = _data_spec(data["calibration"], _DATA_KEYS, base_dir, f"{where}: calibration", samples=128)
+        calibration = _data_spec(
+            data["calibration"], _DATA_KEYS, base_dir, f"{where}: calibration", samples=DEFAULT_CALIBRATION_SAMPLES
+        )
     return Recipe(
         passes=passes,
         calibration=calibration,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,19 @@ def create_session(
             "No CPU timing is reported as CUDA."
         )
     return session
+
+
+def optimized_graph(
+    model: ModelSource, device: str = "cpu", *, threads: int | None = None, optimization: str = "all"
+) -> tuple[ir.Model, ort.InferenceSession]:
+    """The graph ONNX Runtime runs after its own fusions for ``device`` (saved and read back), and the session.
+
+    Only for models ONNX Runtime can save inline (under 2 GB).
+    """
+    with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
+        path = Path(tmp) / "optimized.onnx"
+        session = create_session(model, device, threads=threads, optimization=optimization, optimized_model_path=path)
+        return ir.load(path), session
 
 
 def check_loads(path: Path) -> None:

@@ -9,6 +9,10 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
+# Bytes a COO sparse initializer spends on each non-zero's index: onnx.checker accepts
+# only int64 indices.
+SPARSE_INDEX_BYTES = 8
+
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize ``model`` (external tensors stay references to their files)."""

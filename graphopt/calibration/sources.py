@@ -20,6 +20,9 @@ from graphopt.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
+# Calibration samples used when a data source is given without a count.
+DEFAULT_CALIBRATION_SAMPLES = 128
+
 # Random inputs larger than this (elements, ~1 GiB of float32) are refused, not allocated.
 MAX_GENERATED_ELEMENTS = 1 << 28
 

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from graphopt.calibration.collect import stream_activations
 from graphopt.calibration.sources import DataSpec
+from graphopt.numerics.gram import GramAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -36,43 +37,6 @@ class LayerStatistics:
     sum_squares: np.ndarray
     gram: np.ndarray | None = None
     rows: int = 0
-
-
-class GramAccumulator:
-    """Sums ``X^T X`` (and ``X^T Y``) over batches in float64.
-
-    Rows are buffered up to ``block_rows`` so that each matrix product is one large BLAS
-    call instead of one per small batch (a sentence is a dozen tokens).
-    """
-
-    def __init__(self, block_rows: int = 4096) -> None:
-        self.block_rows = block_rows
-        self.xtx: np.ndarray | None = None
-        self.xty: np.ndarray | None = None
-        self.rows = 0
-        self._x: list[np.ndarray] = []
-        self._y: list[np.ndarray] = []
-        self._buffered = 0
-
-    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
-        self._x.append(x)
-        if y is not None:
-            self._y.append(y)
-        self._buffered += len(x)
-        self.rows += len(x)
-        if self._buffered >= self.block_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._x:
-            return
-        x = np.concatenate(self._x).astype(np.float64)
-        xtx = x.T @ x
-        self.xtx = xtx if self.xtx is None else self.xtx + xtx
-        if self._y:
-            xty = x.T @ np.concatenate(self._y).astype(np.float64)
-            self.xty = xty if self.xty is None else self.xty + xty
-        self._x, self._y, self._buffered = [], [], 0
 
 
 @dataclass

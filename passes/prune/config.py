@@ -13,9 +13,6 @@ from graphopt.passes.edit import excluded
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
 
 
-# Bytes per stored non-zero in a COO sparse initializer: the value plus its int64 index,
-# the only index type onnx.checker accepts.
-COO_INDEX_BYTES = 8
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from graphopt import runtime
 from graphopt.calibration.collect import with_outputs
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
+from graphopt.numerics.gram import GramAccumulator
 from graphopt.passes.edit import add_initializer, trans_b, unique_name
 from graphopt.passes.prune import scoring
-from graphopt.passes.prune.calibration import GramAccumulator, layer_features, layer_key
+from graphopt.passes.prune.calibration import layer_features, layer_key
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from graphopt.passes import edit
 from graphopt.passes.edit import trans_b
 from graphopt.passes.prune import scoring
 from graphopt.passes.prune.calibration import LayerStatistics, collect_layer_statistics, layer_key
-from graphopt.passes.prune.config import COO_INDEX_BYTES, PruneConfig
+from graphopt.passes.prune.config import PruneConfig
+from graphopt.serialize import SPARSE_INDEX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _summary(layers: list[Layer], pruned: list[Layer], config: PruneConfig) -> d
     for layer in layers:
         array = layer.weight.const_value.numpy()  # type: ignore[union-attr]
         nonzero = int(np.count_nonzero(array))
-        layer_coo = nonzero * (array.itemsize + COO_INDEX_BYTES)
+        layer_coo = nonzero * (array.itemsize + SPARSE_INDEX_BYTES)
         per_layer[layer.weight.name] = {
             "node": layer.node.name,
             "op": layer.node.op_type,

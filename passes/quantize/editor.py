@@ -153,9 +153,8 @@ class Editor:
         if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
             return
         array = weight.const_value.numpy()
-        trans_b = node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 1
         axis = (
-            affine.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=trans_b)
+            affine.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=edit.trans_b(node))
             if self.config.per_channel
             else None
         )

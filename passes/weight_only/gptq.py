@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from graphopt.calibration.collect import stream_activations
 from graphopt.calibration.sources import DataSpec, require_data
+from graphopt.numerics.gram import GramAccumulator
 from graphopt.passes.weight_only.config import WeightOnlyConfig
 from graphopt.passes.weight_only.layers import plan_layers
 
@@ -46,39 +47,20 @@ def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyC
         return None
     data = require_data(data, "weight_only")
     layers, _ = plan_layers(model.graph, config)
-    grams = {layer.activation.name: _Gram(layer.k) for layer in layers if layer.activation is not None}
+    # float32 products of a few hundred rows at once, summed in float64: the K x K sum is the memory
+    grams = {
+        layer.activation.name: GramAccumulator(max(256, min(layer.k, 2048)), np.float32)
+        for layer in layers
+        if layer.activation is not None
+    }
     if grams:
-        stream_activations(model, data, list(grams), lambda name, array: grams[name].add(array))
+
+        def add(name: str, array: np.ndarray) -> None:
+            grams[name].add(np.asarray(array, dtype=np.float32).reshape(-1, array.shape[-1]))
+
+        stream_activations(model, data, list(grams), add)
     logger.debug("weight_only: Hessians of %d layer inputs", len(grams))
     return {name: gram.mean() for name, gram in grams.items()}
-
-
-class _Gram:
-    """``sum(x^T x)`` over streamed rows, in float64, fed by float32 products of a few hundred rows at once."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.total = np.zeros((k, k), np.float64)
-        self.rows = 0
-        self._pending: list[np.ndarray] = []
-        # Batching rows makes the product BLAS-efficient; the buffer never outgrows the K x K sum.
-        self._flush_at = max(256, min(k, 2048))
-
-    def add(self, array: np.ndarray) -> None:
-        self._pending.append(np.asarray(array, dtype=np.float32).reshape(-1, self.k))
-        if sum(len(p) for p in self._pending) >= self._flush_at:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            x = np.concatenate(self._pending)
-            self.total += x.T @ x
-            self.rows += len(x)
-            self._pending = []
-
-    def mean(self) -> np.ndarray:
-        self._flush()
-        return (self.total / max(self.rows, 1)).astype(np.float32)
 
 
 def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray | None:

@@ -2,7 +2,7 @@
 
 :func:`predict_kernels` reads the graph the ``weight_only`` pass wrote and applies what ONNX
 Runtime's CPU graph optimizations (level extended/all) do with it, so the pass can report
-it without opening a session. :func:`observed_kernels` opens a session, saves ORT's
+it without opening a session. :func:`graphopt.ort_view.observed_kernels` opens a session, saves ORT's
 optimized graph and counts the same kernels: tests and benchmarks compare the two.
 
 What ORT 1.20+ does on CPU, and the traps that decide speed:
@@ -20,16 +20,12 @@ What ORT 1.20+ does on CPU, and the traps that decide speed:
 
 from __future__ import annotations
 
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import onnx_ir as ir
 
-from graphopt import runtime
-
 QDQ_DEFAULT_ACCURACY_LEVEL = 4
-_BITS = {
+BITS = {
     ir.DataType.INT4: 4,
     ir.DataType.UINT4: 4,
     ir.DataType.INT8: 8,
@@ -67,17 +63,17 @@ def _rank(value: ir.Value | None) -> int | None:
 def _dq_kernel(node: ir.Node, accuracy_level: int) -> str | None:
     """The kernel for a blocked DequantizeLinear of a constant weight feeding a MatMul."""
     weight = node.inputs[0]
-    if weight is None or weight.const_value is None or weight.dtype not in _BITS:
+    if weight is None or weight.const_value is None or weight.dtype not in BITS:
         return None
     if "block_size" not in node.attributes or len(node.outputs[0].uses()) != 1:
         return None
     reader, index = next(iter(node.outputs[0].uses()))
     if reader.op_type != "MatMul" or index != 1:
         return None
-    return _blocks_ort_fusion(reader) or nbits_kernel(_BITS[weight.dtype], accuracy_level)
+    return _blocks_ort_fusion(reader) or nbits_kernel(BITS[weight.dtype], accuracy_level)
 
 
-def _contrib_kernel(node: ir.Node) -> str | None:
+def contrib_kernel(node: ir.Node) -> str | None:
     """The kernel name of a com.microsoft node that reads a quantized weight, or None."""
     if node.domain != "com.microsoft":
         return None
@@ -94,30 +90,9 @@ def predict_kernels(graph: ir.Graph, qdq_accuracy_level: int = QDQ_DEFAULT_ACCUR
     """Kernels that read quantized weights in ``graph`` once ORT's CPU optimizations ran, with counts."""
     kernels: Counter[str] = Counter()
     for node in graph:
-        kernel = _contrib_kernel(node)
+        kernel = contrib_kernel(node)
         if kernel is None and node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear":
             kernel = _dq_kernel(node, qdq_accuracy_level)
-        if kernel is not None:
-            kernels[kernel] += 1
-    return dict(sorted(kernels.items()))
-
-
-def observed_kernels(model: ir.Model | str | Path, *, optimization: str = "all") -> dict[str, int]:
-    """Open ``model`` in ONNX Runtime (CPU), save its optimized graph and count the same kernels.
-
-    Only for models ONNX Runtime can save inline (under 2 GB).
-    """
-    with tempfile.TemporaryDirectory(prefix="graphopt-ort-") as tmp:
-        path = Path(tmp) / "optimized.onnx"
-        runtime.create_session(model, "cpu", threads=1, optimization=optimization, optimized_model_path=path)
-        optimized = ir.load(path)
-    kernels: Counter[str] = Counter()
-    for node in optimized.graph:
-        kernel = _contrib_kernel(node)
-        weight = node.inputs[0] if node.op_type == "DequantizeLinear" and node.inputs else None
-        if kernel is None and weight is not None and weight.const_value is not None and weight.dtype in _BITS:
-            readers = [use.node.op_type for use in node.outputs[0].uses()]
-            kernel = f"DequantizeLinear+{readers[0]}" if readers else None
         if kernel is not None:
             kernels[kernel] += 1
     return dict(sorted(kernels.items()))

@@ -9,6 +9,7 @@ from typing import Literal
 
 import onnx_ir as ir
 
+from graphopt.passes import edit
 from graphopt.passes.edit import excluded
 from graphopt.passes.weight_only.config import FLOAT_FORMATS, WeightOnlyConfig
 
@@ -89,7 +90,7 @@ def _match(node: ir.Node, config: WeightOnlyConfig) -> tuple[Layer | None, str |
         return None, "input A is constant or not a matrix"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         return None, "Gemm with transA"
-    trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+    trans_b = edit.trans_b(node)
     rows, cols = weight.const_value.shape  # type: ignore[union-attr]
     k, n = (cols, rows) if trans_b else (rows, cols)
     if config.format in FLOAT_FORMATS and k % config.block_for(k):

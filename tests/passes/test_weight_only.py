@@ -15,9 +15,9 @@ from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError, PassError, RecipeError
 from graphopt.numerics import blocks as quant_blocks
 from graphopt.numerics import nf4 as quant_nf4
+from graphopt.ort_view import observed_kernels
 from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass
 from graphopt.passes.weight_only.gptq import collect_hessians
-from graphopt.passes.weight_only.kernels import observed_kernels
 from graphopt.passes.weight_only.layers import plan_layers
 from tests import toy
 
