@@ -44,6 +44,7 @@ class FallbackResult:
     """What the search found and what it cost."""
 
     pass_name: str
+    kept: str = "in float"  # the pass's own word for a node it left alone ("dense" for pruning)
     float_nodes: list[str] = field(default_factory=list)
     passed: bool = False
     trials: int = 0
@@ -173,7 +174,7 @@ def search(
     the search's record (``passed`` when something within the limits met the budget) and
     the config and statistics to re-run the pass with.
     """
-    result = FallbackResult(spec.name, score_before=baseline)
+    result = FallbackResult(spec.name, spec.lossy.kept if spec.lossy else "in float", score_before=baseline)
     starts = [(config, statistics, baseline)]
     if recalibrate is not None and spec.alternatives(config):
         produced = produced or _produced(spec, config, before, statistics)

@@ -106,7 +106,7 @@ class Report:
                 f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
                 f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
                 + (f"re-calibrated with {changed}; " if changed else "")
-                + f"layers kept in float: {kept}.",
+                + f"nodes left {f.get('kept', 'in float')}: {kept}.",
                 "",
             ]
         if self.runtime:

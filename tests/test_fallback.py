@@ -147,6 +147,8 @@ def test_pruning_falls_back_to_a_better_method_then_dense_layers() -> None:
     result = run("magnitude", {"min_cosine": 1.0 - (1.0 - sparsegpt) / 4})
     fallback = result.report.fallback
     assert fallback["pass_name"] == "prune" and fallback["passed"]
+    # the report says what happened in pruning's own terms
+    assert fallback["kept"] == "dense" and "nodes left dense:" in result.report.to_markdown()
     assert fallback["changed"] == {"method": "sparsegpt"} and 1 <= len(fallback["float_nodes"]) <= 3
     prune = result.report.passes[0]
     assert prune.options["method"] == "sparsegpt" and set(prune.options["exclude"]) == set(fallback["float_nodes"])
