@@ -27,5 +27,9 @@ lint: $(BIN)/graphopt
 bench: $(VENV)/.bench
 	$(BIN)/python bench/run_all.py
 
+.PHONY: corpus
+corpus: $(VENV)/.bench
+	$(BIN)/python bench/bench_corpus.py
+
 clean:
 	rm -rf $(VENV) .cache

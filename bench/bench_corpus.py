@@ -39,14 +39,37 @@ from models.corpus.fetch import fetch, load_inputs  # noqa: E402
 
 def base_row(model: CorpusModel, key: str) -> Row:
     tool = TOOLS[key]
-    return {"model": model.name, "tool": tool.label, "key": key, "section": tool.section, "metric": model.metric,
-            "goal": model.goal, "loaded": False, "ran": False, "valid": False}
+    return {
+        "model": model.name,
+        "tool": tool.label,
+        "key": key,
+        "section": tool.section,
+        "metric": model.metric,
+        "goal": model.goal,
+        "loaded": False,
+        "ran": False,
+        "valid": False,
+    }
 
 
 def _job_command(model: CorpusModel, key: str, workdir: Path, result: Path, args: argparse.Namespace) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), model.name, "--job", key, "--result", str(result),
-            "--workdir", str(workdir), "--cache", str(args.cache), "--latency-runs", str(args.latency_runs),
-            "--latency-samples", str(args.latency_samples)]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        model.name,
+        "--job",
+        key,
+        "--result",
+        str(result),
+        "--workdir",
+        str(workdir),
+        "--cache",
+        str(args.cache),
+        "--latency-runs",
+        str(args.latency_runs),
+        "--latency-samples",
+        str(args.latency_samples),
+    ]
 
 
 def spawn(model: CorpusModel, key: str, workdir: Path, args: argparse.Namespace) -> Row:
@@ -54,8 +77,15 @@ def spawn(model: CorpusModel, key: str, workdir: Path, args: argparse.Namespace)
     result = workdir / f"{model.name}.{key}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
-        done = subprocess.run(_job_command(model, key, workdir, result, args), capture_output=True, text=True,
-                              env=env, cwd=ROOT, timeout=args.timeout, check=False)
+        done = subprocess.run(
+            _job_command(model, key, workdir, result, args),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=args.timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {**base_row(model, key), "error": f"timeout after {args.timeout} s", "seconds": float(args.timeout)}
     if result.is_file():
@@ -71,13 +101,16 @@ def bench_model(model: CorpusModel, keys: Sequence[str], workdir: Path, args: ar
         fetch(model, args.cache, offline=corpus.offline())
         for split in ("calib", "eval"):
             load_inputs(model, args.cache, split, offline=corpus.offline())
-    except Exception as exc:  # noqa: BLE001 - a model that cannot be fetched is still a row per job
+    except Exception as exc:  # a model that cannot be fetched is still a row per job
         return [{**base_row(model, key), "error": f"fetch/inputs: {first_line(exc)}"} for key in keys]
     rows = []
     for key in keys:
         row = spawn(model, key, workdir, args)
-        print(f"  {model.name:24s} {row['tool']:30s} {'ok' if 'error' not in row else row['error'][:100]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"  {model.name:24s} {row['tool']:30s} {'ok' if 'error' not in row else row['error'][:100]}",
+            file=sys.stderr,
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -106,29 +139,39 @@ def _error(row: Row) -> str:
 
 
 def fold_table(rows: list[Row]) -> str:
-    lines = ["| model | tool | load/run/valid | nodes in → out | wall s | time / onnxslim | rel L2 vs fp32 "
-             "| checker | latency ratio | error |", "|---|---|:---:|---:|---:|---:|---:|---|---:|---|"]
-    slim = {r["model"]: r.get("seconds") for r in rows if r["key"] == "onnxslim" and "error" not in r}
+    lines = [
+        "| model | tool | load/run/valid | nodes in → out | wall s | time / graphopt fold | rel L2 vs fp32 "
+        "| checker | latency ratio | error |",
+        "|---|---|:---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    fold = {r["model"]: r.get("seconds") for r in rows if r["key"] == "fold" and "error" not in r}
     for r in rows:
         nodes = f"{r['nodes_in']} → {r['nodes_out']}" if "nodes_out" in r else "–"
-        vs = r.get("seconds") / slim[r["model"]] if r.get("seconds") and slim.get(r["model"]) else None
-        lines.append(f"| {r['model']} | {r['tool']} | {_stages(r)} | {nodes} | {_fmt(r.get('seconds'), '.2f')} "
-                     f"| {_fmt(vs, '.2f', '×')} | {_fmt(r.get('rel_l2'), '.1e')} | {r.get('checker', '–')} "
-                     f"| {_fmt(r.get('latency_ratio'), '.2f')} | {_error(r)} |")
+        vs = r.get("seconds") / fold[r["model"]] if r.get("seconds") and fold.get(r["model"]) else None
+        lines.append(
+            f"| {r['model']} | {r['tool']} | {_stages(r)} | {nodes} | {_fmt(r.get('seconds'), '.2f')} "
+            f"| {_fmt(vs, '.2f', '×')} | {_fmt(r.get('rel_l2'), '.1e')} | {r.get('checker', '–')} "
+            f"| {_fmt(r.get('latency_ratio'), '.2f')} | {_error(r)} |"
+        )
     return "\n".join(lines)
 
 
 def lossy_table(rows: list[Row], title: str) -> str:
-    lines = [f"| model | {title} | load/run/valid | metric | score vs fp32 (goal) | graphopt verify | latency ratio "
-             "| size ratio | wall s | error |", "|---|---|:---:|---|---:|---|---:|---:|---:|---|"]
+    lines = [
+        f"| model | {title} | load/run/valid | metric | score vs fp32 (goal) | graphopt verify | latency ratio "
+        "| size ratio | wall s | error |",
+        "|---|---|:---:|---|---:|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         score = r.get("score")
         mark = "" if score is None else (" ✓" if score >= r["goal"] else " ✗")
         note = f"{r.get('note', '')} {_error(r)}".strip()
-        lines.append(f"| {r['model']} | {r['tool']} | {_stages(r)} | {r['metric']} "
-                     f"| {_fmt(score, '.4f')} ({r['goal']:g}){mark} | {str(r.get('graphopt_verify', '–'))[:60]} "
-                     f"| {_fmt(r.get('latency_ratio'), '.2f')} | {_fmt(r.get('size_ratio'), '.2f')} "
-                     f"| {_fmt(r.get('seconds'), '.1f')} | {note} |")
+        lines.append(
+            f"| {r['model']} | {r['tool']} | {_stages(r)} | {r['metric']} "
+            f"| {_fmt(score, '.4f')} ({r['goal']:g}){mark} | {str(r.get('graphopt_verify', '–'))[:60]} "
+            f"| {_fmt(r.get('latency_ratio'), '.2f')} | {_fmt(r.get('size_ratio'), '.2f')} "
+            f"| {_fmt(r.get('seconds'), '.1f')} | {note} |"
+        )
     return "\n".join(lines)
 
 
@@ -138,10 +181,15 @@ def report(rows: list[Row]) -> str:
     if by_section["fold"]:
         parts += ["## Fold parity (exact: rel L2 vs fp32, ORT graph rewrites off)", fold_table(by_section["fold"])]
     if by_section["lossy"]:
-        parts += ["## graphopt lossy passes (task metric vs fp32 on eval samples)",
-                  lossy_table(by_section["lossy"], "recipe")]
+        parts += [
+            "## graphopt lossy passes (task metric vs fp32 on eval samples)",
+            lossy_table(by_section["lossy"], "recipe"),
+        ]
     if by_section["ort"]:
-        parts += ["## ORT quantize_static anchors (QDQ, per channel, MinMax)", lossy_table(by_section["ort"], "variant")]
+        parts += [
+            "## ORT quantize_static anchors (QDQ, per channel, MinMax)",
+            lossy_table(by_section["ort"], "variant"),
+        ]
     return "\n\n".join(parts)
 
 

@@ -120,7 +120,7 @@ def ort_quantize_tool(activation: str, op_types: Sequence[str] | None) -> Callab
             pre = Path(tmp) / "pre.onnx"
             try:  # ORT's recommended pre-processing; when it fails, quantize the model as it is and say so
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            except Exception as exc:  # noqa: BLE001 - ORT raises many types here
+            except Exception as exc:  # ORT raises many types here
                 row["note"] = f"quant_pre_process failed ({first_line(exc)[:80]}); quantized without it"
                 pre = src
             row["loaded"] = True
@@ -152,7 +152,9 @@ TOOLS: dict[str, Tool] = {
     "prune_structured": Tool("graphopt prune_structured", "lossy", False, graphopt_tool("prune_structured")),
     "ort_s8": Tool("ORT QDQ s8 act", "ort", False, ort_quantize_tool("QInt8", None)),
     "ort_u8": Tool("ORT QDQ u8 act", "ort", False, ort_quantize_tool("QUInt8", None)),
-    "ort_u8_ops": Tool("ORT QDQ u8 Conv/MatMul/Gemm", "ort", False, ort_quantize_tool("QUInt8", ("Conv", "MatMul", "Gemm"))),
+    "ort_u8_ops": Tool(
+        "ORT QDQ u8 Conv/MatMul/Gemm", "ort", False, ort_quantize_tool("QUInt8", ("Conv", "MatMul", "Gemm"))
+    ),
 }
 
 
@@ -177,8 +179,10 @@ def rel_l2(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]])
     """Largest over outputs of ||cand - ref|| / ||ref||, pooled over samples (0 when both are zero)."""
     worst = 0.0
     for index in range(len(reference[0])):
-        diff = sum(float(np.sum((np.asarray(c[index], np.float64) - np.asarray(r[index], np.float64)) ** 2))
-                   for r, c in zip(reference, candidate, strict=True))
+        diff = sum(
+            float(np.sum((np.asarray(c[index], np.float64) - np.asarray(r[index], np.float64)) ** 2))
+            for r, c in zip(reference, candidate, strict=True)
+        )
         norm = sum(float(np.sum(np.asarray(r[index], np.float64) ** 2)) for r in reference)
         worst = max(worst, 0.0 if diff == 0 else float(np.sqrt(diff / norm)) if norm > 0 else float("inf"))
     return worst
@@ -223,18 +227,29 @@ def measure(model: CorpusModel, tool: Tool, src: Path, dst: Path, feeds: list[Fe
     row["latency_ratio"] = latency_ratio(src, dst, feeds[: args.latency_samples], args.latency_runs)
 
 
-def run_job(model: CorpusModel, key: str, src: Path, workdir: Path, calib: list[Feed], feeds: list[Feed], args: Any) -> Row:
+def run_job(
+    model: CorpusModel, key: str, src: Path, workdir: Path, calib: list[Feed], feeds: list[Feed], args: Any
+) -> Row:
     """Run tool ``key`` on ``model`` and measure its output; failures end up in the row, never raised."""
     tool = TOOLS[key]
-    row: Row = {"model": model.name, "tool": tool.label, "key": key, "section": tool.section, "metric": model.metric,
-                "goal": model.goal, "loaded": False, "ran": False, "valid": False}
+    row: Row = {
+        "model": model.name,
+        "tool": tool.label,
+        "key": key,
+        "section": tool.section,
+        "metric": model.metric,
+        "goal": model.goal,
+        "loaded": False,
+        "ran": False,
+        "valid": False,
+    }
     dst = workdir / f"{model.name}.{key}.onnx"
     start = time.perf_counter()
     try:
         tool.run(src, dst, calib, feeds, row)
         row["seconds"] = time.perf_counter() - start
         measure(model, tool, src, dst, feeds, row, args)
-    except Exception as exc:  # noqa: BLE001 - every failure is a row, the bench goes on
+    except Exception as exc:  # every failure is a row, the bench goes on
         row.setdefault("seconds", time.perf_counter() - start)
         row["error"] = first_line(exc)
     return row

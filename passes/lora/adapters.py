@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
-from graphopt.errors import DataError, RecipeError
+from graphopt.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,6 @@ def _factors(tensors: Mapping[str, np.ndarray], path: Path) -> tuple[dict[str, L
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (bfloat16 widened to float32)."""
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as exc:  # graphopt reads adapters without torch, through this package
-        raise RecipeError(
-            "merge_lora: reading adapters needs the safetensors package: pip install safetensors."
-        ) from exc
     header, size = _header(path)
     if not any(entry.get("dtype") == "BF16" for key, entry in header.items() if key != "__metadata__"):
         try:

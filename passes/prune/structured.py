@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.calibration.sources import require_data
 from graphopt.errors import PassError
 from graphopt.passes.edit import infer_types, trans_b
 from graphopt.passes.prune import recovery as prune_recovery
@@ -141,8 +142,6 @@ def collect_structured_statistics(model: ir.Model, data: object, config: PruneSt
     With ``recover``, the pruning plan is applied to a copy of the model and both models
     run side by side, so each consumer is fitted on the inputs it will really see.
     """
-    from graphopt.calibration.sources import require_data
-
     if not config.needs_data:
         return StructuredStatistics()
     groups = find_groups(model, config)

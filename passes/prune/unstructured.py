@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.calibration.sources import require_data
 from graphopt.errors import PassError
 from graphopt.passes import edit
 from graphopt.passes.edit import trans_b
@@ -80,8 +81,6 @@ def _unprunable(graph: ir.Graph, node: ir.Node, config: PruneConfig) -> str | No
 
 def collect_prune_statistics(model: ir.Model, data: object, config: PruneConfig) -> dict[str, LayerStatistics]:
     """Calibrate Wanda input norms or SparseGPT Hessians (the registry runs this before the pass)."""
-    from graphopt.calibration.sources import require_data
-
     if not config.needs_data:
         return {}
     layers = prunable_layers(model.graph, config)
