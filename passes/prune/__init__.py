@@ -1,7 +1,8 @@
 """Pruning: unstructured and n:m sparsity (magnitude, Wanda, SparseGPT), and structured channel removal.
 
-- ``unstructured.py``: :class:`PruneWeightsPass` and its config
-- ``structured.py``: :class:`PruneStructuredPass` and its config (channels, MLP units, heads)
+- ``config.py``: :class:`PruneConfig`, :class:`PruneStructuredConfig`, the fallback's alternatives
+- ``unstructured.py``: :class:`PruneWeightsPass` (unstructured and n:m)
+- ``structured.py``: :class:`PruneStructuredPass` (channels, MLP units, heads)
 - ``calibration.py``: per-layer activation statistics (norms, Gram matrices)
 - ``scoring.py``: importance scores and n:m masks on weight rows
 - ``groups.py``, ``rules.py``: which channels must be removed together, op by op
@@ -11,7 +12,8 @@
 
 from __future__ import annotations
 
-from graphopt.passes.prune.structured import PruneStructuredConfig, PruneStructuredPass
-from graphopt.passes.prune.unstructured import PruneConfig, PruneWeightsPass
+from graphopt.passes.prune.config import PruneConfig, PruneStructuredConfig
+from graphopt.passes.prune.structured import PruneStructuredPass
+from graphopt.passes.prune.unstructured import PruneWeightsPass
 
 __all__ = ["PruneConfig", "PruneStructuredConfig", "PruneStructuredPass", "PruneWeightsPass"]

@@ -1,6 +1,8 @@
 """Weight-only quantization: block-wise int4/int8 and NF4 weights, activations stay float.
 
-- ``quantize.py``: :class:`WeightOnlyQuantizePass` and its config; round-to-nearest
+- ``config.py``: :class:`WeightOnlyConfig` and the same-size alternatives (GPTQ for round-to-nearest)
+- ``layers.py``: which weights are quantized (MatMul/Gemm matrices, embedding tables)
+- ``quantize.py``: :class:`WeightOnlyQuantizePass`; round-to-nearest with clip search
 - ``gptq.py``: GPTQ's error-compensating rounding on calibrated Hessians
 - ``lower.py``: the quantized blocks as ORT kernels (MatMulNBits, MatMulBnb4, blocked DQ)
 - ``kernels.py``: which kernel ORT will run for each layer, and why
