@@ -176,15 +176,29 @@ def require_data(data: DataSpec | None, pass_name: str) -> DataSpec:
     return data
 
 
+def batch_size_for(specs: list[InputSpec], wanted: int) -> int:
+    """The batch size the model accepts: ``wanted`` along a symbolic leading dim, else the fixed one.
+
+    Exporters often fix the batch dim (``[1, 3, 800, 608]``): such a model takes exactly that
+    many samples per run, whatever the recipe's batch size.
+    """
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    symbolic = any(s.shape and not isinstance(s.shape[0], int) for s in specs)
+    if len(fixed) == 1 and not symbolic:
+        return fixed.pop()
+    return wanted
+
+
 def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
-    """Batches for ``data``, at most ``data.samples`` samples in all."""
+    """Batches for ``data``, at most ``data.samples`` samples in all, in batches the model accepts."""
     dims = dict(data.dims or {})
+    batch_size = batch_size_for(specs, data.batch_size)
     if data.source is None:
-        return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=data.batch_size)
+        return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)
     if isinstance(data.source, (str, os.PathLike)):
         arrays = load_arrays(data.source)
         arrays = {name: array[: data.samples] for name, array in arrays.items()}
-        return iter_arrays(arrays, specs, data.batch_size)
+        return iter_arrays(arrays, specs, batch_size)
     return _iter_given(data.source, specs, data.samples)
 
 

@@ -351,3 +351,17 @@ def test_observe_ranges_needs_a_config_per_tensor(tmp_path: Path) -> None:
     model = io.load_model(_tiny_model(tmp_path))
     with pytest.raises(ValueError, match=re.escape("no ObserverConfig for tensor(s) ['h']; give one per tensor")):
         observe_ranges(model, DataSpec(samples=2), ["x", "h"], {"x": ObserverConfig()})
+
+
+def test_a_fixed_batch_dim_sets_the_batch_size(tmp_path: Path) -> None:
+    """Exporters fix the batch dim ([1, 3, H, W]): data is fed that many samples at a time, not the recipe's."""
+    from graphopt.calibration.sources import DataSpec, InputSpec, iter_batches
+
+    fixed = [InputSpec("x", np.dtype(np.float32), (1, 3, 8, 8))]
+    batches = list(iter_batches(DataSpec(samples=6, batch_size=4), fixed))
+    assert [b["x"].shape for b in batches] == [(1, 3, 8, 8)] * 6
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 3, 8, 8), np.float32))
+    given = list(iter_batches(DataSpec(source=tmp_path / "d.npz", samples=5, batch_size=4), fixed))
+    assert [b["x"].shape[0] for b in given] == [1] * 5
+    symbolic = [InputSpec("x", np.dtype(np.float32), ("batch", 3))]
+    assert [b["x"].shape[0] for b in iter_batches(DataSpec(samples=6, batch_size=4), symbolic)] == [4, 2]
