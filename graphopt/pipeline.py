@@ -10,6 +10,7 @@ it, with the passes that ran before it named too.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -21,9 +22,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import fallback, io, localize, ort_view, recipe, registry, runtime, serialize, stats, verify
+from graphopt import fallback, io, localize, opset, ort_view, recipe, registry, runtime, serialize, stats, verify
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
+from graphopt.passes import edit
 from graphopt.report import PassRecord, Report
 
 logger = logging.getLogger(__name__)
@@ -69,12 +71,19 @@ class Pipeline:
     # The model right after the last step that changes the function on purpose (an
     # adapter merge): what the output must then match instead of the input.
     new_reference: ir.Model | None = None
+    lifted_constants: int = 0  # Constant-node weights turned into initializers before the first step
 
     def run(
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
     ) -> list[PassRecord]:
-        """Run every step on ``model`` (in place) and return one record per step."""
+        """Run every step on ``model`` (in place) and return one record per step.
+
+        Before a lossy step, weights stored as Constant nodes become initializers (an exact
+        change): every lossy pass then sees them as the weights they are.
+        """
         self.records, self._snapshots, self.new_reference = [], [], None
+        if any(not step.spec.exact for step in self.steps):
+            self.lifted_constants = edit.lift_constant_weights(model)
         self.run_from(model, 0, calibration=calibration, progress=progress)
         return self.records
 
@@ -225,7 +234,7 @@ def optimize(
     calibration = calibration or plan.calibration
     source = None if isinstance(model_or_path, ir.Model) else Path(model_or_path)
     reference = model_or_path if isinstance(model_or_path, ir.Model) else io.load_model(model_or_path)
-    candidate = reference.clone()
+    candidate, opset_change = _fit_opset(reference, plan, device, calibration)
     pipeline = Pipeline(
         list(plan.passes), check=plan.check, keep_snapshots=plan.verify.enabled and plan.fallback.enabled
     )
@@ -237,10 +246,31 @@ def optimize(
         before=records[0].before if records else stats.model_stats(reference),
         after=records[-1].after if records else stats.model_stats(candidate),
     )
+    report.opset = opset_change.to_dict() if opset_change else None
+    report.lifted_constants = pipeline.lifted_constants
     if plan.verify.enabled:
         target = pipeline.new_reference or reference
         candidate = _verify(report, pipeline, target, candidate, plan, device, calibration)
     return Result(candidate, report)
+
+
+def _fit_opset(
+    reference: ir.Model, plan: recipe.Recipe, device: str, calibration: DataSpec | None
+) -> tuple[ir.Model, opset.OpsetChange | None]:
+    """A copy of the input to run the passes on, at the opset they want when a conversion keeps it equal."""
+    wanted = opset.wanted_opset(plan.passes)
+    if not wanted or opset.model_opset(reference) >= wanted:
+        return reference.clone(), None
+    batches = list(itertools.islice(iter_batches(_check_data(plan, calibration), input_specs(reference)), 2))
+    return opset.upgrade(reference, wanted, batches, device)
+
+
+def _check_data(plan: recipe.Recipe, calibration: DataSpec | None) -> DataSpec:
+    """The inputs verification uses: the recipe's, else the calibration data, else random ones."""
+    data = plan.verify.data
+    if data.source is None and calibration is not None and calibration.source is not None:
+        data = replace(data, source=calibration.source)
+    return data
 
 
 def _verify(
@@ -253,9 +283,7 @@ def _verify(
     calibration: DataSpec | None,
 ) -> ir.Model:
     """Verify; over budget, try the fallback; then time the final model and raise if still over."""
-    data = plan.verify.data
-    if data.source is None and calibration is not None and calibration.source is not None:
-        data = replace(data, source=calibration.source)
+    data = _check_data(plan, calibration)
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = verify.Checker(reference, data, plan.budget, device, threads)

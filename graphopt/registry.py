@@ -70,6 +70,8 @@ class PassSpec:
         changes_function: A config field that, when set, means the pass changes what the
             model computes on purpose (merging an external adapter): verification then
             compares with the model as it is after that step, not with the input.
+        min_opset: ``config -> opset`` the pass works best at; the pipeline converts older
+            models to it first (when the conversion keeps the outputs equal).
     """
 
     name: str
@@ -78,6 +80,7 @@ class PassSpec:
     calibrate: str | Calibrator | None = None
     lossy: Lossy | None = None
     changes_function: str | None = None
+    min_opset: str | Callable[[Any], int] | None = None
 
     @property
     def exact(self) -> bool:
@@ -111,6 +114,10 @@ class PassSpec:
     def build(self, config: Any, statistics: Any = None) -> ir.passes.PassBase:
         cls = resolve(self.pass_class)
         return cls(config) if self.calibrate is None else cls(config, statistics)
+
+    def opset_for(self, config: Any) -> int:
+        """The opset this config wants the model at (0: any)."""
+        return 0 if self.min_opset is None else int(resolve(self.min_opset)(config))
 
     def changes_function_for(self, config: Any) -> bool:
         return self.changes_function is not None and bool(getattr(config, self.changes_function))
@@ -184,6 +191,7 @@ REGISTRY = Registry(
             f"{_P}.quantize.config:QuantizeConfig",
             calibrate=f"{_P}.quantize.calibrate:collect_ranges",
             lossy=Lossy(f"{_P}.quantize.config:range_alternatives", tensors=True, op_types=True),
+            min_opset=f"{_P}.quantize.config:min_opset",
         ),
         PassSpec("tune", f"{_P}.tune:TuneForRuntimePass", f"{_P}.tune:TuneConfig", calibrate=f"{_CAL}.timing:measure"),
         PassSpec(

@@ -40,6 +40,9 @@ def render_report(console: Console, report: Report) -> None:
             f"latency on {report.device} (median of {opt.runs} interleaved runs): "
             f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
         )
+    if report.opset:
+        o = report.opset
+        console.print(f"opset {o['before']} → {o['after']} (the passes want {o['wanted']}): {o['reason']}")
     if report.fallback:
         f = report.fallback
         console.print(

@@ -56,6 +56,8 @@ class Report:
     fallback: dict[str, Any] | None = None
     runtime: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
+    opset: dict[str, Any] | None = None  # the opset conversion before the passes, when one was wanted
+    lifted_constants: int = 0  # weights stored as Constant nodes, made initializers before the lossy passes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,8 @@ class Report:
             "fallback": self.fallback,
             "runtime": self.runtime,
             "layers": self.layers,
+            "opset": self.opset,
+            "lifted_constants": self.lifted_constants,
         }
 
     def to_json(self) -> str:
@@ -91,6 +95,11 @@ class Report:
             f"{self.before.bytes:,} → {self.after.bytes:,} bytes of weights.",
             "",
         ]
+        if self.lifted_constants:
+            lines += [f"{self.lifted_constants} weights stored as Constant nodes became initializers.", ""]
+        if self.opset:
+            o = self.opset
+            lines += [f"Opset: {o['before']} → {o['after']} (wanted {o['wanted']}): {o['reason']}.", ""]
         if self.latency:
             ref, opt = self.latency["reference"], self.latency["optimized"]
             lines.append(

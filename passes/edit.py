@@ -109,3 +109,16 @@ def excluded(node: ir.Node, patterns: Sequence[str], op_types: Sequence[str] = (
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     names = [n for n in (node.name, weight.name if weight is not None else None) if n]
     return node.op_type in op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def lift_constant_weights(model: ir.Model, min_elements: int = 16) -> int:
+    """Turn Constant nodes holding tensors of ``min_elements`` or more into initializers (exact).
+
+    Paddle and older exporters store every weight as a Constant node; to the lossy passes,
+    which look for constant initializers, such a model has no weights. Returns how many
+    were lifted (subgraphs included).
+    """
+    before = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_elements)(model)
+    after = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
+    return before - after

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -81,3 +82,17 @@ def test_check_blames_the_pass_that_broke_the_graph(
     known = noise_passes.known.with_passes(registry.PassSpec("breaks", Breaks, FoldConfig))
     with pytest.raises(PassError, match=r"pass 2 'breaks' \(after noise\) left a model that fails onnx.checker"):
         graphopt.optimize(model_path, {"passes": ["noise", "breaks"], "check": True}, known=known)
+
+
+def test_weights_stored_as_constant_nodes_are_weights(tmp_path: Path) -> None:
+    """Paddle-style exports hold every weight in a Constant node: a lossy pass must still find them."""
+    proto = toy.relu_mlp()
+    for init in list(proto.graph.initializer):
+        proto.graph.node.insert(0, onnx.helper.make_node("Constant", [], [init.name], value=init))
+    del proto.graph.initializer[:]
+    path = toy.save(proto, tmp_path / "constants.onnx")
+    result = graphopt.optimize(path, {"passes": ["prune:pattern=n:m"], "verify": {"report_only": True}})
+    assert result.report.passes[0].modified and result.report.lifted_constants >= 2
+    assert "became initializers" in result.report.to_markdown()
+    exact = graphopt.optimize(path, ["fold"])  # exact pipelines leave the file's form to fold
+    assert exact.report.lifted_constants == 0

@@ -107,3 +107,8 @@ def range_alternatives(config: QuantizeConfig) -> list[QuantizeConfig]:
     if config.reduce_range is False and config.weight_type == "int8" and hardware.u8s8_saturates():
         alternatives.append(dataclasses.replace(config, reduce_range="auto"))
     return alternatives + [dataclasses.replace(config, method=m) for m in FALLBACK_METHODS if m != config.method]
+
+
+def min_opset(config: QuantizeConfig) -> int:
+    """Per-channel Q/DQ needs opset 13, 16-bit Q/DQ types opset 21."""
+    return 21 if any(t.endswith("16") for t in (config.activation_type, *config.tensor_types.values())) else 13

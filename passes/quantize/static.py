@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -11,7 +12,7 @@ from graphopt.errors import PassError
 from graphopt.passes.edit import infer_types
 from graphopt.passes.quantize import layout as quantize_layout
 from graphopt.passes.quantize import qdq
-from graphopt.passes.quantize.config import QuantizeConfig, resolve_reduce_range
+from graphopt.passes.quantize.config import QuantizeConfig, min_opset, resolve_reduce_range
 from graphopt.passes.quantize.dynamic import quantize_matmul
 from graphopt.passes.quantize.editor import Editor
 from graphopt.passes.quantize.select import ALREADY_QUANTIZED, Range, excluded, selected_nodes
@@ -44,6 +45,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.ranges = dict(ranges or {})
         self.channels = dict(getattr(ranges, "channels", {}))
         self.details: dict[str, object] = {}
+        self.notes: list[str] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -55,7 +57,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if not self._has_work(model):
             self.details = {"skipped": "nothing to quantize"}
             return ir.passes.PassResult(model, modified=False)
-        _check_opset(model, self.config)
+        skip = self._fit_opset(model)
+        if skip:
+            self.details = {"skipped": skip}
+            return ir.passes.PassResult(model, modified=False)
         if self.dynamic:
             return self._dynamic(model)
         pools = 0
@@ -72,8 +77,32 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         editor = Editor(graph, self.config, self.ranges, self.channels)
         editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
-        self.details = editor.summary()
+        self.details = {**editor.summary(), **({"notes": self.notes} if self.notes else {})}
         return ir.passes.PassResult(model, modified=editor.changed or bool(pools))
+
+    def _fit_opset(self, model: ir.Model) -> str | None:
+        """Adapt to a model below the opset the config wants (the pipeline converts when it can).
+
+        Per-channel Q/DQ needs opset 13: at opset 10-12 the weights get one scale per tensor
+        instead; below opset 10 (no QuantizeLinear) the model is left as it is. Returns why the
+        pass must skip the model, or None.
+        """
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        if opset >= min_opset(self.config):
+            return None
+        if min_opset(self.config) > 13:
+            raise PassError(
+                f"quantize: 16-bit Q/DQ types need opset 21 and the model (opset {opset}) could not be converted "
+                "with outputs unchanged; use 8-bit types (activation_type: uint8)."
+            )
+        if opset < (11 if self.dynamic else 10):
+            logger.warning("quantize: opset %d has no Q/DQ ops; the model is left unchanged", opset)
+            return f"opset {opset} has no Q/DQ operators"
+        if self.config.per_channel:
+            logger.warning("quantize: opset %d has no per-channel Q/DQ; weights get one scale per tensor", opset)
+            self.config = dataclasses.replace(self.config, per_channel=False)
+            self.notes = [f"opset {opset}: per-tensor weight scales (per-channel Q/DQ needs opset 13)"]
+        return None
 
     def _has_work(self, model: ir.Model) -> bool:
         tables = self.config.embeddings and any(
@@ -114,17 +143,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             "dynamic_matmuls": count,
             "embeddings": embeddings,
             "reduce_range": resolve_reduce_range(self.config),
+            **({"notes": self.notes} if self.notes else {}),
         }
         return ir.passes.PassResult(model, modified=bool(count or embeddings))
 
-
-def _check_opset(model: ir.Model, config: QuantizeConfig) -> None:
-    opset = model.opset_imports.get("", 0)
-    needed = 21 if any(t.endswith("16") for t in (config.activation_type, *config.tensor_types.values())) else 13
-    if opset < needed:
-        raise PassError(
-            f"quantize: the model's opset is {opset}, per-channel Q/DQ (and 16-bit types) need opset >= {needed}. "
-            f"Re-export the model with opset_version={max(needed, 17)}."
-        )
 
 

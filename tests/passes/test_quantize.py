@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import hardware, io, recipe, runtime, serialize, verify
 from graphopt.calibration.sources import DataSpec
-from graphopt.errors import DataError, PassError, RecipeError
+from graphopt.errors import DataError, RecipeError
 from graphopt.passes.fold.constants import FoldConstantsPass
 from graphopt.passes.quantize import QuantizeConfig, QuantizeQDQPass
 from graphopt.passes.quantize.calibrate import collect_ranges
@@ -223,12 +223,33 @@ def test_static_needs_calibration_data_and_auto_falls_back_to_dynamic(tmp_path: 
     assert result.report.passes[0].details["mode"] == "dynamic"
 
 
-def test_old_opset_is_a_clear_error(tmp_path: Path) -> None:
+def _at_opset(tmp_path: Path, version: int) -> ir.Model:
     proto = toy.already_folded()
-    proto.opset_import[0].version = 11
-    model = io.load_model(toy.save(proto, tmp_path / "old.onnx"))
-    with pytest.raises(PassError, match="opset is 11"):
-        QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))(model)
+    proto.opset_import[0].version = version
+    return io.load_model(toy.save(proto, tmp_path / f"old{version}.onnx"))
+
+
+def test_old_opsets_get_per_tensor_scales_or_are_left_alone(tmp_path: Path) -> None:
+    """Run on its own (no pipeline to convert it), the pass adapts to the model's opset instead of refusing."""
+    model = _at_opset(tmp_path, 11)
+    quantize = QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))
+    assert quantize(model).modified and "per-tensor" in quantize.details["notes"][0]
+    serialize.check_model(model)
+    runtime.create_session(model)  # ORT loads it
+    assert all("axis" not in n.attributes for n in model.graph if n.op_type == "DequantizeLinear")
+    model = _at_opset(tmp_path, 9)
+    quantize = QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))
+    assert not quantize(model).modified and "no Q/DQ" in quantize.details["skipped"]
+
+
+def test_the_pipeline_converts_an_old_opset_when_outputs_stay_equal(tmp_path: Path) -> None:
+    model = _at_opset(tmp_path, 11)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    result = graphopt.optimize(model, {"passes": ["quantize:mode=static"], "budget": {}}, calibration=calib)
+    assert result.report.opset["before"] == 11 and result.report.opset["after"] == 13, result.report.opset
+    assert result.model.opset_imports[""] == 13 and "notes" not in result.report.passes[0].details
+    assert "Opset: 11 → 13" in result.report.to_markdown()
 
 
 @pytest.mark.parametrize(
