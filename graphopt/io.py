@@ -44,6 +44,8 @@ from graphopt.serialize import (  # re-exported: io is where users look for them
 
 logger = logging.getLogger(__name__)
 
+# model.meta key: what onnx.checker said about an input that only ONNX Runtime accepts
+CHECKER_FAILURE = "graphopt.checker_failure"
 _TEMP_PREFIX = ".graphopt-"
 # A temporary folder this old beside an output was left by a save that was killed.
 STALE_TEMP_SECONDS = 3600
@@ -74,7 +76,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     path = Path(path)
     proto = _read_proto(path)
     _check_external_data(proto, path)
-    _run_checker(path)
+    checker_failure = _run_checker(path)
     densified = _densify_sparse_initializers(proto.graph)
     if densified:
         logger.info("densified %d sparse initializer(s) of %s", densified, path)
@@ -86,6 +88,8 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
             "Re-export the model; `python -m onnx.checker` shows the first structural problem."
         ) from exc
     ir.external_data.set_base_dir(model.graph, path.parent.resolve())
+    if checker_failure:
+        model.meta[CHECKER_FAILURE] = checker_failure
     names = [n.name for n in model.graph if n.name]
     if len(names) != len(set(names)):
         # ONNX allows duplicate node names but ONNX Runtime refuses them; values keep their names.
@@ -123,16 +127,27 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _run_checker(path: Path) -> None:
+def _run_checker(path: Path) -> str | None:
+    """None when onnx.checker accepts the model; its complaint when only ONNX Runtime does.
+
+    ONNX Runtime registers ops of its own in the default domain (SimplifiedLayerNormalization in
+    ORT GenAI's exports): a model ORT loads is a valid input, whatever the checker says.
+    """
     # Checked by path so the checker resolves external data against the model's folder.
     try:
         onnx.checker.check_model(str(path))
+        return None
     except onnx.checker.ValidationError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-        raise ModelLoadError(
-            f"{path}: the model is invalid ({first_line}). Re-export it; "
-            "`python -m onnx.checker MODEL` prints the full check."
-        ) from exc
+        try:
+            runtime.check_loads(path)
+        except ModelSaveError:
+            raise ModelLoadError(
+                f"{path}: the model is invalid ({first_line}) and ONNX Runtime cannot load it either. Re-export it; "
+                "`python -m onnx.checker MODEL` prints the full check."
+            ) from exc
+        logger.warning("%s: onnx.checker objects (%s) but ONNX Runtime loads it; going on", path, first_line)
+        return first_line
 
 
 def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
@@ -244,7 +259,7 @@ def save_model(
     with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
         _write(model, tmp_path, data_name, ir_version, sparse_names, keep_debug_metadata)
-        _verify_written(tmp_path)
+        _verify_written(tmp_path, model.meta.get(CHECKER_FAILURE))
         if data_name is not None:
             os.replace(Path(tmp) / data_name, path.parent / data_name)
         os.replace(tmp_path, path)
@@ -393,10 +408,14 @@ def _strip_debug_metadata(model: ir.Model) -> list[tuple[dict[str, str], str, st
     return removed
 
 
-def _verify_written(tmp_path: Path) -> None:
+def _verify_written(tmp_path: Path, input_failure: str | None) -> None:
     try:
         onnx.checker.check_model(str(tmp_path))
     except onnx.checker.ValidationError as exc:
+        if input_failure is not None:  # the input failed the checker too: ONNX Runtime's load decides
+            logger.warning("the output fails onnx.checker as the input did (%s); ONNX Runtime loads it", input_failure)
+            runtime.check_loads(tmp_path)
+            return
         raise ModelSaveError(
             f"the optimized model fails onnx.checker and was not written: {exc}. "
             "This is a graphopt bug; run with --check to find the pass that broke it."

@@ -251,6 +251,8 @@ def optimize(
     if plan.verify.enabled:
         target = pipeline.new_reference or reference
         candidate = _verify(report, pipeline, target, candidate, plan, device, calibration)
+    if io.CHECKER_FAILURE in reference.meta:  # saving then lets ONNX Runtime's load decide, as for the input
+        candidate.meta[io.CHECKER_FAILURE] = reference.meta[io.CHECKER_FAILURE]
     return Result(candidate, report)
 
 

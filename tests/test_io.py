@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+import graphopt
 from graphopt import io, runtime
 from graphopt.errors import ModelLoadError, ModelSaveError
 from tests import toy
@@ -181,3 +182,28 @@ def test_sparse_initializers_are_densified(tmp_path: Path) -> None:
     proto.graph.sparse_initializer.append(sparse)
     model = io.load_model(toy.save(proto, tmp_path / "sparse.onnx"))
     np.testing.assert_array_equal(model.graph.initializers["W"].const_value.numpy(), dense)
+
+
+def test_a_model_only_onnx_runtime_accepts_is_a_valid_input(tmp_path: Path) -> None:
+    """ORT registers ops of its own in the default domain (ORT GenAI's exports): its load decides, not the checker."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "W")
+    scale = numpy_helper.from_array(np.ones(8, np.float32), "scale")
+    graph = helper.make_graph(
+        [
+            helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["n"], axis=-1, epsilon=1e-5),
+            helper.make_node("MatMul", ["n", "W"], ["y"]),
+        ],
+        "genai",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [w, scale],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "genai.onnx"
+    onnx.save(proto, path)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(str(path))
+    result = graphopt.optimize(path, ["fold", "weight_only"])
+    saved = io.save_model(result.model, tmp_path / "out.onnx", protect=[path])
+    assert saved.path.exists()
