@@ -129,6 +129,8 @@ class Pipeline:
             raise PassError(f"{self._where(index)} failed: {type(exc).__name__}: {exc}") from exc
         if result.model is not model:
             raise PassError(f"{self._where(index)} returned a new model; graphopt passes must work in place.")
+        # ONNX Runtime refuses a body output that names an outer value; a fold or a lift can make one.
+        edit.guard_subgraph_outputs(model)
         if spec.changes_function_for(step.config):
             self.new_reference = model.clone()
         seconds = time.perf_counter() - start

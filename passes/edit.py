@@ -122,3 +122,36 @@ def lift_constant_weights(model: ir.Model, min_elements: int = 16) -> int:
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_elements)(model)
     after = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
     return before - after
+
+
+def guard_subgraph_outputs(model: ir.Model) -> int:
+    """Put an Identity between every If/Loop/Scan body output and the value it names from outside the body.
+
+    ONNX Runtime refuses a subgraph output that is an outer-scope value (or an initializer
+    lifted out of the body) returned directly; passes that fold or lift values can leave one.
+    Returns the number of Identity nodes added.
+    """
+    added = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else []
+            bodies += list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+            for body in bodies:
+                added += _guard_outputs(body)
+    return added
+
+
+def _guard_outputs(body: ir.Graph) -> int:
+    added = 0
+    for index, value in enumerate(body.outputs):
+        producer = value.producer()
+        inner = (producer is not None and producer.graph is body) or value in body.inputs
+        if inner:
+            continue
+        identity = ir.node("Identity", [value], name=f"{value.name}_guard")
+        out = identity.outputs[0]
+        out.name, out.type, out.shape = f"{value.name}_out", value.type, value.shape
+        body.append(identity)
+        body.outputs[index] = out
+        added += 1
+    return added

@@ -194,3 +194,18 @@ def test_compressed_constants_are_not_widened(tmp_path: Path) -> None:
     model = _load(toy._model(graph), tmp_path)
     FoldConstantsPass()(model)
     assert [n.op_type for n in model.graph] == ["Cast", "MatMul"]
+
+
+def test_a_body_output_that_names_an_outer_value_gets_an_identity() -> None:
+    """ONNX Runtime refuses `If` branches that return an outer-scope value directly."""
+    from graphopt.passes import edit
+
+    model = ir.serde.deserialize_model(toy.with_if_subgraph())
+    if_node = next(n for n in model.graph if n.op_type == "If")
+    branch = if_node.attributes["then_branch"].value
+    outer = next(n for n in model.graph if n.op_type == "ReduceSum").outputs[0]
+    branch.outputs[0] = outer  # what a fold that drops the branch's last node can leave
+    assert edit.guard_subgraph_outputs(model) == 1
+    assert branch.outputs[0].producer().op_type == "Identity" and branch.outputs[0] is not outer
+    assert edit.guard_subgraph_outputs(model) == 0
+    serialize.check_model(model)
