@@ -59,8 +59,17 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _fingerprint(model)
         names = ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs])
-        with _shielded(model):
-            self._optimize(model)
+        # A declared output shape is the exporter's claim, not a fact: ddddocr declares [1, seqlen] for
+        # logits it returns as [T, 1, classes]. No rewrite may compute with it; it is put back after.
+        declared = [v.shape for v in model.graph.outputs]
+        for value in model.graph.outputs:
+            value.shape = None
+        try:
+            with _shielded(model):
+                self._optimize(model)
+        finally:  # by position: a rewrite may have put another value in an output's place
+            for value, shape in zip(model.graph.outputs, declared, strict=True):
+                value.shape = shape
         if ([v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]) != names:
             raise RuntimeError(f"fold renamed graph inputs/outputs {names} (a bug in graphopt or its dependencies)")
         modified = _fingerprint(model) != before
@@ -82,6 +91,7 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedNodesPass(),
             common_passes.TopologicalSortPass(),
         )(model)
+        _fit_attributes_to_opset(model)
 
     def _should_fold(self, node: ir.Node) -> bool | None:
         """Veto folds that would drop quantization, duplicate a shared weight or pass the size limit."""
@@ -94,6 +104,34 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             if size > self.config.size_limit or (size > _SHARED_INPUT_LIMIT and len(value.uses()) > 1):
                 return False
         return False if _widens(node) else None
+
+
+# Attributes onnxscript's rewrites write with their default value, and the opset that added them:
+# in an older model they are unknown (onnx.checker and ONNX Runtime refuse them) and mean nothing.
+_NEWER_DEFAULTS = {("Reshape", "allowzero"): (14, 0)}
+
+
+def _fit_attributes_to_opset(model: ir.Model) -> int:
+    """Drop default-valued attributes the model's opset does not have yet (``Reshape(allowzero=0)`` at opset 12)."""
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    dropped = 0
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        for name in list(node.attributes):
+            since, default = _NEWER_DEFAULTS.get((node.op_type, name), (0, None))
+            if opset < since and (node.attributes[name].value == default or _allowzero_moot(node, name)):
+                del node.attributes[name]
+                dropped += 1
+    return dropped
+
+
+def _allowzero_moot(node: ir.Node, name: str) -> bool:
+    """``allowzero=1`` means what ``allowzero=0`` means when the constant target shape holds no 0."""
+    if (node.op_type, name) != ("Reshape", "allowzero") or len(node.inputs) < 2 or node.inputs[1] is None:
+        return False
+    shape = node.inputs[1].const_value
+    return shape is not None and 0 not in shape.numpy().tolist()
 
 
 _SHIELD_DOMAIN = "graphopt.shielded"

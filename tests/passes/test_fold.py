@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper
 
 from graphopt import io, recipe, runtime, serialize
 from graphopt.errors import RecipeError
@@ -209,3 +210,29 @@ def test_a_body_output_that_names_an_outer_value_gets_an_identity() -> None:
     assert branch.outputs[0].producer().op_type == "Identity" and branch.outputs[0] is not outer
     assert edit.guard_subgraph_outputs(model) == 0
     serialize.check_model(model)
+
+
+def test_fold_does_not_trust_a_declared_output_shape(tmp_path: Path) -> None:
+    """An exporter's wrong output shape (ddddocr: [1, seqlen] for [T, 1, C] logits) must not steer a rewrite."""
+    i64 = lambda name, values: helper.make_tensor(name, TensorProto.INT64, [len(values)], values)  # noqa: E731
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["x"], ["s"]),
+            helper.make_node("Gather", ["s", "zero"], ["d0"], axis=0),
+            helper.make_node("Gather", ["s", "one"], ["d1"], axis=0),
+            helper.make_node("Concat", ["d0", "d1", "rest"], ["shape"], axis=0),
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        ],
+        "declared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["t", 1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seqlen"])],  # wrong, as exported
+        [i64("zero", [0]), i64("one", [1]), i64("rest", [-1])],
+    )
+    path = toy.save(toy._model(graph, opset=12), tmp_path / "declared.onnx")
+    model = io.load_model(path)
+    FoldConstantsPass(FoldConfig())(model)
+    x = np.arange(18, dtype=np.float32).reshape(3, 1, 6)
+    got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+    assert got.shape == (3, 1, 6)
+    assert [str(d) for d in model.graph.outputs[0].shape] == ["1", "seqlen"]  # the declaration itself stays
+    assert all("allowzero" not in n.attributes for n in model.graph)  # opset 12 has no allowzero
