@@ -150,7 +150,7 @@ class Editor:
             return
         w_index, b_index = COMPUTE_OPS[node.op_type]
         weight = node.inputs[w_index] if len(node.inputs) > w_index else None
-        if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
+        if weight is None or weight.const_value is None or weight.dtype != ir.DataType.FLOAT:
             return
         array = weight.const_value.numpy()
         axis = (
@@ -206,7 +206,7 @@ class Editor:
         if node.op_type not in ("Add", "Mul", "Concat"):
             return
         for index, value in enumerate(node.inputs):
-            if value is None or value.const_value is None or not value.dtype.is_floating_point():
+            if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
                 continue
             array = value.const_value.numpy()
             qtype = self.config.activation_type

@@ -5,6 +5,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -391,3 +392,17 @@ def test_fallback_alternatives_keep_speed_and_size(monkeypatch: pytest.MonkeyPat
     assert changed(QuantizeConfig(mode="dynamic")) == []
     monkeypatch.setattr(hardware, "u8s8_saturates", lambda: False)
     assert changed(eight_bit) == [{"method": "percentile"}, {"method": "mse"}]
+
+
+def test_float16_models_stay_valid(tmp_path: Path) -> None:
+    """float16 tensors are left in float16 (Q/DQ of float16 needs opset 19 and float16 scales)."""
+    proto = toy.relu_mlp()
+    half = onnx.numpy_helper
+    for init in proto.graph.initializer:
+        init.CopyFrom(half.from_array(half.to_array(init).astype(np.float16), init.name))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    model = io.load_model(toy.save(proto, tmp_path / "half.onnx"))
+    quantize = QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))
+    assert not quantize(model).modified and quantize.details["skipped"] == "nothing to quantize"
+    runtime.create_session(model)
