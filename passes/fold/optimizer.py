@@ -18,8 +18,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter.rules import common as common_rules
 
 from graphopt.passes.fold import private_api
+from graphopt.passes.fold.rules import channel_affine_rules
 
 
 class _FoldConstants(ir.passes.InPlacePass):
@@ -40,10 +42,16 @@ class _FoldConstants(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(result.modified))
 
 
+# Exact rules of onnxscript's public rule library beyond its defaults: a constant scale and shift
+# after (or before, when the Conv has no padding) a Conv go into its weights and bias, as
+# BatchNorm does: Paddle and tf2onnx exports keep them as Mul/Add.
+EXTRA_RULES = (common_rules.conv_affine_fusion_rule, common_rules.affine_conv_fusion_rule, *channel_affine_rules())
+
+
 def default_rules() -> list[rewriter.RewriteRule]:
-    """onnxscript's default rules (BatchNorm fusion included), each filtered by its root op."""
+    """onnxscript's default rules (BatchNorm fusion included) and :data:`EXTRA_RULES`, filtered by root op."""
     filtered = []
-    for rule in private_api.default_rules():
+    for rule in [*private_api.default_rules(), *EXTRA_RULES]:
         root = private_api.rule_root(rule)
         filtered.append(private_api.RootFilteredRule(rule, root) if root is not None else rule)
     return filtered
@@ -70,6 +78,8 @@ def build_optimizer(
         early_stop=True,
     )
     passes: list[ir.passes.PassBase] = [
+        # Weights in Constant nodes (Paddle, older exporters) are initializers to the rewrite rules.
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
         loop,
         common_passes.RemoveUnusedNodesPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),

@@ -236,3 +236,29 @@ def test_fold_does_not_trust_a_declared_output_shape(tmp_path: Path) -> None:
     assert got.shape == (3, 1, 6)
     assert [str(d) for d in model.graph.outputs[0].shape] == ["1", "seqlen"]  # the declaration itself stays
     assert all("allowzero" not in n.attributes for n in model.graph)  # opset 12 has no allowzero
+
+
+@pytest.mark.parametrize(
+    ("op", "shape", "folds"),
+    [("Add", (1, 4, 1, 1), True), ("Mul", (4, 1, 1), True), ("Add", (1,), True), ("Add", (1, 4, 3, 3), False)],
+)
+def test_per_channel_constants_after_a_conv_go_into_it(tmp_path: Path, op: str, shape: tuple, folds: bool) -> None:
+    """Paddle-style exports keep a Conv's bias or scale as a separate [1, C, 1, 1] Add/Mul."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node(op, ["c", "k"], ["y"])],
+        "conv_affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 3, 3])],
+        [
+            onnx.numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "W"),
+            onnx.numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "k"),
+        ],
+    )
+    path = toy.save(toy._model(graph), tmp_path / "conv_affine.onnx")
+    model = io.load_model(path)
+    FoldConstantsPass(FoldConfig())(model)
+    assert [n.op_type for n in model.graph] == (["Conv"] if folds else ["Conv", op])
+    x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+    want = runtime.run(runtime.create_session(path), {"x": x})["y"]
+    np.testing.assert_allclose(runtime.run(runtime.create_session(model), {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
