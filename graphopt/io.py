@@ -33,7 +33,7 @@ import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
 from graphopt import runtime
-from graphopt.errors import ModelLoadError, ModelSaveError
+from graphopt.errors import ModelLoadError, ModelSaveError, PassError
 from graphopt.serialize import (  # re-exported: io is where users look for them
     EXTERNAL_DATA_THRESHOLD,
     SPARSE_INDEX_BYTES,
@@ -421,3 +421,10 @@ def _verify_written(tmp_path: Path, input_failure: str | None) -> None:
             "This is a graphopt bug; run with --check to find the pass that broke it."
         ) from exc
     runtime.check_loads(tmp_path)
+    try:  # and with ORT's default optimizations, in a child process: ORT can crash on a graph
+        runtime.probe_load(tmp_path)
+    except ModelLoadError as exc:
+        raise PassError(
+            f"{exc} The output was not written; leave the changed nodes alone (the pass's exclude_op_types or "
+            "exclude option) or run without that pass."
+        ) from exc

@@ -291,7 +291,7 @@ def _verify(
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = verify.Checker(reference, data, plan.budget, device, threads)
-    cand_session, result = checker.check(candidate)
+    cand_session, result = checker.check(candidate, probe=True)
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
     if not result.passed and pipeline.lossy_snapshots():
         candidate, cand_session, result, errors = _fall_back(

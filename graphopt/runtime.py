@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -140,6 +142,31 @@ def optimized_graph(
         path = Path(tmp) / "optimized.onnx"
         session = create_session(model, device, threads=threads, optimization=optimization, optimized_model_path=path)
         return ir.load(path), session
+
+
+def probe_load(model: ModelSource, device: str = "cpu") -> None:
+    """Load ``model`` with ONNX Runtime's default optimizations in a child process; raise if ORT crashes.
+
+    ORT can crash (a segmentation fault, not an exception) while optimizing some graphs, e.g.
+    ORT 1.31 on a float16 Transpose between Casts around a float32 GRU. Loading it in this
+    process would kill graphopt; the child's death becomes a clear error instead.
+    """
+    with tempfile.TemporaryDirectory(prefix="graphopt-probe-") as tmp:
+        if isinstance(model, ir.Model):
+            if serialize.model_bytes(model) > serialize.EXTERNAL_DATA_THRESHOLD:
+                return  # too large to write inline just for a probe; the in-process load still runs
+            path = Path(tmp) / "probe.onnx"
+            path.write_bytes(serialize.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version))))
+            model = path
+        code = "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=sys.argv[2:])"
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(model), *_PROVIDERS[device]], capture_output=True, text=True, check=False
+        )
+    if done.returncode < 0:
+        raise ModelLoadError(
+            f"ONNX Runtime {ort.__version__} crashes (signal {-done.returncode}) while it optimizes this model for "
+            f"{device}; graphopt does not open it in its own process."
+        )
 
 
 def check_loads(path: Path) -> None:

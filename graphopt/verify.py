@@ -202,8 +202,17 @@ class Checker:
         self.ref_session = runtime.create_session(reference, device, threads=threads)
         self.specs = input_specs(reference)
 
-    def check(self, candidate: ir.Model) -> tuple[ort.InferenceSession, VerifyResult]:
-        """The candidate's session and its verification result."""
+    def check(self, candidate: ir.Model, *, probe: bool = False) -> tuple[ort.InferenceSession, VerifyResult]:
+        """The candidate's session and its verification result.
+
+        ``probe`` first loads it in a child process (see :func:`runtime.probe_load`), so an ORT
+        crash on the output is an error and not the end of graphopt.
+        """
+        if probe:
+            try:
+                runtime.probe_load(candidate, self.device)
+            except ModelLoadError as exc:
+                raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
         session = open_candidate(candidate, self.device, self.threads)
         batches = iter_batches(self.data, self.specs)
         return session, compare_sessions(
