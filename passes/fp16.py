@@ -82,6 +82,9 @@ class Float16Pass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         self._float_outputs = {id(v) for v in graph.outputs if v.dtype == ir.DataType.FLOAT}
         half = {id(n) for n in graph if self._convertible(n)}
+        # A Constant read only by float32 nodes stays float32: behind a Cast it would stop being a
+        # constant to ONNX Runtime (an empty Resize `scales` then reads as given: SLANet).
+        half -= {id(n) for n in graph if n.op_type == "Constant" and not _read_in_half(n, half)}
         if not half:
             return ir.passes.PassResult(model, modified=False)
         taken: set[str] = set()
@@ -158,6 +161,10 @@ class Float16Pass(ir.passes.InPlacePass):
         for index, value in enumerate(list(graph.outputs)):
             if value.dtype == ir.DataType.FLOAT16 and self.config.keep_io_types and id(value) in self._float_outputs:
                 graph.outputs[index] = casts.output(value)
+
+
+def _read_in_half(node: ir.Node, half: set[int]) -> bool:
+    return any(id(use.node) in half for out in node.outputs for use in out.uses())
 
 
 class _CastCache:

@@ -4,6 +4,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -72,3 +73,27 @@ def test_values_beyond_fp16_range_stay_float32(tmp_path: Path) -> None:
 def test_bad_configs(options: dict[str, object], message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         recipe.make_step("fp16", options, "recipe")
+
+
+def test_constants_read_only_in_float32_stay_constants(tmp_path: Path) -> None:
+    """An empty Resize `scales` behind a Cast is no longer empty to ORT (Paddle's SLANet export)."""
+    empty = onnx.helper.make_tensor("e", onnx.TensorProto.FLOAT, [0], [])
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["r"]),
+            onnx.helper.make_node("Constant", [], ["roi"], value=empty),
+            onnx.helper.make_node("Constant", [], ["scales"], value=empty),
+            onnx.helper.make_node("Shape", ["x"], ["shape"]),
+            onnx.helper.make_node("Add", ["shape", "shape"], ["sizes"]),
+            onnx.helper.make_node("Resize", ["r", "roi", "scales", "sizes"], ["y"]),
+        ],
+        "resize",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+    )
+    path = toy.save(toy._model(graph), tmp_path / "resize.onnx")
+    model = io.load_model(path)
+    Float16Pass(Fp16Config())(model)
+    saved = io.save_model(model, tmp_path / "out.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    assert runtime.run(runtime.create_session(saved.path), {"x": x})["y"].shape == (2, 4, 8, 8)
