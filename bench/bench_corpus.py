@@ -135,7 +135,7 @@ def _stages(row: Row) -> str:
 
 
 def _error(row: Row) -> str:
-    return str(row.get("error", "")).replace("|", "/").replace("\n", " ")[:160]
+    return str(row.get("error", "")).replace("|", "/").replace("\n", " ")[:220]
 
 
 def fold_table(rows: list[Row]) -> str:

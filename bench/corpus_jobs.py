@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import re
 import statistics
 import tempfile
 import time
@@ -41,8 +42,15 @@ class Tool:
 
 
 def first_line(exc: BaseException) -> str:
+    """The error's type and first line, without the temporary paths and status codes ORT puts in front."""
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    text = text.splitlines()[0] if text else ""
+    text = re.sub(r"Load model from \S+ failed:\s*|\[ONNXRuntimeError\] : \d+ : ", "", text)
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
+def _axis0_total(feeds: list[Feed]) -> int:
+    return sum(max((a.shape[0] if np.ndim(a) else 1 for a in feed.values()), default=1) for feed in feeds)
 
 
 def _graphopt_recipe(spec: str, calib: list[Feed], feeds: list[Feed]) -> Any:
@@ -51,10 +59,12 @@ def _graphopt_recipe(spec: str, calib: list[Feed], feeds: list[Feed]) -> Any:
 
     if spec == "fold-noverify":  # file in, file out, like onnxslim and onnxsim: no verification in the timing
         return Recipe(passes=parse_passes(["fold"]), verify=VerifySettings(enabled=False))
-    # Given feeds pass through one at a time, so fixed batch-1 inputs work; samples counts the first input's axis 0.
-    calibration = graphopt.DataSpec(source=calib, samples=len(calib))
+    # Given feeds pass through one at a time as they are (fixed batch-1 inputs work), and ``samples`` caps the sum
+    # of the first input's axis 0, not the number of feeds: samples=len(feeds) would use only 2 of 32 feeds of
+    # 16 windows each. Counting every feed's largest axis 0 lets each feed through.
+    calibration = graphopt.DataSpec(source=calib, samples=_axis0_total(calib))
     verify_feeds = feeds[:VERIFY_SAMPLES]
-    verify_data = graphopt.DataSpec(source=verify_feeds, samples=len(verify_feeds))
+    verify_data = graphopt.DataSpec(source=verify_feeds, samples=_axis0_total(verify_feeds))
     if spec == "default":
         base = load_recipe(Path(graphopt.__file__).parent / "recipes" / "default.yaml")
         # report_only: an output over the recipe's budget is still measured here; the verdict goes in the row.
@@ -175,6 +185,14 @@ def _run_all(session: Any, feeds: list[Feed], names: list[str]) -> list[list[np.
     return [session.run(names, feed) for feed in feeds]
 
 
+def _check_shapes(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]], names: list[str]) -> None:
+    """A tool that changes an output's shape changed the model (e.g. trusting a wrong declared shape)."""
+    for index, (ref, cand) in enumerate(zip(reference, candidate, strict=True)):
+        for name, r, c in zip(names, ref, cand, strict=True):
+            if np.shape(r) != np.shape(c):
+                raise ValueError(f"output {name!r} has shape {np.shape(c)}, fp32 {np.shape(r)} (sample {index})")
+
+
 def rel_l2(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> float:
     """Largest over outputs of ||cand - ref|| / ||ref||, pooled over samples (0 when both are zero)."""
     worst = 0.0
@@ -219,6 +237,7 @@ def measure(model: CorpusModel, tool: Tool, src: Path, dst: Path, feeds: list[Fe
     candidate = _run_all(_session(dst, optimization), feeds, names)
     row["valid"] = row["checker"] in ("ok", "input fails")
     reference = _run_all(reference_session, feeds, names)
+    _check_shapes(reference, candidate, names)
     if tool.exact:
         row["rel_l2"] = rel_l2(reference, candidate)
     row["score"] = float(model.score(reference, candidate))
