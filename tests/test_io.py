@@ -207,3 +207,21 @@ def test_a_model_only_onnx_runtime_accepts_is_a_valid_input(tmp_path: Path) -> N
     result = graphopt.optimize(path, ["fold", "weight_only"])
     saved = io.save_model(result.model, tmp_path / "out.onnx", protect=[path])
     assert saved.path.exists()
+
+
+def test_an_onnx_runtime_crash_while_loading_the_output_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT can segfault while optimizing a graph (1.31 on nsnet2 after fp16): the child dies, graphopt reports it."""
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crashing.chmod(0o755)
+    path = toy.save(toy.foldable(), tmp_path / "m.onnx")
+    runtime.probe_load(path)  # a healthy load in a child process passes
+    monkeypatch.setattr(runtime.sys, "executable", str(crashing))
+    with pytest.raises(ModelLoadError, match=r"crashes \(signal 11\)"):
+        runtime.probe_load(path)
+    model = io.load_model(path)
+    with pytest.raises(graphopt.errors.PassError, match="crashes"):
+        io.save_model(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

@@ -1,0 +1,88 @@
+"""The corpus bench's rows, summarised for the README: totals per job, one line per model.
+
+    python bench/corpus_summary.py results.json [more.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+EXACT_REL_L2 = 1e-6
+LOSSY = ("default", "quantize", "weight_only", "fp16", "prune24", "prune_structured")
+ORT = ("ort_s8", "ort_u8", "ort_u8_ops")
+
+
+def _ok(row: Row) -> bool:
+    return "error" not in row and bool(row.get("valid"))
+
+
+def totals(rows: list[Row]) -> str:
+    """Per job: how many models loaded, ran and came out valid; exactness or goals met."""
+    lines = [
+        "| job | models | loaded | ran | valid | exact (rel L2 ≤ 1e-6) / task goal met | latency ≤ fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key in dict.fromkeys(r["key"] for r in rows):
+        group = [r for r in rows if r["key"] == key]
+        if group[0]["section"] == "fold":
+            good = sum(1 for r in group if _ok(r) and (r.get("rel_l2") or 0.0) <= EXACT_REL_L2)
+        else:
+            good = sum(1 for r in group if _ok(r) and r.get("score") is not None and r["score"] >= r["goal"])
+        fast = sum(1 for r in group if _ok(r) and r.get("latency_ratio") is not None and r["latency_ratio"] <= 1.0)
+        lines.append(
+            f"| {group[0]['tool']} | {len(group)} | {sum(bool(r.get('loaded')) for r in group)} "
+            f"| {sum(bool(r.get('ran')) for r in group)} | {sum(_ok(r) for r in group)} | {good} | {fast} |"
+        )
+    return "\n".join(lines)
+
+
+def _cell(row: Row | None) -> str:
+    if row is None:
+        return "–"
+    if not _ok(row):
+        return "✗ " + str(row.get("error", "invalid")).split(":")[0]
+    score = row.get("score")
+    mark = "" if score is None else ("✓" if score >= row["goal"] else "✗")
+    latency = row.get("latency_ratio")
+    return f"{score:.3f}{mark} {latency:.2f}×" if score is not None and latency is not None else "ok"
+
+
+def per_model(rows: list[Row]) -> str:
+    """One line per model: fold node counts beside onnxslim/onnxsim, each lossy job's metric and latency ratio."""
+    lines = [
+        "| model | metric (goal) | fold nodes: graphopt / onnxslim / onnxsim | default | quantize | weight_only "
+        "| fp16 | prune 2:4 | prune_structured | best ORT QDQ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["key"]: r for r in rows if r["model"] == model}
+        nodes = " / ".join(
+            str(mine[k].get("nodes_out", "✗")) if k in mine else "–" for k in ("fold", "onnxslim", "onnxsim")
+        )
+        ort = [mine[k] for k in ORT if k in mine and _ok(mine[k]) and mine[k].get("score") is not None]
+        best = max(ort, key=lambda r: (r["score"] >= r["goal"], -(r.get("latency_ratio") or 9e9)), default=None)
+        first = next(iter(mine.values()))
+        lines.append(
+            f"| {model} | {first['metric']} ({first['goal']:g}) | {nodes} | "
+            + " | ".join(_cell(mine.get(k)) for k in LOSSY)
+            + f" | {_cell(best) if best else '✗ none valid'}{' (' + best['tool'][8:] + ')' if best else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="JSON written by bench_corpus.py --out")
+    args = parser.parse_args(argv)
+    rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
+    print(totals(rows) + "\n\n" + per_model(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
