@@ -12,6 +12,7 @@ Calibration uses the model's calibration samples, metrics its evaluation samples
 median over samples of candidate / fp32 with 1 intra-op thread, the two timed in alternation.
 
     python bench/bench_corpus.py [NAMES...] [--passes fold,quantize] [--out results.json] [--timeout 900]
+    python bench/bench_corpus.py --tables results.json      # the tables again, from a finished or stopped run
 """
 
 from __future__ import annotations
@@ -197,11 +198,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="corpus model names (default: all)")
     parser.add_argument("--passes", default=",".join(TOOLS), help=f"jobs to run, from: {', '.join(TOOLS)}")
-    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here (updated after every model)")
     parser.add_argument("--cache", type=Path, default=corpus.default_cache())
     parser.add_argument("--timeout", type=int, default=900, help="seconds per job before it is killed")
     parser.add_argument("--latency-runs", type=int, default=10, help="timed runs per sample and model")
     parser.add_argument("--latency-samples", type=int, default=8, help="eval samples timed")
+    parser.add_argument("--tables", type=Path, metavar="JSON", help="print the tables of an --out file; run nothing")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -212,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.job:
         return job_main(args)
+    if args.tables:
+        print(report(json.loads(args.tables.read_text())["rows"]))
+        return 0
     keys = [k.strip() for k in args.passes.split(",") if k.strip()]
     unknown = [k for k in keys if k not in TOOLS]
     if unknown:
@@ -222,11 +227,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
         with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:  # outputs go once the model is done
             rows.extend(bench_model(model, keys, Path(tmp), args))
+        if args.out:  # after every model, so a run stopped part-way keeps what it measured
+            write_json(args.out, rows)
     print(report(rows))
-    if args.out:
-        meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
     return 0
+
+
+def write_json(path: Path, rows: list[Row]) -> None:
+    meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
+    os.replace(partial, path)
 
 
 if __name__ == "__main__":
