@@ -32,25 +32,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.corpus_jobs import TOOLS, Row, first_line, run_job  # noqa: E402
+from bench.corpus_jobs import TOOLS, Row, base_row, first_line, run_job  # noqa: E402
 from models import corpus  # noqa: E402
 from models.corpus.base import CorpusModel  # noqa: E402
 from models.corpus.fetch import fetch, load_inputs  # noqa: E402
-
-
-def base_row(model: CorpusModel, key: str) -> Row:
-    tool = TOOLS[key]
-    return {
-        "model": model.name,
-        "tool": tool.label,
-        "key": key,
-        "section": tool.section,
-        "metric": model.metric,
-        "goal": model.goal,
-        "loaded": False,
-        "ran": False,
-        "valid": False,
-    }
 
 
 def _job_command(model: CorpusModel, key: str, workdir: Path, result: Path, args: argparse.Namespace) -> list[str]:

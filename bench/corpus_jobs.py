@@ -246,12 +246,10 @@ def measure(model: CorpusModel, tool: Tool, src: Path, dst: Path, feeds: list[Fe
     row["latency_ratio"] = latency_ratio(src, dst, feeds[: args.latency_samples], args.latency_runs)
 
 
-def run_job(
-    model: CorpusModel, key: str, src: Path, workdir: Path, calib: list[Feed], feeds: list[Feed], args: Any
-) -> Row:
-    """Run tool ``key`` on ``model`` and measure its output; failures end up in the row, never raised."""
+def base_row(model: CorpusModel, key: str) -> Row:
+    """The row of job ``key`` on ``model`` before anything ran: what a failure leaves."""
     tool = TOOLS[key]
-    row: Row = {
+    return {
         "model": model.name,
         "tool": tool.label,
         "key": key,
@@ -262,6 +260,14 @@ def run_job(
         "ran": False,
         "valid": False,
     }
+
+
+def run_job(
+    model: CorpusModel, key: str, src: Path, workdir: Path, calib: list[Feed], feeds: list[Feed], args: Any
+) -> Row:
+    """Run tool ``key`` on ``model`` and measure its output; failures end up in the row, never raised."""
+    tool = TOOLS[key]
+    row = base_row(model, key)
     dst = workdir / f"{model.name}.{key}.onnx"
     start = time.perf_counter()
     try:
