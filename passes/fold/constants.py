@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 # Tensors at most this large are folded even when several nodes read them: duplicating a
 # small constant costs nothing, duplicating a weight would grow the model.
 _SHARED_INPUT_LIMIT = 8192
+# ConstantOfShape outputs at most this large are folded into constants.
+_SMALL_FILL = 1024
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 
@@ -103,7 +106,9 @@ class FoldConstantsPass(ir.passes.InPlacePass):
             size = value.const_value.size
             if size > self.config.size_limit or (size > _SHARED_INPUT_LIMIT and len(value.uses()) > 1):
                 return False
-        return False if _widens(node) else None
+        if _widens(node):
+            return False
+        return True if _small_constant_of_shape(node) else None
 
 
 # Attributes onnxscript's rewrites write with their default value, and the opset that added them:
@@ -190,6 +195,18 @@ def _fully_typed(model: ir.Model) -> bool:
                 if out.type is None or (isinstance(out.type, ir.TensorType) and out.shape is None):
                     return False
     return not model.functions
+
+
+def _small_constant_of_shape(node: ir.Node) -> bool:
+    """A ConstantOfShape whose output is a small constant (onnxscript keeps every one, to save space).
+
+    Shape arithmetic often builds a few-element vector this way (``ConstantOfShape([3]) * -1``
+    compared with a constant); folding it lets the rest of the chain fold. Large fills stay.
+    """
+    if node.op_type != "ConstantOfShape" or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return False
+    shape = node.inputs[0].const_value if node.inputs[0] is not None else None
+    return shape is not None and int(np.prod(shape.numpy())) <= _SMALL_FILL
 
 
 def _widens(node: ir.Node) -> bool:

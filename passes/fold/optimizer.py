@@ -21,7 +21,10 @@ from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter.rules import common as common_rules
 
 from graphopt.passes.fold import private_api
+from graphopt.passes.fold.defaults import DropZeroStatesPass
+from graphopt.passes.fold.layout_rules import layout_rules
 from graphopt.passes.fold.rules import channel_affine_rules
+from graphopt.passes.fold.shape_values import ShapeValuesPass
 
 
 class _FoldConstants(ir.passes.InPlacePass):
@@ -44,8 +47,14 @@ class _FoldConstants(ir.passes.InPlacePass):
 
 # Exact rules of onnxscript's public rule library beyond its defaults: a constant scale and shift
 # after (or before, when the Conv has no padding) a Conv go into its weights and bias, as
-# BatchNorm does: Paddle and tf2onnx exports keep them as Mul/Add.
-EXTRA_RULES = (common_rules.conv_affine_fusion_rule, common_rules.affine_conv_fusion_rule, *channel_affine_rules())
+# BatchNorm does: Paddle and tf2onnx exports keep them as Mul/Add. Then graphopt's own
+# layout rules (found on the real-model corpus).
+EXTRA_RULES = (
+    common_rules.conv_affine_fusion_rule,
+    common_rules.affine_conv_fusion_rule,
+    *channel_affine_rules(),
+    *layout_rules(),
+)
 
 
 def default_rules() -> list[rewriter.RewriteRule]:
@@ -69,6 +78,8 @@ def build_optimizer(
     loop = ir.passes.PassManager(
         [
             _FoldConstants(shape_inference=shape_inference, size_limit=size_limit, should_fold=should_fold),
+            ShapeValuesPass(),
+            DropZeroStatesPass(),
             rewriter.RewritePass(rewriter.RewriteRuleSet(default_rules())),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
@@ -78,8 +89,9 @@ def build_optimizer(
         early_stop=True,
     )
     passes: list[ir.passes.PassBase] = [
-        # Weights in Constant nodes (Paddle, older exporters) are initializers to the rewrite rules.
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16),
+        # Weights in Constant nodes (Paddle, older exporters) are initializers to the rewrite rules,
+        # however small: an 8-channel BatchNorm's parameters are below onnx_ir's default of 16.
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0),
         loop,
         common_passes.RemoveUnusedNodesPass(),
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
