@@ -22,6 +22,7 @@ from onnxscript.rewriter.rules import common as common_rules
 
 from graphopt.passes.fold import private_api
 from graphopt.passes.fold.defaults import DropZeroStatesPass
+from graphopt.passes.fold.identity_rules import identity_rules
 from graphopt.passes.fold.layout_rules import layout_rules
 from graphopt.passes.fold.rules import channel_affine_rules
 from graphopt.passes.fold.shape_values import ShapeValuesPass
@@ -48,12 +49,13 @@ class _FoldConstants(ir.passes.InPlacePass):
 # Exact rules of onnxscript's public rule library beyond its defaults: a constant scale and shift
 # after (or before, when the Conv has no padding) a Conv go into its weights and bias, as
 # BatchNorm does: Paddle and tf2onnx exports keep them as Mul/Add. Then graphopt's own
-# layout rules (found on the real-model corpus).
+# layout and neutral-operand rules (found on the real-model corpus).
 EXTRA_RULES = (
     common_rules.conv_affine_fusion_rule,
     common_rules.affine_conv_fusion_rule,
     *channel_affine_rules(),
     *layout_rules(),
+    *identity_rules(),
 )
 
 

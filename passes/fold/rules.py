@@ -12,12 +12,19 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 
+def _out_channels(conv: ir.Node, weight: np.ndarray) -> int:
+    """Conv weights are [C_out, C_in/group, ...]; ConvTranspose's are [C_in, C_out/group, ...]."""
+    if conv.op_type == "ConvTranspose":
+        return weight.shape[1] * conv.attributes.get_int("group", 1)
+    return weight.shape[0]
+
+
 def _channel_vector(value: ir.Value, conv_out: ir.Value, weight: np.ndarray) -> np.ndarray | None:
     """The constant as one value per output channel, when it broadcasts only along channels."""
     if value.const_value is None or conv_out.shape is None:
         return None
     array = value.const_value.numpy()
-    rank, channels = len(conv_out.shape), weight.shape[0]
+    rank, channels = len(conv_out.shape), _out_channels(conv_out.producer(), weight)
     if array.ndim > rank or array.dtype != weight.dtype:
         return None
     shape = (1,) * (rank - array.ndim) + array.shape
@@ -27,18 +34,20 @@ def _channel_vector(value: ir.Value, conv_out: ir.Value, weight: np.ndarray) -> 
 
 
 class _ConvChannelAffine(pattern.RewriteRuleClassBase):
-    """Conv(x, W[, B]) followed by a per-channel constant Add or Mul."""
+    """Conv(x, W[, B]) (or ConvTranspose, for Add) followed by a per-channel constant Add or Mul."""
 
     op_type = ""
 
-    def __init__(self, with_bias: bool) -> None:
-        super().__init__(f"Conv{'Bias' if with_bias else ''}{self.op_type}Fusion")
-        self.with_bias = with_bias
+    def __init__(self, with_bias: bool, conv_op: str = "Conv") -> None:
+        super().__init__(f"{conv_op}{'Bias' if with_bias else ''}{self.op_type}Fusion")
+        self.with_bias, self.conv_op = with_bias, conv_op
 
     def pattern(self, op, x, w, b, c):  # type: ignore[no-untyped-def]
-        conv = op.Conv(x, w, b, _allow_other_attributes=True, _outputs=["conv_out"]) if self.with_bias else op.Conv(
-            x, w, _allow_other_attributes=True, _outputs=["conv_out"]
-        )
+        make = getattr(op, self.conv_op)
+        if self.with_bias:
+            conv = make(x, w, b, _allow_other_attributes=True, _outputs=["conv_out"])
+        else:
+            conv = make(x, w, _allow_other_attributes=True, _outputs=["conv_out"])
         return getattr(op, self.op_type)(conv, c)
 
     def check(self, context, x, w, c, conv_out, b=None, **_):  # type: ignore[no-untyped-def]
@@ -52,11 +61,11 @@ class _ConvChannelAffine(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, w, c, conv_out, b=None, **_):  # type: ignore[no-untyped-def]
         weight = w.const_value.numpy()
         vector = _channel_vector(c, conv_out, weight)
-        bias = b.const_value.numpy() if b is not None else np.zeros(weight.shape[0], weight.dtype)
+        bias = b.const_value.numpy() if b is not None else np.zeros(len(vector), weight.dtype)
         weight, bias = self.fold(weight, bias, vector)  # type: ignore[arg-type]
         new_w = op.initializer(ir.tensor(weight), f"{w.name}_{self.op_type.lower()}")
         new_b = op.initializer(ir.tensor(bias), f"{(b.name if b is not None else w.name)}_{self.op_type.lower()}_bias")
-        return op.Conv(x, new_w, new_b, **conv_out.producer().attributes)
+        return getattr(op, self.conv_op)(x, new_w, new_b, **conv_out.producer().attributes)
 
     def fold(self, weight: np.ndarray, bias: np.ndarray, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -78,9 +87,9 @@ class ConvChannelMul(_ConvChannelAffine):
 
 
 def channel_affine_rules() -> list[pattern.RewriteRule]:
-    """The Add and Mul rules, with and without a Conv bias, in both operand orders."""
+    """The Add and Mul rules, with and without a Conv bias, in both operand orders; Add after a ConvTranspose."""
     rules = []
-    for cls in (ConvChannelAdd, ConvChannelMul):
+    for cls, conv_op in ((ConvChannelAdd, "Conv"), (ConvChannelMul, "Conv"), (ConvChannelAdd, "ConvTranspose")):
         for with_bias in (True, False):
-            rules.extend(cls.rule(with_bias).commute())
+            rules.extend(cls.rule(with_bias, conv_op).commute())
     return rules

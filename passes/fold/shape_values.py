@@ -203,29 +203,64 @@ def _replace_with_constant(graph: ir.Graph, node: ir.Node, out: ir.Value, array:
     ir.convenience.replace_all_uses_with(out, _constant(graph, node, f"{out.name}_static", array))
 
 
-def _materialize_reshape(node: ir.Node, known: dict[ir.Value, _Known]) -> int:
-    """A Reshape target with symbolic dimensions as a constant, with ``0`` and one ``-1``."""
-    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[1].const_value is not None:
-        return 0
-    target = known.get(node.inputs[1])
-    data = node.inputs[0]
-    if target is None or target.scalar or data is None:
-        return 0
-    copy = node.attributes.get_int("allowzero", 0) == 0
+def _target_for(target: _Known, data: ir.Value, copy: bool) -> list[int] | None:
+    """``target`` as constants for reshaping ``data``: 0 copies a dim at the same position, one -1."""
     dims: list[int] = []
     unknown = 0
     for axis, dim in enumerate(target.dims):
         if isinstance(dim, int):
-            if dim == -1:
-                unknown += 1
+            unknown += dim == -1
             dims.append(dim)
-        elif copy and data.shape is not None and axis < len(data.shape) and _dim(data, axis) == dim and dim[0] == "sym":
+        elif copy and data.shape is not None and axis < len(data.shape) and _dim(data, axis) == dim:
             dims.append(0)
         else:
             unknown += 1
             dims.append(-1)
-    if unknown > 1:
+    return dims if unknown <= 1 else None
+
+
+def _keeps_shape(dims: list[int], data: ir.Value) -> bool:
+    """Whether reshaping ``data`` to the constant ``dims`` (0 copying) gives ``data``'s own shape."""
+    if data.shape is None or len(dims) != len(data.shape):
+        return False
+    return all(d in (0, -1) or d == data.shape[axis] for axis, d in enumerate(dims))
+
+
+def _materialize_reshape(node: ir.Node, known: dict[ir.Value, _Known]) -> int:
+    """A Reshape whose target is known on symbolic dims: a constant target, a skipped inner Reshape, or Identity.
+
+    ``Reshape(Reshape(x, a), b)`` is ``Reshape(x, b)`` when ``b`` does not copy from the inner result
+    (element order is all a Reshape keeps); a target that gives the input's own shape makes an Identity.
+    """
+    if len(node.inputs) < 2 or node.inputs[1] is None or node.inputs[0] is None:
         return 0
+    target = known.get(node.inputs[1]) or _lookup(node.inputs[1], {})
+    if target is None or target.scalar:
+        return 0
+    copy = node.attributes.get_int("allowzero", 0) == 0
+    data = node.inputs[0]
+    inner = data.producer()
+    rewired = False
+    if (
+        copy
+        and inner is not None
+        and inner.op_type == "Reshape"
+        and inner.domain in ("", "ai.onnx")
+        and inner.inputs[0] is not None
+        and 0 not in target.dims
+        and _target_for(target, inner.inputs[0], copy) is not None
+    ):  # every symbolic dim is read from x itself: the inner Reshape is not needed
+        data = inner.inputs[0]
+        node.replace_input_with(0, data)
+        rewired = True
+    dims = _target_for(target, data, copy)
+    if dims is None:
+        return int(rewired)
+    if (copy or 0 not in dims) and _keeps_shape(dims, data) and not node.outputs[0].is_graph_output():
+        ir.convenience.replace_all_uses_with(node.outputs[0], data)
+        return 1
+    if node.inputs[1].const_value is not None:
+        return int(rewired)
     assert node.graph is not None
     node.replace_input_with(1, _constant(node.graph, node, f"{node.name}_target", np.array(dims, dtype=np.int64)))
     return 1

@@ -258,3 +258,80 @@ def test_batchnorm_with_small_constant_node_params_folds_into_conv(tmp_path: Pat
     want = runtime.create_session(path, optimization="disable").run(None, feeds)[0]
     got = runtime.create_session(model, optimization="disable").run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_reshape_back_to_the_input_shape_skips_both_reshapes(tmp_path: Path) -> None:
+    """[6, S, 32] -> [1, 6, -1, 32] -> [-1, S, 32] (S read from the middle tensor) is the input itself."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "split"], ["mid"]),
+        helper.make_node("Shape", ["mid"], ["shape"]),
+        helper.make_node("Slice", ["shape", "m2", "m1"], ["s"]),
+        helper.make_node("Concat", ["m1", "s", "d32"], ["target"], axis=0),
+        helper.make_node("Reshape", ["mid", "target"], ["back"]),
+        helper.make_node("Relu", ["back"], ["y"]),
+    ]
+    inits = [_ints("split", [1, 6, -1, 32]), _ints("m2", [-2]), _ints("m1", [-1]), _ints("d32", [32])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, "S", 32])
+    proto = _model(nodes, [x], [_out("y", 3)], inits)
+    # As torch's dynamo exporter records it: the middle tensor's S is the input's S.
+    proto.graph.value_info.append(helper.make_tensor_value_info("mid", TensorProto.FLOAT, [1, 6, "S", 32]))
+    rng = np.random.default_rng(7)
+    feeds = [{"x": rng.standard_normal((6, s, 32)).astype(np.float32)} for s in (1, 5)]
+    model = _fold(tmp_path, proto, feeds)
+    assert _ops(model) == ["Relu"]
+
+
+@pytest.mark.parametrize(
+    ("op", "value", "shape", "folds"),
+    [
+        ("Mul", 1.0, (1,), True),  # Paddle's swish: x * Sigmoid(x * [1.0])
+        ("Add", 0.0, (4,), True),
+        ("Div", 1.0, (1, 1), True),
+        ("Sub", 0.0, (1,), True),
+        ("Mul", 1.0, (2, 4), False),  # broadcasting grows x: not an identity
+        ("Mul", 2.0, (1,), False),
+    ],
+)
+def test_a_neutral_constant_operand_of_any_shape_is_an_identity(
+    tmp_path: Path, op: str, value: float, shape: tuple, folds: bool
+) -> None:
+    nodes = [helper.make_node(op, ["x", "c"], ["t"]), helper.make_node("Relu", ["t"], ["y"])]
+    inits = [numpy_helper.from_array(np.full(shape, value, np.float32), "c")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    proto = _model(nodes, [x], [_out("y", 2)], inits)
+    model = io.load_model(toy.save(proto, tmp_path / "m.onnx"))
+    FoldConstantsPass()(model)
+    assert _ops(model) == (["Relu"] if folds else [op, "Relu"])
+
+
+def test_a_channel_bias_after_a_conv_transpose_goes_into_it(tmp_path: Path) -> None:
+    """Paddle writes ConvTranspose + Add([1, C, 1, 1]) + BatchNorm: all three become one ConvTranspose."""
+    rng = np.random.default_rng(8)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 6, 2, 2)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal((1, 6, 1, 1)).astype(np.float32), "bias"),
+        *(
+            numpy_helper.from_array(v.astype(np.float32), n)
+            for n, v in (
+                ("g", rng.uniform(0.5, 1.5, 6)),
+                ("b", rng.standard_normal(6)),
+                ("m", rng.standard_normal(6)),
+                ("v", rng.uniform(0.5, 2, 6)),
+            )
+        ),
+    ]
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
+        helper.make_node("Add", ["c", "bias"], ["a"]),
+        helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])
+    proto = _model(nodes, [x], [_out("y", 4)], inits)
+    path = toy.save(proto, tmp_path / "m.onnx")
+    model = io.load_model(path)
+    FoldConstantsPass()(model)
+    assert _ops(model) == ["ConvTranspose"]
+    feeds = {"x": rng.standard_normal((2, 4, 5, 5)).astype(np.float32)}
+    want = runtime.create_session(path, optimization="disable").run(None, feeds)[0]
+    got = runtime.create_session(model, optimization="disable").run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
