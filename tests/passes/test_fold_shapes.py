@@ -46,6 +46,28 @@ def _out(name: str, rank: int) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}{i}" for i in range(rank)])
 
 
+def _bn_params(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
+    """Scale, shift, mean and variance of a BatchNorm, named g, b, m, v."""
+    values = (
+        rng.uniform(0.5, 1.5, channels),
+        rng.standard_normal(channels),
+        rng.standard_normal(channels),
+        rng.uniform(0.5, 2, channels),
+    )
+    return {name: v.astype(np.float32) for name, v in zip("gbmv", values, strict=True)}
+
+
+def _fold_close(tmp_path: Path, proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> ir.Model:
+    """Fold, then compare with the input to float rounding (weights were rescaled)."""
+    path = toy.save(proto, tmp_path / "m.onnx")
+    model = io.load_model(path)
+    FoldConstantsPass()(model)
+    want = runtime.create_session(path, optimization="disable").run(None, feeds)[0]
+    got = runtime.create_session(model, optimization="disable").run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return model
+
+
 def _ops(model: ir.Model) -> list[str]:
     return [node.op_type for node in model.graph]
 
@@ -230,34 +252,15 @@ def test_a_small_constant_of_shape_is_folded_a_large_one_kept(tmp_path: Path) ->
 def test_batchnorm_with_small_constant_node_params_folds_into_conv(tmp_path: Path) -> None:
     """Paddle stores an 8-channel BatchNorm's parameters as Constant nodes below onnx_ir's lift size."""
     rng = np.random.default_rng(6)
-    w = helper.make_node(
-        "Constant", [], ["w"], value=numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32))
-    )
-    params = [
-        helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value.astype(np.float32)))
-        for name, value in (
-            ("g", rng.uniform(0.5, 1.5, 8)),
-            ("b", rng.standard_normal(8)),
-            ("m", rng.standard_normal(8)),
-            ("v", rng.uniform(0.5, 2, 8)),
-        )
-    ]
-    nodes = [
-        w,
-        *params,
+    weights = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), **_bn_params(rng, 8)}
+    nodes = [helper.make_node("Constant", [], [n], value=numpy_helper.from_array(v)) for n, v in weights.items()]
+    nodes += [
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
-    proto = _model(nodes, [x], [_out("y", 4)])
-    path = toy.save(proto, tmp_path / "m.onnx")
-    model = io.load_model(path)
-    FoldConstantsPass()(model)
-    assert _ops(model) == ["Conv"]
     feeds = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
-    want = runtime.create_session(path, optimization="disable").run(None, feeds)[0]
-    got = runtime.create_session(model, optimization="disable").run(None, feeds)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert _ops(_fold_close(tmp_path, _model(nodes, [x], [_out("y", 4)]), feeds)) == ["Conv"]
 
 
 def test_a_reshape_back_to_the_input_shape_skips_both_reshapes(tmp_path: Path) -> None:
@@ -307,31 +310,17 @@ def test_a_neutral_constant_operand_of_any_shape_is_an_identity(
 def test_a_channel_bias_after_a_conv_transpose_goes_into_it(tmp_path: Path) -> None:
     """Paddle writes ConvTranspose + Add([1, C, 1, 1]) + BatchNorm: all three become one ConvTranspose."""
     rng = np.random.default_rng(8)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((4, 6, 2, 2)).astype(np.float32), "w"),
-        numpy_helper.from_array(rng.standard_normal((1, 6, 1, 1)).astype(np.float32), "bias"),
-        *(
-            numpy_helper.from_array(v.astype(np.float32), n)
-            for n, v in (
-                ("g", rng.uniform(0.5, 1.5, 6)),
-                ("b", rng.standard_normal(6)),
-                ("m", rng.standard_normal(6)),
-                ("v", rng.uniform(0.5, 2, 6)),
-            )
-        ),
-    ]
+    weights = {
+        "w": rng.standard_normal((4, 6, 2, 2)).astype(np.float32),
+        "bias": rng.standard_normal((1, 6, 1, 1)).astype(np.float32),
+        **_bn_params(rng, 6),
+    }
     nodes = [
         helper.make_node("ConvTranspose", ["x", "w"], ["c"], strides=[2, 2]),
         helper.make_node("Add", ["c", "bias"], ["a"]),
         helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y"]),
     ]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])
-    proto = _model(nodes, [x], [_out("y", 4)], inits)
-    path = toy.save(proto, tmp_path / "m.onnx")
-    model = io.load_model(path)
-    FoldConstantsPass()(model)
-    assert _ops(model) == ["ConvTranspose"]
+    proto = _model(nodes, [x], [_out("y", 4)], [numpy_helper.from_array(v, n) for n, v in weights.items()])
     feeds = {"x": rng.standard_normal((2, 4, 5, 5)).astype(np.float32)}
-    want = runtime.create_session(path, optimization="disable").run(None, feeds)[0]
-    got = runtime.create_session(model, optimization="disable").run(None, feeds)[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert _ops(_fold_close(tmp_path, proto, feeds)) == ["ConvTranspose"]
