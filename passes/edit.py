@@ -12,6 +12,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graphopt.passes.loops import LoopInvariantsPass
+
 # Ops whose outputs may be sequences or optionals: ONNX's inference has typed those as tensors.
 _NON_TENSOR_PRODUCERS = frozenset(
     {"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",
@@ -46,12 +48,27 @@ def infer_types(model: ir.Model) -> None:
                     target.shape = out.shape
 
 
+def bodies(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds in its attributes (If branches, a Loop or Scan body)."""
+    found: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.value)
+    return found
+
+
 def unique_name(graph: ir.Graph, base: str, taken: set[str]) -> str:
-    """``base`` or ``base_N``, unused by any value of the graph or by ``taken``."""
+    """``base`` or ``base_N``, unused by any value of the graph (its bodies included) or by ``taken``."""
     if not taken:
         taken.update(graph.initializers)
         taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(out.name for node in graph for out in node.outputs if out.name)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            taken.update(out.name for out in node.outputs if out.name)
+            for body in bodies(node):
+                taken.update(body.initializers)
+                taken.update(v.name for v in body.inputs if v.name)
     name, index = base, 1
     while name in taken:
         name, index = f"{base}_{index}", index + 1
@@ -115,11 +132,13 @@ def lift_constant_weights(model: ir.Model, min_elements: int = 16) -> int:
     """Turn Constant nodes holding tensors of ``min_elements`` or more into initializers (exact).
 
     Paddle and older exporters store every weight as a Constant node; to the lossy passes,
-    which look for constant initializers, such a model has no weights. Returns how many
-    were lifted (subgraphs included).
+    which look for constant initializers, such a model has no weights. paddle2onnx also
+    carries a Loop body's weights through the loop unchanged: they become outer-scope reads
+    (:mod:`graphopt.passes.loops`). Returns how many Constants were lifted (subgraphs included).
     """
     before = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_elements)(model)
+    LoopInvariantsPass()(model)
     after = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
     return before - after
 
@@ -133,11 +152,8 @@ def guard_subgraph_outputs(model: ir.Model) -> int:
     """
     added = 0
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        for attr in node.attributes.values():
-            bodies = [attr.value] if attr.type == ir.AttributeType.GRAPH else []
-            bodies += list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-            for body in bodies:
-                added += _guard_outputs(body)
+        for body in bodies(node):
+            added += _guard_outputs(body)
     return added
 
 

@@ -141,6 +141,47 @@ def with_if_subgraph() -> onnx.ModelProto:
     return _model(graph)
 
 
+def loop_carried_weight(k: int = 32, n: int = 32, steps: int = 3, seed: int = 0) -> onnx.ModelProto:
+    """A Loop that carries its weight through unchanged, as paddle2onnx exports a decoder.
+
+    State ``h`` goes ``h <- tanh(h @ W)`` for ``steps`` iterations; ``W`` is a Constant node in
+    the main graph passed in as loop-carried state and returned as is by the body.
+    """
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w_in"], ["hw"]),
+            helper.make_node("Tanh", ["hw"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["w_in"], ["w_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [k, n]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", n]),
+            helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [k, n]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+            helper.make_node("Loop", ["steps", "cond", "x", "w"], ["y", "w_final"], body=body),
+        ],
+        "loop_model",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        [_init("steps", np.array(steps, np.int64)), _init("cond", np.array(True))],
+    )
+    return _model(graph)
+
+
 def with_function() -> onnx.ModelProto:
     """A model-local function (y = x * (2 + 3)) called from the main graph."""
     function = helper.make_function(

@@ -15,9 +15,12 @@ equal names to dimensions it knows are equal) or an anonymous one, equal only to
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
+from graphopt.passes import edit
 
 Dim = int | tuple[str, object]
 # Vectors longer than this are not shapes; they are left to the constant folder.
@@ -79,13 +82,9 @@ class ShapeValuesPass(ir.passes.InPlacePass):
         return bool(replace) or materialized > 0
 
 
-def _subgraphs(graph: ir.Graph):  # type: ignore[no-untyped-def]
+def _subgraphs(graph: ir.Graph) -> Iterator[ir.Graph]:
     for node in ir.traversal.RecursiveGraphIterator(graph):
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield attr.value
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from attr.value
+        yield from edit.bodies(node)
 
 
 def _lookup(value: ir.Value | None, known: dict[ir.Value, _Known]) -> _Known | None:

@@ -43,9 +43,9 @@ class Layer:
 
 
 def prunable_layers(graph: ir.Graph, config: PruneConfig) -> list[Layer]:
-    """Main-graph MatMul/Gemm/Conv nodes with a float constant weight the config selects."""
+    """MatMul/Gemm/Conv nodes (If/Loop/Scan bodies included) with a float constant weight the config selects."""
     layers = []
-    for node in graph:
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
             continue
         reason = _unprunable(graph, node, config)
@@ -63,8 +63,10 @@ def _unprunable(graph: ir.Graph, node: ir.Node, config: PruneConfig) -> str | No
         return "excluded by the config"
     if weight is None or weight.const_value is None or not weight.dtype.is_floating_point():
         return "its weight is not a float constant"
-    if weight.name not in graph.initializers or weight.is_graph_input():
-        return "its weight is not an initializer of this graph (or is a graph input)"
+    if not weight.is_initializer() or weight.is_graph_input():
+        return "its weight is not an initializer (or is a graph input)"
+    if config.needs_data and node.graph is not graph:
+        return f"inside an If/Loop/Scan body, where {config.method} has no calibration statistics"
     if len(weight.uses()) != 1:
         return f"its weight is shared by {len(weight.uses())} readers"
     rank = len(weight.const_value.shape)
@@ -100,8 +102,9 @@ class PruneWeightsPass(ir.passes.InPlacePass):
     magnitude, Wanda (|W| times the input's L2 norm) or SparseGPT, which also updates the
     kept weights to reconstruct each layer's output on the calibration data. Weights that
     already meet the target are left as they are, so a second run changes nothing. Graph
-    inputs and outputs are untouched; only the main graph is pruned (subgraphs and
-    functions are left alone). Exact zeros survive symmetric weight quantization.
+    inputs and outputs are untouched; weights read inside If/Loop/Scan bodies are pruned
+    too (by magnitude: calibration cannot see into bodies); functions are left alone.
+    Exact zeros survive symmetric weight quantization.
 
     Attributes:
         config: The pass options.

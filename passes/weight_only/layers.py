@@ -34,10 +34,10 @@ class Layer:
 
 
 def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer], dict[str, int]]:
-    """Main-graph layers the pass will quantize, and why others were skipped (reason -> count)."""
+    """Layers the pass will quantize, in the graph and its If/Loop/Scan bodies, and why others were skipped."""
     layers: list[Layer] = []
     skipped: Counter[str] = Counter()
-    for node in graph:
+    for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types:
             continue
         if excluded(node, config.exclude, config.exclude_op_types):

@@ -35,7 +35,11 @@ _INT_TYPES[(8, False)] = ir.DataType.UINT8
 
 
 class Lowering:
-    """Rewrites quantized layers of one graph into the configured ONNX form."""
+    """Rewrites quantized layers into the configured ONNX form.
+
+    New weights go in ``graph`` (the main graph); nodes go in the graph of the layer they replace,
+    so a layer inside an If/Loop/Scan body reads its quantized weights from the outer scope.
+    """
 
     def __init__(self, graph: ir.Graph, config: WeightOnlyConfig) -> None:
         self.graph, self.config = graph, config
@@ -81,11 +85,17 @@ class Lowering:
             raise RuntimeError("weight_only: helper nodes are only built while a layer is lowered (a bug)")
         out = ir.Value(name=unique_name(self.graph, base, self.taken))
         node = ir.node(op, inputs, attributes, outputs=[out], name=out.name)
-        self.graph.insert_before(self._anchor, node)
+        if _graph_of(self._anchor) is self.graph:
+            self.graph.insert_before(self._anchor, node)
+        else:  # layers in other bodies may share it: it goes first in the main graph, visible to all
+            self.graph.insert_before(next(iter(self.graph)), node)
         return out
 
     def _scales(self, base: str, scales: np.ndarray) -> ir.Value:
-        if self.config.scale_type == "float16" and fits_float16(scales):
+        # In an If/Loop body, ONNX Runtime 1.31's MatMulNBits returns zeros when its scales come
+        # from a node (this Cast) and graph optimizations are off: there they stay float32.
+        in_body = self._anchor is not None and _graph_of(self._anchor) is not self.graph
+        if self.config.scale_type == "float16" and fits_float16(scales) and not in_body:
             stored = self._initializer(f"{base}_scales_fp16", scales.astype(np.float16))
             out = self._prepend("Cast", [stored], f"{base}_scales", to=ir.DataType.FLOAT)
             out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(scales.shape)
@@ -170,7 +180,7 @@ class Lowering:
         )
         attributes = {"axis": 0, "block_size": blocks.block_size}
         dq = ir.node("DequantizeLinear", self._shared[key], attributes, outputs=[out], name=out.name)
-        self.graph.insert_before(layer.node, dq)
+        _graph_of(layer.node).insert_before(layer.node, dq)
         if layer.kind == "matmul":
             layer.node.replace_input_with(1, out)
         else:
@@ -190,7 +200,7 @@ class Lowering:
         old = layer.node.outputs[0]
         new = nodes[-1].outputs[0]
         new.shape, new.type = old.shape, old.type
-        replace_node(self.graph, layer.node, nodes, new)
+        replace_node(_graph_of(layer.node), layer.node, nodes, new)
 
     def _gemm_bias(self, layer: Layer, product: ir.Value) -> list[ir.Node]:
         node = layer.node
@@ -256,6 +266,13 @@ def raise_opset(model: ir.Model, target: int = QDQ_OPSET) -> int | None:
         if "" in function.opset_imports:
             function.opset_imports[""] = target
     return current
+
+
+def _graph_of(node: ir.Node) -> ir.Graph:
+    graph = node.graph
+    if not isinstance(graph, ir.Graph):
+        raise RuntimeError(f"weight_only: {node.name} is not in a graph (a bug)")
+    return graph
 
 
 def _default_domain_nodes(model: ir.Model) -> list[ir.Node]:

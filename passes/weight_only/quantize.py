@@ -22,7 +22,6 @@ from graphopt.passes.weight_only.lower import MS_DOMAIN, Lowering, raise_opset
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class _Tally:
     """Running totals for the pass's details."""
@@ -44,9 +43,11 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     checking every op) or com.microsoft.MatMulBnb4; embedding tables become
     com.microsoft.GatherBlockQuantized. Gemm becomes the MatMul form plus an Add of its
     bias. Graph inputs/outputs keep their names, shapes and types; weights that are not
-    constant float32 matrices (already quantized ones included) are left alone. Only the
-    main graph is rewritten; subgraphs and functions are left alone. Weights held in
-    external data are read and released one at a time.
+    constant float32 matrices (already quantized ones included) are left alone. Layers in
+    If/Loop/Scan bodies are rewritten too (their quantized weights are main-graph
+    initializers the body reads from the outer scope; GPTQ has no Hessian there and rounds
+    to nearest); functions are left alone. Weights held in external data are read and
+    released one at a time.
 
     Attributes:
         config: The pass options.
@@ -78,7 +79,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             pending[_cache_key(layer)] -= 1
             if not pending[_cache_key(layer)]:
                 cache.pop(_cache_key(layer), None)  # codes of a weight no other layer reads: free them now
-        if any(n.domain == MS_DOMAIN for n in model.graph):
+        if any(n.domain == MS_DOMAIN for n in ir.traversal.RecursiveGraphIterator(model.graph)):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if lowering.needs_ir10 or opset_from is not None:
             model.ir_version = max(model.ir_version or 0, 10)  # INT4/UINT4 tensors and opset 21 need IR 10
@@ -102,7 +103,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         else:
             lowering.matmul(layer, blocks, emit)
         tally.bytes_after[group] += lowering.bytes_after - written
-        edit.drop_if_unused(lowering.graph, layer.weight)
+        owner = layer.weight.graph
+        edit.drop_if_unused(owner if isinstance(owner, ir.Graph) else lowering.graph, layer.weight)
 
     def _quantize(self, layer: Layer, tally: _Tally) -> IntBlocks | Bnb4Blocks:
         tensor = layer.weight.const_value
