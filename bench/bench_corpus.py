@@ -189,6 +189,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-runs", type=int, default=10, help="timed runs per sample and model")
     parser.add_argument("--latency-samples", type=int, default=8, help="eval samples timed")
     parser.add_argument("--tables", type=Path, metavar="JSON", help="print the tables of an --out file; run nothing")
+    parser.add_argument(
+        "--update",
+        type=Path,
+        metavar="JSON",
+        help="rerun the chosen jobs and replace their rows (same model and job) in this --out file, keeping the rest",
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -208,14 +214,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown job(s) {', '.join(unknown)}; choose from {', '.join(TOOLS)}", file=sys.stderr)
         return 2
     models = [corpus.get(n) for n in args.names] if args.names else list(corpus.MODELS)
+    kept = json.loads(args.update.read_text())["rows"] if args.update else []
+    out = args.update or args.out
     rows: list[Row] = []
     for model in models:
         with tempfile.TemporaryDirectory(prefix="bench-corpus-") as tmp:  # outputs go once the model is done
             rows.extend(bench_model(model, keys, Path(tmp), args))
-        if args.out:  # after every model, so a run stopped part-way keeps what it measured
-            write_json(args.out, rows)
-    print(report(rows))
+        if out:  # after every model, so a run stopped part-way keeps what it measured
+            write_json(out, merge_rows(kept, rows))
+    print(report(merge_rows(kept, rows)))
     return 0
+
+
+def merge_rows(old: list[Row], new: list[Row]) -> list[Row]:
+    """``old`` with each (model, job) row that ``new`` measured again replaced in place; new ones appended."""
+    fresh = {(r["model"], r["key"]): r for r in new}
+    merged = [fresh.pop((r["model"], r["key"]), r) for r in old]
+    return merged + [r for r in new if (r["model"], r["key"]) in fresh]
 
 
 def write_json(path: Path, rows: list[Row]) -> None:
