@@ -31,6 +31,24 @@ class Budget:
     min_top1: float | None = None
     outputs: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A limit no model can meet (min_cosine 5), or one that never compares (NaN), would run
+        # every pass to the end before saying so: refuse it before anything runs.
+        for name, (low, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name} must be between {low} and {high}; got {value}.")
+
+
+# The range each limit can take: errors are >= 0, cosines lie in [-1, 1], agreement in [0, 1].
+BOUNDS = {
+    "max_abs": (0.0, math.inf),
+    "max_rel_l2": (0.0, math.inf),
+    "min_cosine": (-1.0, 1.0),
+    "min_cosine_mean": (-1.0, 1.0),
+    "min_top1": (0.0, 1.0),
+}
+
 
 @dataclass
 class OutputMetrics:

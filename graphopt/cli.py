@@ -12,10 +12,42 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from graphopt import registry
+from graphopt.budget import BOUNDS
 from graphopt.hardware import DEVICES
+
+
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type for a whole number >= ``low``: 0 runs or samples would measure nothing."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}; got {value}")
+        return value
+
+    return parse
+
+
+def _limit(name: str) -> Callable[[str], float]:
+    """An argparse type for a budget limit inside the range the metric can take."""
+    low, high = BOUNDS[name]
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}; got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,10 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-data", help="verification inputs: .npz or folder of .npy (default: random from input specs)"
     )
-    p.add_argument("--samples", type=int, help="verification samples")
+    p.add_argument("--samples", type=_count(1), help="verification samples")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="value of a symbolic input dim")
     p.add_argument("--device", choices=DEVICES)
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads for verification and latency")
+    p.add_argument("--threads", type=_count(1), help="ONNX Runtime intra-op threads for verification and latency")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--report-md", help="write the Markdown report here")
     p.add_argument("--report-dir", help="write report.json, report.md and PNG plots into this folder")
@@ -67,18 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("reference")
             p.add_argument("candidate")
             for flag in ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1"):
-                p.add_argument(flag, type=float)
+                p.add_argument(flag, type=_limit(flag[2:].replace("-", "_")))
         else:
             p.add_argument("model")
-            p.add_argument("--runs", type=int, default=50)
-            p.add_argument("--warmup", type=int, default=10)
+            p.add_argument("--runs", type=_count(1), default=50)
+            p.add_argument("--warmup", type=_count(0), default=10)
         p.add_argument("--data", help="inputs: .npz or folder of .npy (default: random)")
-        p.add_argument("--samples", type=int)
-        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--samples", type=_count(1))
+        p.add_argument("--batch-size", type=_count(1), default=1)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--dim", action="append", default=[], metavar="NAME=N")
         p.add_argument("--device", choices=DEVICES, default="cpu")
-        p.add_argument("--threads", type=int)
+        p.add_argument("--threads", type=_count(1))
 
     p = sub.add_parser("passes", help="list every pass with its options")
     p = sub.add_parser("demo", help="optimize the bundled digits CNN with the default recipe")

@@ -9,16 +9,20 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
+import threading
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphopt import budget as budget_rules
-from graphopt import demo, io, ort_view, plots, recipe, registry, render, runtime, stats, verify
+from graphopt import demo, destinations, io, ort_view, plots, recipe, registry, render, runtime, stats, verify
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
 from graphopt.pipeline import optimize
@@ -32,8 +36,8 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
     dims = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise RecipeError(f"--dim {pair!r}: expected NAME=INT, e.g. --dim batch=4.")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise RecipeError(f"--dim {pair!r}: expected NAME=INT with INT >= 1, e.g. --dim batch=4.")
         dims[name.strip()] = int(value)
     return dims
 
@@ -79,6 +83,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.calib:
         base = plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)
         calibration = dataclasses.replace(base, source=args.calib)
+    reference = io.load_model(source)
+    reads = _reads(args, plan, calibration, io.source_files(reference))
+    destinations.check_destinations(_destinations(args), destinations.protected_files(reads))
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err_console, transient=True
     ) as bar:
@@ -88,7 +95,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, description=f"pass {min(done + 1, total)}/{total}: {name}")
 
         try:
-            result = optimize(source, plan, calibration=calibration, progress=progress)
+            result = optimize(reference, plan, calibration=calibration, progress=progress)
         except AccuracyBudgetError as exc:
             if isinstance(exc.report, Report):
                 _write_reports(exc.report, args)
@@ -97,7 +104,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     saved = io.save_model(
         result.model,
         output,
-        protect=[source],
+        protect=[path for _, path in reads],
         external_data=True if args.external_data else None,
         sparse=args.sparse,
         keep_debug_metadata=args.keep_debug_metadata,
@@ -112,18 +119,51 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reads(
+    args: argparse.Namespace, plan: recipe.Recipe, calibration: DataSpec | None, model_files: Sequence[Path]
+) -> list[tuple[str, Path]]:
+    """Every file ``optimize`` reads, labelled: none of them may be a destination."""
+    reads = [("the input model", p) for p in model_files[:1]]
+    reads += [("the input's external data", p) for p in model_files[1:]]
+    sources = [("the recipe", args.recipe), ("the calibration data", calibration and calibration.source)]
+    sources.append(("the verification data", plan.verify.data.source))
+    reads += [(label, Path(p)) for label, p in sources if isinstance(p, (str, os.PathLike))]
+    return reads
+
+
+def _destinations(args: argparse.Namespace) -> list[destinations.Destination]:
+    """Every file ``optimize`` may write, named by the flag that asks for it."""
+    output = Path(args.output)
+    found = [
+        destinations.Destination("the output (-o)", output),
+        destinations.Destination("the output's data file", output.parent / f"{output.name}.data"),
+    ]
+    reports = (("--report", args.report), ("--report-md", args.report_md))
+    found += [destinations.Destination(flag, Path(p)) for flag, p in reports if p]
+    if args.report_dir:
+        folder = Path(args.report_dir)
+        found += [
+            destinations.Destination(f"--report-dir's {name}", folder / name, creates_folder=True)
+            for name in ("report.json", "report.md", *plots.PLOT_NAMES)
+        ]
+    return found
+
+
 def _write_reports(report: Report, args: argparse.Namespace) -> None:
     if args.report:
-        Path(args.report).write_text(report.to_json(), encoding="utf-8")
+        destinations.write_text(Path(args.report), report.to_json())
     if args.report_md:
-        Path(args.report_md).write_text(report.to_markdown(), encoding="utf-8")
+        destinations.write_text(Path(args.report_md), report.to_markdown())
     if args.report_dir:
         folder = Path(args.report_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.json").write_text(report.to_json(), encoding="utf-8")
-        (folder / "report.md").write_text(report.to_markdown(), encoding="utf-8")
-        written = plots.write_plots(report, folder)
-        console.print(f"report in {folder}: report.json, report.md" + "".join(f", {p.name}" for p in written))
+        with destinations.staging(folder) as tmp:
+            (tmp / "report.json").write_text(report.to_json(), encoding="utf-8")
+            (tmp / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+            names = ["report.json", "report.md", *(p.name for p in plots.write_plots(report, tmp))]
+            for name in names:
+                os.replace(tmp / name, folder / name)
+        console.print(f"report in {folder}: " + ", ".join(names))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -202,11 +242,23 @@ def run(args: argparse.Namespace, known: registry.Registry) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
     args.known = known
+    # signal handlers can only be set from the main thread; elsewhere SIGTERM keeps its default
+    handles_sigterm = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if handles_sigterm else None
     try:
         return int(COMMANDS[args.command](args))
     except GraphoptError as exc:
-        err_console.print(f"[red]error[/red]: {exc}", highlight=False)
+        err_console.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written.")
         return 130
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a scheduler's time limit, a container stop) ends a run as Ctrl-C does: a save
+    under way removes its temporary folder and the command exits 130."""
+    raise KeyboardInterrupt

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from graphopt import io, recipe, render, verify
+from graphopt import destinations, io, recipe, render, verify
 from graphopt.budget import Budget
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec
 from graphopt.pipeline import optimize
@@ -29,6 +29,13 @@ def run_demo(console: Console, out_dir: Path | None = None) -> int:
     model_path = _data_file("digits_cnn.onnx")
     with np.load(_data_file("digits_test.npz")) as data:
         images, labels = data["input"], data["labels"]
+    if out_dir is not None:  # --out must not clash with the bundled files the demo reads, and must be writable
+        bundled = ("digits_cnn.onnx", "digits_test.npz", "digits_calib.npz", "../recipes/default.yaml")
+        written = ("verify.npz", "digits_cnn.opt.onnx", "digits_cnn.opt.onnx.data")
+        destinations.check_destinations(
+            [destinations.Destination(f"--out's {name}", out_dir / name, creates_folder=True) for name in written],
+            destinations.protected_files(("the bundled file", _data_file(name)) for name in bundled),
+        )
     with tempfile.TemporaryDirectory() as tmp:
         folder = out_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,14 @@
 """Load and save models: the only module of graphopt that touches protobufs.
 
 Loading checks the file before anything else reads it: it must exist, parse as an ONNX
-model, pass ``onnx.checker`` and keep all its external data inside the model's folder.
-External data stays memory-mapped by onnx_ir; sparse initializers (which onnx_ir would
-drop) are densified into ordinary initializers so nothing is lost.
+model, pass ``onnx.checker`` and keep all its external data inside the model's folder: every
+external reference (dense or sparse, in the graph, its subgraphs or its functions) goes through
+one resolver that checks it. External data stays memory-mapped by onnx_ir; sparse initializers
+(which onnx_ir would drop) are densified into ordinary initializers so nothing is lost.
 
-Saving never writes over the input: it writes into a temporary folder beside the
-destination, checks the result with ``onnx.checker`` and an ONNX Runtime load, and only
-then renames the files into place. Pruned weights can be stored as sparse initializers
+Saving never writes over the input (see :mod:`graphopt.destinations`): it writes into a
+marked temporary folder beside the destination, checks the result with ``onnx.checker`` and
+an ONNX Runtime load, and only then renames the files into place. Pruned weights can be stored as sparse initializers
 (COO): onnx_ir 1.1 can neither read nor write them, so the conversion is the very last
 step, on the protobuf about to be written. onnx.checker accepts only int64 indices, which
 makes a 50%-dense float32 weight 1.5x its dense size, and ONNX Runtime densifies sparse
@@ -18,9 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +30,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
-from graphopt import runtime
+from graphopt import destinations, model_check, runtime
 from graphopt.errors import ModelLoadError, ModelSaveError, PassError
 from graphopt.serialize import (  # re-exported: io is where users look for them
     EXTERNAL_DATA_THRESHOLD,
     SPARSE_INDEX_BYTES,
-    iter_tensors,
+    iter_model_tensors,
     min_ir_version,
     model_bytes,
 )
@@ -46,9 +44,11 @@ logger = logging.getLogger(__name__)
 
 # model.meta key: what onnx.checker said about an input that only ONNX Runtime accepts
 CHECKER_FAILURE = "graphopt.checker_failure"
-_TEMP_PREFIX = ".graphopt-"
-# A temporary folder this old beside an output was left by a save that was killed.
-STALE_TEMP_SECONDS = 3600
+# model.meta key: the files a loaded model was read from (the .onnx file and its external data)
+SOURCE_FILES = "graphopt.source_files"
+STALE_TEMP_SECONDS = destinations.STALE_TEMP_SECONDS
+# An external data location longer than this is no file name an exporter writes.
+MAX_LOCATION_CHARS = 1024
 
 # Sparse initializers exist from IR version 6 on.
 SPARSE_MIN_IR_VERSION = 6
@@ -75,9 +75,9 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Load ``path`` into onnx_ir after checking that it is a safe, valid ONNX model."""
     path = Path(path)
     proto = _read_proto(path)
-    _check_external_data(proto, path)
+    data_files = _check_external_data(proto, path)
     checker_failure = _run_checker(path)
-    densified = _densify_sparse_initializers(proto.graph)
+    densified = _densify_sparse_initializers(proto.graph, path)
     if densified:
         logger.info("densified %d sparse initializer(s) of %s", densified, path)
     try:
@@ -87,7 +87,8 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
             f"{path}: the graph cannot be read ({type(exc).__name__}: {exc}). "
             "Re-export the model; `python -m onnx.checker` shows the first structural problem."
         ) from exc
-    ir.external_data.set_base_dir(model.graph, path.parent.resolve())
+    _set_base_dir(model, path.parent.resolve())
+    model.meta[SOURCE_FILES] = (path.resolve(), *sorted(data_files))
     if checker_failure:
         model.meta[CHECKER_FAILURE] = checker_failure
     names = [n.name for n in model.graph if n.name]
@@ -95,6 +96,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         # ONNX allows duplicate node names but ONNX Runtime refuses them; values keep their names.
         ir.passes.common.NameFixPass()(model)
         logger.info("%s: renamed duplicate node names so ONNX Runtime accepts the model", path)
+    model_check.check_model(model, path)
     return model
 
 
@@ -150,20 +152,39 @@ def _run_checker(path: Path) -> str | None:
         return first_line
 
 
-def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external data that escapes the model folder, is missing or is too short."""
+def _check_external_data(proto: onnx.ModelProto, path: Path) -> set[Path]:
+    """Check every external reference of the model; returns the data files they name."""
+    return {
+        _resolve_external(tensor, path)[0]
+        for tensor in iter_model_tensors(proto)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+    }
+
+
+def _resolve_external(tensor: onnx.TensorProto, path: Path) -> tuple[Path, int, int]:
+    """The file, offset and length of ``tensor``'s external data, checked to stay inside the model's folder.
+
+    The one resolver of external references: a plain relative location of sane length that does
+    not leave the folder, even through a symlink, names a regular file long enough for integer,
+    non-negative offset and length.
+    """
     base = path.parent.resolve()
-    for tensor in iter_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        where = f"{path}: tensor {tensor.name!r} has external data {location!r}"
-        if not location or Path(location).is_absolute() or ".." in Path(location).parts:
-            raise ModelLoadError(
-                f"{where}, which is not a plain path relative to the model's folder. "
-                "Move the data file beside the model and re-save it with a relative location."
-            )
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    where = f"{path}: tensor {tensor.name!r} has external data {location[:200]!r}"
+    if (
+        not location
+        or len(location) > MAX_LOCATION_CHARS
+        or "\0" in location
+        or Path(location).is_absolute()
+        or ".." in Path(location).parts
+    ):
+        raise ModelLoadError(
+            f"{where}, which is not a plain path relative to the model's folder. "
+            "Move the data file beside the model and re-save it with a relative location."
+        )
+    offset, length = (_external_int(info, key, where) for key in ("offset", "length"))
+    try:
         target = (base / location).resolve()
         if not target.is_relative_to(base):
             raise ModelLoadError(
@@ -171,33 +192,80 @@ def _check_external_data(proto: onnx.ModelProto, path: Path) -> None:
                 "a symlink points out. Copy the data file into the model's folder."
             )
         if not target.is_file():
-            raise ModelLoadError(f"{where}, but {target} does not exist. Copy the external data file beside the model.")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        if end > target.stat().st_size:
             raise ModelLoadError(
-                f"{where}, which needs {end} bytes but the file has {target.stat().st_size}: "
-                "it is truncated. Copy the external data file again."
+                f"{where}, but {target} does not exist or is not a regular file. "
+                "Copy the external data file beside the model."
             )
+        status = target.stat()
+        if status.st_nlink > 1:  # a hard link can reach a file outside the folder; onnx_ir refuses it too
+            raise ModelLoadError(
+                f"{where}, but {target} has {status.st_nlink} hard links, so it may be a file from outside the "
+                "model's folder. Copy it (cp) so the model's folder holds its own copy."
+            )
+        size = status.st_size
+    except OSError as exc:
+        raise ModelLoadError(f"{where}, which cannot be opened ({exc.strerror}). Re-save the model.") from exc
+    length = size - offset if length is None else length
+    if offset + length > size:
+        raise ModelLoadError(
+            f"{where}, which needs {offset + length} bytes but the file has {size}: "
+            "it is truncated. Copy the external data file again."
+        )
+    return target, offset, length
 
 
-def _densify_sparse_initializers(graph: onnx.GraphProto) -> int:
+def _external_int(info: dict[str, str], key: str, where: str) -> int | None:
+    """An external data entry's offset or length: a non-negative integer, or None when absent (offset: 0)."""
+    value = info.get(key)
+    if value is None:
+        return 0 if key == "offset" else None
+    if not (value.isascii() and value.isdigit()):
+        raise ModelLoadError(
+            f"{where} with {key} {value[:40]!r}, not a non-negative integer. Re-save the model with its exporter."
+        )
+    return int(value)
+
+
+def _set_base_dir(model: ir.Model, base: Path) -> None:
+    """Point every external tensor, functions' included, at the model's folder (not the current one)."""
+    ir.external_data.set_base_dir(model.graph, base)
+    for function in model.functions.values():
+        for node in ir.traversal.RecursiveGraphIterator(function):
+            for tensor in _attribute_tensors(node):
+                if isinstance(tensor, ir.ExternalTensor):
+                    tensor.base_dir = base
+
+
+def _attribute_tensors(node: ir.Node) -> list[ir.TensorProtocol]:
+    tensors = []
+    for attr in node.attributes.values():
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.TENSOR:
+            tensors.append(attr.value)
+        elif attr.type == ir.AttributeType.TENSORS:
+            tensors.extend(attr.value)
+    return tensors
+
+
+def _densify_sparse_initializers(graph: onnx.GraphProto, path: Path) -> int:
     """Turn sparse initializers into dense ones in place (onnx_ir would drop them)."""
     count = 0
     for sparse in list(graph.sparse_initializer):
-        dense = _sparse_to_dense(sparse)
+        dense = _sparse_to_dense(sparse, path)
         graph.initializer.append(onnx.numpy_helper.from_array(dense, sparse.values.name))
         count += 1
     del graph.sparse_initializer[:]
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                count += _densify_sparse_initializers(sub)
+                count += _densify_sparse_initializers(sub, path)
     return count
 
 
-def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
-    values = onnx.numpy_helper.to_array(sparse.values)
-    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+def _sparse_to_dense(sparse: onnx.SparseTensorProto, path: Path) -> np.ndarray:
+    values = onnx.numpy_helper.to_array(_inlined(sparse.values, path))
+    indices = onnx.numpy_helper.to_array(_inlined(sparse.indices, path)).astype(np.int64)
     shape = tuple(int(d) for d in sparse.dims)
     dense = np.zeros(int(np.prod(shape)), dtype=values.dtype)
     if indices.ndim == 2:  # [NNZ, rank] coordinates
@@ -206,15 +274,37 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense.reshape(shape)
 
 
+def _inlined(tensor: onnx.TensorProto, path: Path) -> onnx.TensorProto:
+    """``tensor`` with its external data (read through the checked resolver) moved inline."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return tensor
+    target, offset, length = _resolve_external(tensor, path)
+    with target.open("rb") as handle:
+        handle.seek(offset)
+        raw = handle.read(length)
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    inline.ClearField("external_data")
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = raw
+    return inline
+
+
 def external_data_files(model: ir.Model) -> set[Path]:
-    """Every external data file the model's tensors are read from."""
-    files = set()
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                files.add(Path(tensor.path).resolve())
-    return files
+    """Every external data file the model's tensors (initializers and node attributes, functions' too) are read from."""
+    tensors = [value.const_value for graph in model.graphs() for value in graph.initializers.values()]
+    for graph in [model.graph, *model.functions.values()]:
+        tensors.extend(t for node in ir.traversal.RecursiveGraphIterator(graph) for t in _attribute_tensors(node))
+    return {Path(t.path).resolve() for t in tensors if isinstance(t, ir.ExternalTensor)}
+
+
+def source_files(model: ir.Model) -> tuple[Path, ...]:
+    """The files ``model`` was loaded from: the .onnx file and every external data file it references.
+
+    Recorded at load, so sparse initializers' data (densified then) still counts; empty for a
+    model built in memory.
+    """
+    return tuple(model.meta.get(SOURCE_FILES, ()))
 
 
 def save_model(
@@ -233,7 +323,8 @@ def save_model(
         model: The model to write; it is not modified except that tensors read from the
             input's external data are loaded into memory when the output is inlined.
         path: Destination ``.onnx`` file; its folder must exist.
-        protect: Files that must never be written over (the input model).
+        protect: Files that must never be written over (the input model and the files it reads);
+            compared by identity, so a symlink or hard link to one counts as that file.
         external_data: True to write tensors to ``<name>.data``; False to inline them;
             None (default) to use external data only when the model is over ~1.8 GB.
         overwrite: Whether an existing output (not a protected file) may be replaced.
@@ -255,13 +346,12 @@ def save_model(
     needed = max(model.ir_version or onnx.IR_VERSION, min_ir_version(model))
     ir_version = _target_ir_version(model, runtime.ir_ceiling(needed))
     sparse_names = sparse_candidates(model, sparse) if data_name is None and ir_version >= SPARSE_MIN_IR_VERSION else []
-    _remove_stale_temporaries(path.parent)
-    with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX, dir=path.parent) as tmp:
-        tmp_path = Path(tmp) / path.name
+    with destinations.staging(path.parent) as tmp:
+        tmp_path = tmp / path.name
         _write(model, tmp_path, data_name, ir_version, sparse_names, keep_debug_metadata)
         _verify_written(tmp_path, model.meta.get(CHECKER_FAILURE))
         if data_name is not None:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
+            os.replace(tmp / data_name, path.parent / data_name)
         os.replace(tmp_path, path)
     data_path = path.parent / data_name if data_name else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
@@ -312,18 +402,6 @@ def _to_sparse(graph: onnx.GraphProto, names: Sequence[str]) -> None:
     graph.initializer.extend(dense)
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary folders that a killed save left behind (old enough to be nobody's now)."""
-    now = time.time()
-    for entry in folder.glob(f"{_TEMP_PREFIX}*"):
-        try:
-            if entry.is_dir() and not entry.is_symlink() and now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
-                shutil.rmtree(entry)
-                logger.info("removed %s, left by an interrupted save", entry)
-        except OSError:
-            continue
-
-
 def _check_destination(
     model: ir.Model,
     path: Path,
@@ -331,17 +409,12 @@ def _check_destination(
     protect: Sequence[str | os.PathLike[str]],
     overwrite: bool,
 ) -> None:
-    if not path.parent.is_dir():
-        raise ModelSaveError(f"{path}: folder {path.parent} does not exist. Create it first.")
-    if path.is_dir():
-        raise ModelSaveError(f"{path}: is a folder. Give a file name such as {path / 'model.onnx'}.")
-    guarded = {Path(p).resolve() for p in protect} | external_data_files(model)
-    targets = [path] + ([path.parent / data_name] if data_name else [])
-    for target in targets:
-        if target.resolve() in guarded:
-            raise ModelSaveError(
-                f"{target}: would write over the input model or its data. Choose another output path (-o)."
-            )
+    reads = [("the input file", p) for p in [*protect, *source_files(model)]]
+    reads += [("the input's external data", p) for p in external_data_files(model)]
+    targets = [destinations.Destination("the output", path)]
+    if data_name:
+        targets.append(destinations.Destination("the output's data file", path.parent / data_name))
+    destinations.check_destinations(targets, destinations.protected_files(reads))
     if path.exists() and not overwrite:
         raise ModelSaveError(f"{path}: already exists. Remove it or choose another output path.")
 

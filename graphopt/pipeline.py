@@ -234,7 +234,9 @@ def optimize(
             source=calibration, samples=(plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)).samples
         )
     calibration = calibration or plan.calibration
-    source = None if isinstance(model_or_path, ir.Model) else Path(model_or_path)
+    # a model given loaded (graphopt.load) still names its file in the report
+    loaded = isinstance(model_or_path, ir.Model)
+    source = next(iter(io.source_files(model_or_path)), None) if loaded else Path(model_or_path)
     reference = model_or_path if isinstance(model_or_path, ir.Model) else io.load_model(model_or_path)
     candidate, opset_change = _fit_opset(reference, plan, device, calibration)
     pipeline = Pipeline(

@@ -9,6 +9,9 @@ from graphopt.report import Report
 
 logger = logging.getLogger(__name__)
 
+# The files write_plots may write: --report-dir checks them against the run's inputs before it starts.
+PLOT_NAMES = ("size.png", "layer_errors.png", "latency.png")
+
 
 def write_plots(report: Report, folder: Path) -> list[Path]:
     """Write the plots the report has data for; returns their paths (none without matplotlib)."""
@@ -20,11 +23,12 @@ def write_plots(report: Report, folder: Path) -> list[Path]:
     except ImportError:
         logger.warning("matplotlib is not installed: no PNG plots (pip install matplotlib)")
         return []
-    written = [_sizes(plt, report, folder / "size.png")]
+    sizes, layers, latency = (folder / name for name in PLOT_NAMES)
+    written = [_sizes(plt, report, sizes)]
     if report.layers:
-        written.append(_layers(plt, report, folder / "layer_errors.png"))
+        written.append(_layers(plt, report, layers))
     if report.latency:
-        written.append(_latency(plt, report, folder / "latency.png"))
+        written.append(_latency(plt, report, latency))
     return written
 
 

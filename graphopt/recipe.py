@@ -30,7 +30,7 @@ import yaml
 from graphopt import registry
 from graphopt.budget import Budget
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec
-from graphopt.errors import RecipeError
+from graphopt.errors import DataError, RecipeError
 from graphopt.hardware import DEVICES
 
 
@@ -55,6 +55,11 @@ class FallbackSettings:
     max_candidates: int = 48
     width: int = 8  # candidates re-measured per greedy step
     timed: int = 6  # equally small sets within budget timed against each other (0: take the first)
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_float_nodes", 0), ("max_candidates", 0), ("width", 1), ("timed", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}; got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,19 @@ def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = regi
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file. Give a .yaml or .json recipe.")
-    text = path.read_text(encoding="utf-8")
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8.") from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path), known=known)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise RecipeError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
-    return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path), known=known)
+        raise RecipeError(f"{path}: not valid {kind}: {exc}") from exc
+    except RecursionError as exc:
+        # No recipe nests more than a few levels; this is a broken or hostile file.
+        raise RecipeError(f"{path}: nested too deeply to be a recipe. A recipe is a few levels of {kind}.") from exc
 
 
 def parse_recipe(
@@ -169,7 +181,14 @@ def parse_pass_arg(text: str, *, known: registry.Registry = registry.REGISTRY) -
         key, sep, value = item.partition("=")
         if not sep:
             raise RecipeError(f"--pass {text!r}: option {item!r} is not key=value.")
-        options[key.strip()] = _scalar(value)
+        try:
+            options[key.strip()] = _scalar(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(
+                f"--pass {text!r}: option {key.strip()!r} has value {value!r}, which is not a plain YAML value "
+                f"({problem}). Close its brackets, or quote it."
+            ) from exc
     return make_step(name.strip(), options, f"--pass {text!r}", known=known)
 
 
@@ -281,13 +300,16 @@ def _data_spec(data: Any, keys: Sequence[str], base_dir: Path | None, where: str
     if source is not None:
         source = _coerce(source, str, f"{where}: data")
         source = str(base_dir / source) if base_dir is not None and not Path(source).is_absolute() else source
-    return DataSpec(
-        source=source,
-        samples=_coerce(data.get("samples", samples), int, f"{where}: samples"),
-        batch_size=_coerce(data.get("batch_size", 1), int, f"{where}: batch_size"),
-        seed=_coerce(data.get("seed", 0), int, f"{where}: seed"),
-        dims=_coerce(data.get("dims") or {}, dict[str, int], f"{where}: dims"),
-    )
+    try:
+        return DataSpec(
+            source=source,
+            samples=_coerce(data.get("samples", samples), int, f"{where}: samples"),
+            batch_size=_coerce(data.get("batch_size", 1), int, f"{where}: batch_size"),
+            seed=_coerce(data.get("seed", 0), int, f"{where}: seed"),
+            dims=_coerce(data.get("dims") or {}, dict[str, int], f"{where}: dims"),
+        )
+    except DataError as exc:  # a count out of range
+        raise RecipeError(f"{where}: {exc}") from exc
 
 
 def _verify_settings(data: Any, base_dir: Path | None, where: str) -> VerifySettings:
@@ -298,7 +320,14 @@ def _verify_settings(data: Any, base_dir: Path | None, where: str) -> VerifySett
         enabled=_coerce(data.get("enabled", True), bool, f"{where}: enabled"),
         data=_data_spec({k: v for k, v in data.items() if k in _DATA_KEYS}, _DATA_KEYS, base_dir, where, samples=8),
         report_only=_coerce(data.get("report_only", False), bool, f"{where}: report_only"),
-        latency_runs=_coerce(data.get("latency_runs", 20), int, f"{where}: latency_runs"),
-        threads=_coerce(data.get("threads"), int | None, f"{where}: threads"),
+        latency_runs=_at_least(data.get("latency_runs", 20), 0, f"{where}: latency_runs"),
+        threads=None if data.get("threads") is None else _at_least(data["threads"], 1, f"{where}: threads"),
         layerwise=_coerce(data.get("layerwise", True), bool, f"{where}: layerwise"),
     )
+
+
+def _at_least(value: Any, low: int, where: str) -> int:
+    number = _coerce(value, int, where)
+    if number < low:
+        raise RecipeError(f"{where}: must be at least {low}; got {number}.")
+    return number

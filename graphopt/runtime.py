@@ -6,6 +6,7 @@ cuDNN libraries) is an error here, never a CPU run reported as CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -13,16 +14,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from graphopt import serialize
-from graphopt.errors import DeviceError, ModelLoadError, ModelSaveError
+from graphopt.errors import DataError, DeviceError, ModelLoadError, ModelSaveError
 from graphopt.hardware import DEVICES
 
 logger = logging.getLogger(__name__)
@@ -185,8 +187,30 @@ def run(
 ) -> dict[str, np.ndarray]:
     """Run ``session`` on ``feeds`` and return the outputs by name."""
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
-    values = session.run(names, dict(feeds))
+    with refused_feeds(session, feeds):
+        values = session.run(names, dict(feeds))
     return dict(zip(names, values, strict=True))
+
+
+@contextlib.contextmanager
+def refused_feeds(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> Iterator[None]:
+    """Turn ONNX Runtime's refusal of the inputs (a shape, a type, a missing name, an index out of
+    a table) into a :class:`DataError` that sets what the model expects beside what it was given.
+
+    Every session run on user data goes through here, so no such refusal surfaces as a traceback.
+    """
+    try:
+        yield
+    except (InvalidArgument, ValueError) as exc:
+        if isinstance(exc, ValueError) and "input" not in str(exc).lower():
+            raise
+        expected = ", ".join(f"{i.name} {i.type} {i.shape}" for i in session.get_inputs())
+        given = ", ".join(f"{k} {np.asarray(v).dtype} {list(np.shape(v))}" for k, v in feeds.items())
+        reason = " ".join(str(exc).replace("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ", "").split())
+        raise DataError(
+            f"ONNX Runtime refuses the inputs: {reason[:300]}. The model expects {expected}; it was given {given}. "
+            "Give data that fits the model's inputs (names, dtypes, shapes, index ranges)."
+        ) from exc
 
 
 def measure_latency(
@@ -205,15 +229,16 @@ def interleaved_latency(
 ) -> dict[str, Latency]:
     """Time several sessions in alternation so machine noise hits them all alike."""
     feeds = dict(feeds)
-    for _ in range(warmup):
-        for session in sessions.values():
-            session.run(None, feeds)
     times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, session in sessions.items():
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times[name].append((time.perf_counter() - start) * 1e3)
+    with refused_feeds(next(iter(sessions.values())), feeds):
+        for _ in range(warmup):
+            for session in sessions.values():
+                session.run(None, feeds)
+        for _ in range(runs):
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feeds)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: _summarize(samples) for name, samples in times.items()}
 
 

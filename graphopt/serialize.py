@@ -4,7 +4,7 @@ serialization, apart from :mod:`graphopt.io`'s files (so neither imports the oth
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -83,14 +83,28 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Yield every tensor of ``graph``, its nodes' attributes and its subgraphs."""
+    """Yield every tensor of ``graph``: initializers, sparse initializers' values and indices, its
+    nodes' attributes and its subgraphs."""
     yield from graph.initializer
-    for node in graph.node:
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+
+
+def iter_model_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Yield every tensor of the model: its graph's (see :func:`iter_tensors`) and its functions'."""
+    yield from iter_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            if attr.HasField("g"):
-                yield from iter_tensors(attr.g)
-            for sub in attr.graphs:
+            for sparse in [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []), *attr.sparse_tensors]:
+                yield from (sparse.values, sparse.indices)
+            for sub in [*([attr.g] if attr.HasField("g") else []), *attr.graphs]:
                 yield from iter_tensors(sub)

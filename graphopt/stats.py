@@ -62,9 +62,10 @@ def model_stats(model: ir.Model, *, sparsity: bool = False) -> ModelStats:
     zeros, counted = 0, 0
     for tensor in _tensors(model):
         dtype = tensor.dtype.name
+        nbytes = _nbytes(tensor)
         stats.parameters += tensor.size
-        stats.bytes += tensor.nbytes
-        stats.bytes_by_dtype[dtype] = stats.bytes_by_dtype.get(dtype, 0) + tensor.nbytes
+        stats.bytes += nbytes
+        stats.bytes_by_dtype[dtype] = stats.bytes_by_dtype.get(dtype, 0) + nbytes
         stats.params_by_dtype[dtype] = stats.params_by_dtype.get(dtype, 0) + tensor.size
         if isinstance(tensor, ir.ExternalTensor):
             stats.external_bytes += tensor.nbytes
@@ -74,6 +75,13 @@ def model_stats(model: ir.Model, *, sparsity: bool = False) -> ModelStats:
     if sparsity:
         stats.sparsity = zeros / counted if counted else 0.0
     return stats
+
+
+def _nbytes(tensor: ir.TensorProtocol) -> int:
+    """Bytes of a tensor; strings (label tables, vocabularies) have no fixed width, so count their bytes."""
+    if tensor.dtype == ir.DataType.STRING:
+        return sum(len(item) for item in tensor.numpy().ravel())
+    return tensor.nbytes
 
 
 def _producer_op(value: ir.Value) -> str | None:

@@ -18,8 +18,8 @@ import onnxruntime as ort
 from graphopt import budget as budget_rules
 from graphopt import runtime
 from graphopt.budget import Budget, OutputMetrics
-from graphopt.calibration.sources import Batch, DataSpec, input_specs, iter_batches
-from graphopt.errors import DataError, ModelLoadError, PassError
+from graphopt.calibration.sources import Batch, DataSpec, InputSpec, input_specs, iter_batches
+from graphopt.errors import DataError, ModelLoadError, PassError, RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -129,18 +129,24 @@ def compare_sessions(
     missing = [n for n in ref_names if n not in cand_names]
     if missing:
         raise DataError(f"the candidate lacks reference output(s) {missing}; graph outputs must keep their names.")
+    budget = budget or Budget()
+    unknown = [name for name in budget.outputs if name not in ref_names]
+    if unknown:
+        raise RecipeError(f"budget.outputs names {unknown}, which the model does not have; its outputs: {ref_names}.")
     accumulators = {name: _Accumulator(name) for name in ref_names}
     samples = 0
     for batch in batches:
         ref_out = runtime.run(ref_session, batch, ref_names)
-        cand_out = runtime.run(cand_session, batch, ref_names)
+        try:
+            cand_out = runtime.run(cand_session, batch, ref_names)
+        except DataError as exc:  # the reference ran on this batch, so the data is not to blame
+            raise PassError(f"the candidate model refuses inputs its reference runs on: {exc}") from exc
         for name in ref_names:
             accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
         samples += len(next(iter(batch.values()))) if batch else 1
     if samples == 0:
         raise DataError("no input batches to verify with; give data with samples in it.")
     metrics = [acc.result() for acc in accumulators.values()]
-    budget = budget or Budget()
     violations = [v for m in metrics for v in budget_rules.violations(m, budget)]
     return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations)
 
@@ -170,8 +176,37 @@ def verify_models(
     threads: int | None = None,
 ) -> VerifyResult:
     """Verify ``candidate`` against ``reference`` on inputs described by ``data``."""
+    _check_same_inputs(reference, candidate)
     batches = iter_batches(data, input_specs(reference))
     return compare(reference, candidate, batches, device=device, budget=budget, threads=threads)
+
+
+def _check_same_inputs(reference: ir.Model, candidate: ir.Model) -> None:
+    """Both models must take the same inputs, or no batch can feed them both."""
+    ref = {s.name: s for s in input_specs(reference)}
+    cand = {s.name: s for s in input_specs(candidate)}
+    differ = sorted(set(ref) ^ set(cand)) + [
+        name
+        for name in sorted(set(ref) & set(cand))
+        if ref[name].dtype != cand[name].dtype or not _shapes_agree(ref[name].shape, cand[name].shape)
+    ]
+    if differ:
+
+        def text(specs: dict[str, InputSpec], name: str) -> str:
+            spec = specs.get(name)
+            return f"{spec.dtype} {list(spec.shape)}" if spec else "absent"
+
+        details = "; ".join(f"{n}: reference {text(ref, n)}, candidate {text(cand, n)}" for n in differ)
+        raise DataError(
+            f"the two models take different inputs ({details}). Verify a candidate made from this reference, "
+            "with the same input names, dtypes and shapes."
+        )
+
+
+def _shapes_agree(a: tuple[int | str | None, ...], b: tuple[int | str | None, ...]) -> bool:
+    """Same rank, and equal wherever both dims are fixed."""
+    fixed = (isinstance(x, int) and isinstance(y, int) for x, y in zip(a, b, strict=False))
+    return len(a) == len(b) and all(x == y for x, y, f in zip(a, b, fixed, strict=False) if f)
 
 
 def label_accuracy(
@@ -215,9 +250,7 @@ class Checker:
                 raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
         session = open_candidate(candidate, self.device, self.threads)
         batches = iter_batches(self.data, self.specs)
-        return session, compare_sessions(
-            self.ref_session, session, batches, device=self.device, budget=self.budget
-        )
+        return session, compare_sessions(self.ref_session, session, batches, device=self.device, budget=self.budget)
 
     def score(self, candidate: ir.Model) -> float:
         """Budget score of ``candidate`` (<= 1: within budget)."""

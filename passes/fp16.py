@@ -210,5 +210,3 @@ class _CastCache:
         self.names.add(cast.name)
         self.count += 1
         return out
-
-

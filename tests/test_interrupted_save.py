@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import io
+from graphopt import destinations, io
 
 SAVER = """
 import sys, graphopt
@@ -45,7 +45,12 @@ def test_kill_during_save_keeps_previous_output(tmp_path: Path) -> None:
     output.write_bytes(b"previous output")
     proc = subprocess.Popen([sys.executable, "-c", SAVER, str(source), str(output)])
     deadline = time.monotonic() + 60
-    while not list(out_dir.glob(".graphopt-*")) and proc.poll() is None and time.monotonic() < deadline:
+    # the marker is the first file of a save's temporary folder: once it is there, the save is under way
+    while (
+        not list(out_dir.glob(f".graphopt-*/{destinations.TEMP_MARKER}"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

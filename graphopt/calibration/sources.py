@@ -9,6 +9,9 @@ first; a source cuts them into batches of ``batch_size`` samples.
 from __future__ import annotations
 
 import os
+import typing
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,9 @@ DEFAULT_CALIBRATION_SAMPLES = 128
 
 # Random inputs larger than this (elements, ~1 GiB of float32) are refused, not allocated.
 MAX_GENERATED_ELEMENTS = 1 << 28
+
+# An .npz member larger than this (read whole into memory) is refused before it is allocated.
+MAX_DATA_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,12 @@ def iter_random(
 
 
 def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Arrays keyed by input name from an .npz file or a folder of ``<input>.npy`` files."""
+    """Arrays keyed by input name from an .npz file, a folder of ``<input>.npy`` files or one .npy file.
+
+    Headers are checked before anything is allocated: a declared size past the end of the file is
+    a truncated file. .npy files are memory-mapped, so only the samples a run uses are read; .npz
+    members are read whole, so each must also fit :data:`MAX_DATA_BYTES`.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder. Give an .npz file or a folder of .npy files.")
@@ -126,33 +137,146 @@ def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             files = sorted(path.glob("*.npy"))
             if not files:
                 raise DataError(f"{path}: the folder has no .npy files (one <input name>.npy per input).")
-            return {f.stem: np.load(f, allow_pickle=False) for f in files}
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read it as .npz/.npy data ({exc}).") from exc
+            return {f.stem: _load_npy(_regular_file(f)) for f in files}
+        if path.suffix == ".npy":
+            return {path.stem: _load_npy(_regular_file(path))}
+        return _load_npz(_regular_file(path))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read it as .npz/.npy data ({exc}). Write it again with numpy.") from exc
+
+
+def _regular_file(path: Path) -> Path:
+    """``path``, if it is a regular file (through symlinks): reading a FIFO or a device would wait forever."""
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a pipe, device, socket or folder). Give .npz or .npy files.")
+    return path
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    with path.open("rb") as handle:
+        shape, dtype = _read_header(handle, path.name)
+        _check_size(path.stem, shape, dtype, available=path.stat().st_size - handle.tell(), where=path)
+    return np.load(path, mmap_mode="r" if shape else None, allow_pickle=False)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            with archive.open(member) as handle:
+                name = member.filename.removesuffix(".npy")
+                shape, dtype = _read_header(handle, name)
+                _check_size(name, shape, dtype, available=member.file_size - handle.tell(), where=path, limit=True)
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _read_header(handle: typing.BinaryIO, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    if dtype.kind not in "biuf":
+        raise DataError(
+            f"array {name!r} holds {dtype} values; graphopt feeds numbers only (bool, int, float). "
+            "Convert it, e.g. array.astype(np.float32)."
+        )
+    return shape, dtype
+
+
+def _check_size(
+    name: str, shape: tuple[int, ...], dtype: np.dtype, *, available: int, where: Path, limit: bool = False
+) -> None:
+    size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if limit and size > MAX_DATA_BYTES:
+        raise DataError(
+            f"{where}: array {name!r} declares shape {shape} of {dtype} ({size / 2**30:.1f} GiB), over graphopt's "
+            f"{MAX_DATA_BYTES >> 30} GiB limit per array. Give fewer samples, or a folder of .npy files."
+        )
+    if size > available:
+        raise DataError(
+            f"{where}: array {name!r} declares shape {shape} of {dtype} ({size} bytes) but holds {available}: "
+            "the file is truncated. Write it again with numpy."
+        )
 
 
 def iter_arrays(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_size: int) -> Iterator[Batch]:
-    """Cut arrays (sample axis first) into batches holding just the model's inputs."""
+    """Cut arrays (sample axis first) into batches holding just the model's inputs.
+
+    A 0-d array feeds a rank-0 input the same value in every batch. Each batch is checked
+    (:func:`check_batch`) before it reaches ONNX Runtime.
+    """
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
             f"the data has no array for input(s) {missing}; it has {sorted(arrays)}. "
             "Name each array after a model input."
         )
-    count = len(arrays[specs[0].name]) if specs else 0
     for spec in specs:
-        array = arrays[spec.name]
-        if len(array) != count:
-            raise DataError(f"array {spec.name!r} has {len(array)} samples, expected {count} like the others.")
-        if array.ndim != len(spec.shape):
-            raise DataError(
-                f"array {spec.name!r} has rank {array.ndim}, the input expects rank {len(spec.shape)} "
-                f"(shape {spec.shape}); the sample axis must be the input's first axis."
-            )
+        _check_array(arrays[spec.name], spec)
+    counts = {len(arrays[s.name]) for s in specs if s.shape}
+    if len(counts) > 1:
+        sizes = {s.name: len(arrays[s.name]) for s in specs if s.shape}
+        raise DataError(f"the arrays have different sample counts {sizes}; give every input the same number.")
+    count = counts.pop() if counts else 1
     for start in range(0, count, batch_size):
-        yield {s.name: np.ascontiguousarray(arrays[s.name][start : start + batch_size], dtype=s.dtype) for s in specs}
+        batch = {s.name: _cut(arrays[s.name], s, start, batch_size) for s in specs}
+        check_batch(batch, specs, first_sample=start)
+        yield batch
+
+
+def _check_array(array: np.ndarray, spec: InputSpec) -> None:
+    if array.dtype.kind not in "biuf":
+        raise DataError(
+            f"array {spec.name!r} holds {array.dtype} values; input {spec.name!r} takes {spec.dtype}. "
+            "Convert the data to numbers of that type."
+        )
+    if array.ndim != len(spec.shape) or (array.ndim == 0) != (not spec.shape):
+        raise DataError(
+            f"array {spec.name!r} has shape {array.shape}, rank {array.ndim}; the input expects rank "
+            f"{len(spec.shape)} (shape {_shape_text(spec.shape)}); the sample axis must be the input's first axis."
+        )
+    for axis, (given, wanted) in enumerate(zip(array.shape[1:], spec.shape[1:], strict=True), 1):
+        if isinstance(wanted, int) and wanted >= 0 and given != wanted:
+            raise DataError(
+                f"array {spec.name!r} has shape {array.shape}; input {spec.name!r} expects {_shape_text(spec.shape)}: "
+                f"axis {axis} must be {wanted}, not {given}. Give data of the model's input shape."
+            )
+
+
+def _shape_text(shape: tuple[int | str | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _cut(array: np.ndarray, spec: InputSpec, start: int, size: int) -> np.ndarray:
+    part = array if array.ndim == 0 else array[start : start + size]
+    integral = not np.issubdtype(part.dtype, np.floating) or np.array_equal(part, np.round(part))
+    if np.issubdtype(spec.dtype, np.integer) and not integral:
+        raise DataError(
+            f"array {spec.name!r} holds fractional values but input {spec.name!r} takes {spec.dtype}; "
+            "give whole numbers (e.g. token ids as integers)."
+        )
+    return np.ascontiguousarray(part, dtype=spec.dtype)
+
+
+def check_batch(batch: Batch, specs: list[InputSpec], *, first_sample: int = 0) -> None:
+    """Refuse values no model should get: NaN or Inf, and indices outside the table they index.
+
+    Caught here, they are named by input and sample; in ONNX Runtime they would surface as an
+    accuracy failure (NaN compares as an infinite error) or an error inside a Gather node.
+    """
+    for spec in specs:
+        array = batch[spec.name]
+        rows = array.reshape(array.shape[0], int(np.prod(array.shape[1:]))) if array.ndim else array.reshape(1, 1)
+        if np.issubdtype(array.dtype, np.floating):
+            bad = ~np.isfinite(rows).all(axis=1)
+            what = "NaN or Inf values"
+        elif spec.index_bound is not None and np.issubdtype(array.dtype, np.integer):
+            bad = ((rows < -spec.index_bound) | (rows >= spec.index_bound)).any(axis=1)
+            what = f"indices outside [0, {spec.index_bound}), the size of the table it indexes"
+        else:
+            continue
+        if bad.any():
+            sample = first_sample + int(np.argmax(bad))
+            raise DataError(f"input {spec.name!r}, sample {sample}: the data holds {what}. Fix or drop that sample.")
 
 
 @dataclass(frozen=True)
@@ -164,6 +288,12 @@ class DataSpec:
     batch_size: int = 1
     seed: int = 0
     dims: Mapping[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        # A count of 0 would verify or calibrate on nothing and still report success.
+        for name, value in (("samples", self.samples), ("batch_size", self.batch_size), *(self.dims or {}).items()):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"{name} must be a whole number of at least 1; got {value!r}.")
 
 
 def require_data(data: DataSpec | None, pass_name: str) -> DataSpec:
@@ -196,10 +326,22 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     if data.source is None:
         return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)
     if isinstance(data.source, (str, os.PathLike)):
-        arrays = load_arrays(data.source)
-        arrays = {name: array[: data.samples] for name, array in arrays.items()}
+        arrays = _lone_array(load_arrays(data.source), Path(data.source), specs)
+        arrays = {name: array if array.ndim == 0 else array[: data.samples] for name, array in arrays.items()}
         return iter_arrays(arrays, specs, batch_size)
     return _iter_given(data.source, specs, data.samples)
+
+
+def _lone_array(arrays: dict[str, np.ndarray], path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """One .npy file feeds a single-input model whatever the file is called."""
+    if path.suffix != ".npy" or path.is_dir():
+        return arrays
+    if len(specs) != 1:
+        raise DataError(
+            f"{path}: one .npy file holds one array, but the model has inputs {[s.name for s in specs]}. "
+            "Give an .npz with one array per input, or a folder of <input name>.npy files."
+        )
+    return {specs[0].name: next(iter(arrays.values()))}
 
 
 def _iter_given(source: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], samples: int) -> Iterator[Batch]:
@@ -211,5 +353,6 @@ def _iter_given(source: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpe
         if missing:
             raise DataError(f"a batch from the iterable lacks input(s) {missing}; it has {sorted(batch)}.")
         feeds = {s.name: np.asarray(batch[s.name], dtype=s.dtype) for s in specs}
+        check_batch(feeds, specs, first_sample=seen)
         seen += len(next(iter(feeds.values()))) if feeds and next(iter(feeds.values())).ndim else 1
         yield feeds

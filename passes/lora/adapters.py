@@ -152,6 +152,7 @@ def _factors(tensors: Mapping[str, np.ndarray], path: Path) -> tuple[dict[str, L
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (bfloat16 widened to float32)."""
     header, size = _header(path)
+    _check_entries(path, header, path.stat().st_size - 8 - size)
     if not any(entry.get("dtype") == "BF16" for key, entry in header.items() if key != "__metadata__"):
         try:
             return load_file(str(path))
@@ -172,6 +173,36 @@ def _header(path: Path) -> tuple[dict[str, Any], int]:
             raise DataError(f"merge_lora: {path} has a broken header. Save the adapter again.") from exc
 
 
+def _check_entries(path: Path, header: Any, data_bytes: int) -> None:
+    """Every tensor entry names a dtype, a shape and a byte range inside the file that fits them."""
+    if not isinstance(header, dict):
+        raise DataError(f"merge_lora: {path}: the header is not a JSON object. Save the adapter again.")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise DataError(
+                f"merge_lora: {path}: tensor {key} has a broken entry (shape, data_offsets) or lies past the "
+                f"end of the file ({data_bytes} data bytes): it is truncated or corrupt. Save the adapter again."
+            )
+        itemsize = _ITEMSIZE.get(entry.get("dtype"))
+        if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            raise DataError(
+                f"merge_lora: {path}: tensor {key} declares shape {shape} of {entry['dtype']} but holds "
+                f"{offsets[1] - offsets[0]} bytes. Save the adapter again."
+            )
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _RAW_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
 

@@ -13,8 +13,6 @@ from graphopt.passes.edit import excluded
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
 
 
-
-
 @dataclass(frozen=True)
 class PruneConfig:
     """Options of the ``prune`` pass."""

@@ -146,6 +146,3 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             **({"notes": self.notes} if self.notes else {}),
         }
         return ir.passes.PassResult(model, modified=bool(count or embeddings))
-
-
-

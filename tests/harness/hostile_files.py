@@ -59,7 +59,15 @@ def _optimize(path: Path, folder: Path) -> list[str]:
     return ["optimize", str(path), "-o", str(folder / "out" / "out.onnx")]
 
 
-def _external(folder: Path, location: str, *, symlink_out: bool = False, truncate: bool = False) -> list[str]:
+def _external(
+    folder: Path,
+    location: str,
+    *,
+    symlink_out: bool = False,
+    truncate: bool = False,
+    hard_link_out: bool = False,
+    **entries: str,
+) -> list[str]:
     model_dir = folder / "model"
     model_dir.mkdir()
     proto = _good()
@@ -71,13 +79,107 @@ def _external(folder: Path, location: str, *, symlink_out: bool = False, truncat
         data.symlink_to(outside)
     if truncate:
         data.write_bytes(data.read_bytes()[:8])
+    if hard_link_out:  # a hard link is the outside file itself, whatever folder it is listed in
+        data.rename(folder / "secret.data")
+        data.hardlink_to(folder / "secret.data")
     proto = onnx.load(str(model_dir / "m.onnx"), load_external_data=False)
     for entry in proto.graph.initializer[0].external_data:
         if entry.key == "location":
             entry.value = location
+    for key, value in entries.items():
+        entry = proto.graph.initializer[0].external_data.add()
+        entry.key, entry.value = key, value
     onnx.save(proto, str(model_dir / "m.onnx"))
-    (folder / "secret.data").write_bytes(b"\0" * 64) if not symlink_out else None
+    (folder / "secret.data").write_bytes(b"\0" * 64) if not (symlink_out or hard_link_out) else None
     return _optimize(model_dir / "m.onnx", folder)
+
+
+def _external_tensor(array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
+    tensor = numpy_helper.from_array(array, name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", location
+    return tensor
+
+
+def _sparse(folder: Path, location: str, *, symlink_out: bool = False, constant: bool = False) -> list[str]:
+    """W as a sparse initializer (or a Constant's sparse value) whose values are external data at ``location``."""
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    values = np.ones(16, np.float32)
+    (folder / "secret.data").write_bytes(values.tobytes())
+    if symlink_out:
+        (model_dir / "v.data").symlink_to(folder / "secret.data")
+    else:
+        (model_dir / "v.data").write_bytes(values.tobytes())
+    indices = numpy_helper.from_array(np.arange(16, dtype=np.int64), "W_idx")
+    sparse = helper.make_sparse_tensor(_external_tensor(values, "W", location), indices, [4, 4])
+    matmul = helper.make_node("MatMul", ["x", "W"], ["y"])
+    if constant:
+        model = _model([helper.make_node("Constant", [], ["W"], sparse_value=sparse), matmul])
+    else:
+        model = _model([matmul])
+        model.graph.sparse_initializer.append(sparse)
+    return _optimize(_write(model_dir, "m.onnx", model), folder)
+
+
+def _function_constant(folder: Path, location: str) -> list[str]:
+    """y = x @ C, with C a Constant inside a model-local function, its value external data at ``location``."""
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    (folder / "secret.data").write_bytes(np.ones(16, np.float32).tobytes())
+    constant = helper.make_node(
+        "Constant", [], ["c"], value=_external_tensor(np.ones((4, 4), np.float32), "C", location)
+    )
+    function = helper.make_function(
+        "local",
+        "F",
+        ["a"],
+        ["b"],
+        [constant, helper.make_node("MatMul", ["a", "c"], ["b"])],
+        [helper.make_opsetid("", 18)],
+    )
+    model = _model(
+        [helper.make_node("F", ["x"], ["y"], domain="local")], extra_opsets=[helper.make_opsetid("local", 1)]
+    )
+    model.functions.append(function)
+    return _optimize(_write(model_dir, "m.onnx", model), folder)
+
+
+def _link(target: Path, link: Path, *, hard: bool = False) -> Path:
+    link.hardlink_to(target) if hard else link.symlink_to(target)
+    return link
+
+
+def _clash(flags: Callable[[Path, Path], list[str]], location: str = "w.data") -> Callable[[Path], list[str]]:
+    """A run of the good model (weight in external file ``location``) with ``flags(model, folder)``: a
+    destination that is a file the run reads or another destination. -o defaults to out/out.onnx."""
+
+    def make(folder: Path) -> list[str]:
+        (folder / "model").mkdir()
+        model = folder / "model" / "m.onnx"
+        onnx.save(_good(), str(model), save_as_external_data=True, location=location, size_threshold=0)
+        args = flags(model, folder)
+        return ["optimize", str(model), *([] if "-o" in args else ["-o", str(folder / "out" / "out.onnx")]), *args]
+
+    return make
+
+
+def _file(path: Path, text: str = "") -> Path:
+    path.write_text(text)
+    return path
+
+
+def _calib(folder: Path) -> Path:
+    np.savez(folder / "calib.npz", x=np.ones((2, 4), np.float32))
+    return folder / "calib.npz"
+
+
+def _report_dir_holds_input(folder: Path) -> list[str]:
+    (folder / "rd").mkdir()
+    model = _write(folder / "rd", "report.md", _good())  # any name is a model's name
+    return [*_optimize(model, folder), "--report-dir", str(folder / "rd")]
 
 
 def _huge_dims(folder: Path) -> list[str]:
@@ -141,6 +243,56 @@ CASES: tuple[Case, ...] = (
     ),
     Case("recipe with a python object tag", _hostile_recipe),
     Case("pickled object array as data", _pickled_npz),
+    # every file written is checked against every file read, and against the others, before any pass
+    Case(
+        "-o is the input's external data", _clash(lambda m, f: ["-o", str(m.parent / "w.data"), "--pass", "quantize"])
+    ),
+    Case("-o is a symlink to the input", _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx"))])),
+    Case("-o is a hard link to the input", _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx", hard=True))])),
+    Case(
+        "--external-data writes the input's data",
+        _clash(
+            lambda m, f: ["-o", str(m.parent / "out.onnx"), "--external-data", "--pass", "quantize"], "out.onnx.data"
+        ),
+    ),
+    Case("--report is the input", _clash(lambda m, f: ["--report", str(m)])),
+    Case("--report is the output", _clash(lambda m, f: ["--report", str(f / "out" / "out.onnx")])),
+    Case(
+        "--report-md links to the input's data",
+        _clash(lambda m, f: ["--report-md", str(_link(m.parent / "w.data", f / "r.md"))]),
+    ),
+    Case("--report is --report-md", _clash(lambda m, f: ["--report", str(f / "r"), "--report-md", str(f / "r")])),
+    Case(
+        "--report is in --report-dir", _clash(lambda m, f: ["--report", str(f / "report.json"), "--report-dir", str(f)])
+    ),
+    Case("--report-dir holds the input", _report_dir_holds_input),
+    Case(
+        "--report is the calibration data",
+        _clash(lambda m, f: ["--calib", str(_calib(f)), "--report", str(f / "calib.npz")]),
+    ),
+    Case(
+        "--report-md is the recipe",
+        _clash(
+            lambda m, f: ["--recipe", str(_file(f / "r.yaml", "passes: [fold]\n")), "--report-md", str(f / "r.yaml")]
+        ),
+    ),
+    # one resolver for every external reference: sparse ones and those inside functions too
+    Case("sparse external data ../ escape", lambda f: _sparse(f, "../secret.data")),
+    Case("sparse external data absolute path", lambda f: _sparse(f, str(f / "secret.data"))),
+    Case("sparse external data symlink out", lambda f: _sparse(f, "v.data", symlink_out=True)),
+    Case("sparse Constant external data ../ escape", lambda f: _sparse(f, "../secret.data", constant=True)),
+    Case("function Constant external data ../ escape", lambda f: _function_constant(f, "../secret.data")),
+    Case("function Constant external data absolute path", lambda f: _function_constant(f, str(f / "secret.data"))),
+    Case("external data hard-linked from outside", lambda f: _external(f, "w.data", hard_link_out=True)),
+    Case("external data negative offset", lambda f: _external(f, "w.data", offset="-8")),
+    Case("external data length not an integer", lambda f: _external(f, "w.data", length="64.0")),
+    Case("external data location too long", lambda f: _external(f, "w" * 5000)),
+    # destinations that cannot be written are refused before any pass runs
+    Case("--report into a missing folder", _clash(lambda m, f: ["--report", str(f / "nope" / "r.json")])),
+    Case("--report-dir is a file", _clash(lambda m, f: ["--report-dir", str(_file(f / "afile"))])),
+    Case("-o inside a file", _clash(lambda m, f: ["-o", str(_file(f / "afile") / "o.onnx")])),
+    Case("--report is a folder", _clash(lambda m, f: ["--report", str(f / "out")])),
+    Case("demo --out is a file", lambda f: ["demo", "--out", str(_file(f / "afile"))]),
 )
 
 

@@ -1,0 +1,82 @@
+"""Every user mistake of tests/harness/hostile_user_errors.py is a clean exit-2 error: one
+`error:` line, no traceback, nothing written; and the inputs those checks must not refuse
+still run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from graphopt import cli, runtime
+from graphopt.budget import Budget
+from graphopt.errors import DataError
+from tests.harness.hostile_files import snapshot
+from tests.harness.hostile_user_errors import CASES, Case, linear_model, scalar_input_model, unsorted_model
+
+
+def _main(args: list[str]) -> int:
+    try:
+        return cli.main(args)
+    except SystemExit as exc:  # argparse refuses a flag value this way
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_user_error_is_a_clean_error(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "out").mkdir()
+    args = case.make(tmp_path)
+    before = snapshot(tmp_path)
+    code = _main(args)
+    captured = capsys.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert "error:" in captured.err and "Traceback" not in captured.err
+    assert snapshot(tmp_path) == before
+
+
+def _optimize(model: Path, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    out = tmp_path / "out.onnx"
+    return _main(["optimize", str(model), "-o", str(out), *extra]), out
+
+
+def test_lone_npy_feeds_a_single_input_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "samples.npy", np.ones((4, 4), np.float32))
+    code, out = _optimize(linear_model(tmp_path), tmp_path, "--verify-data", str(tmp_path / "samples.npy"))
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file() and "4 samples" in capsys.readouterr().out
+
+
+def test_zero_d_array_feeds_a_rank_0_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.savez(tmp_path / "d.npz", x=np.ones((3, 4), np.float32), s=np.array(2.0, np.float32))
+    code, out = _optimize(scalar_input_model(tmp_path), tmp_path, "--verify-data", str(tmp_path / "d.npz"))
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_unsorted_nodes_are_put_in_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _optimize(unsorted_model(tmp_path), tmp_path)
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file()
+
+
+def test_onnx_runtime_refusing_inputs_is_a_data_error_naming_them(tmp_path: Path) -> None:
+    session = runtime.create_session(linear_model(tmp_path))
+    with pytest.raises(DataError, match=r"expects x tensor\(float\) \['batch', 4\]; it was given x float32 \[2, 5\]"):
+        runtime.run(session, {"x": np.zeros((2, 5), np.float32)})
+    with pytest.raises(DataError, match="given z float32"):
+        runtime.measure_latency(session, {"z": np.zeros((2, 4), np.float32)}, warmup=0, runs=1)
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"min_cosine": 5.0}, "min_cosine must be between -1.0 and 1.0; got 5.0"),
+        ({"max_abs": float("nan")}, "max_abs must be between 0.0 and inf; got nan"),
+        ({"max_rel_l2": -0.5}, "max_rel_l2 must be between 0.0 and inf; got -0.5"),
+        ({"min_top1": 1.5}, "min_top1 must be between 0.0 and 1.0; got 1.5"),
+    ],
+)
+def test_budget_refuses_limits_no_model_can_meet(limits: dict[str, float], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Budget(**limits)
