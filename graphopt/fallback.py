@@ -14,6 +14,9 @@ with the statistics it already collected:
    single layers do), the fastest in ONNX Runtime wins: a float attention product costs far
    less than a float FFN projection.
 
+The search stops at ``fallback.max_seconds``: then the smallest set that met the budget so
+far is taken (the report says the search was cut short), or none.
+
 Exact passes after the lossy one cannot change accuracy, so trials skip them; the
 pipeline re-runs them once on the final model.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +60,7 @@ class FallbackResult:
     # budget score of each re-calibrated alternative (e.g. {"method=mse": 1.2}), and the one kept
     alternatives: dict[str, float] = field(default_factory=dict)
     changed: dict[str, Any] = field(default_factory=dict)
+    stopped: str = ""  # why the search ended early (its time limit), or empty
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -71,6 +76,7 @@ class _Search:
     statistics: Any
     evaluate: Callable[[ir.Model], float]
     result: FallbackResult
+    deadline: float = math.inf  # time.monotonic() past which no new trial starts
     scores: dict[tuple[str, ...], float] = field(default_factory=dict)
 
     def build(self, excluded: Sequence[str]) -> ir.Model:
@@ -82,6 +88,8 @@ class _Search:
         """The budget score with ``excluded`` left as they are; a set already tried is not run again."""
         key = tuple(excluded)
         if key not in self.scores:
+            if time.monotonic() > self.deadline:
+                raise _OutOfTime
             self.result.trials += 1
             self.scores[key] = self.evaluate(self.build(excluded))
         return self.scores[key]
@@ -98,6 +106,11 @@ class _Search:
         medians = latency([self.build(s) for s in sets])
         self.result.timed = {", ".join(s): round(ms, 4) for s, ms in zip(sets, medians, strict=True)}
         return sets[min(range(len(sets)), key=medians.__getitem__)]
+
+    def best_so_far(self) -> list[str] | None:
+        """The smallest set that met the budget among the trials run, lowest score first."""
+        within = [(len(set(k)), score, list(k)) for k, score in self.scores.items() if score <= 1.0]
+        return min(within)[2] if within else None
 
     def rank(self, candidates: Sequence[str], baseline: float) -> list[str]:
         gains = {}
@@ -187,17 +200,32 @@ def search(
                 return result, alt_config, alt_statistics
             # Float layers on top of the better ranges first; the original ranges if that fails.
             starts.insert(0, (alt_config, alt_statistics, alt_score))
+    deadline = time.monotonic() + settings.max_seconds
     for start_config, start_statistics, start_score in starts:
-        state = _Search(spec, start_config, before, start_statistics, evaluate, result)
-        chosen = _float_layers(state, before, suspects, start_score, settings)
+        state = _Search(spec, start_config, before, start_statistics, evaluate, result, deadline)
+        try:
+            chosen = _float_layers(state, before, suspects, start_score, settings)
+            if chosen is not None:
+                chosen = state.fastest(state.prune(chosen), latency, settings.timed)
+        except _OutOfTime:
+            result.stopped = (
+                f"time limit of {settings.max_seconds:g} s (fallback.max_seconds) after {result.trials} trials"
+            )
+            logger.warning("fallback: search stopped at its %s", result.stopped)
+            chosen = state.best_so_far()
+            if chosen is None:
+                break
         if chosen is not None:
-            chosen = state.fastest(state.prune(chosen), latency, settings.timed)
             score = state.score(chosen)
             result.float_nodes, result.score_after, result.passed = chosen, score, score <= 1.0
             result.changed = _changes(config, start_config)
             return result, start_config, start_statistics
     logger.info("fallback: no set of up to %d float layers reaches the budget", settings.max_float_nodes)
     return result, config, statistics
+
+
+class _OutOfTime(Exception):
+    """The search's time limit passed before a trial."""
 
 
 def _float_layers(

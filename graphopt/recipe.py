@@ -55,9 +55,13 @@ class FallbackSettings:
     max_candidates: int = 48
     width: int = 8  # candidates re-measured per greedy step
     timed: int = 6  # equally small sets within budget timed against each other (0: take the first)
+    # Seconds the search may run: each trial runs the whole model on the verification data, so on a
+    # slow model (an autoregressive decoder) 48 ranking trials alone take many minutes.
+    max_seconds: float = 300.0
 
     def __post_init__(self) -> None:
-        for name, low in (("max_float_nodes", 0), ("max_candidates", 0), ("width", 1), ("timed", 0)):
+        limits = (("max_float_nodes", 0), ("max_candidates", 0), ("width", 1), ("timed", 0), ("max_seconds", 0))
+        for name, low in limits:
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}; got {getattr(self, name)}.")
 

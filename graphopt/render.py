@@ -51,6 +51,8 @@ def render_report(console: Console, report: Report) -> None:
             + "".join(f"re-calibrated with {k}={v}; " for k, v in (f.get("changed") or {}).items())
             + f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
         )
+        if f.get("stopped"):
+            console.print(f"[yellow]warning[/yellow]: the fallback search stopped early, at its {f['stopped']}")
     if report.runtime:
         r = report.runtime
         console.print(

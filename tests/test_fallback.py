@@ -118,6 +118,49 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     assert search.fastest(["big"], None, limit=6) == ["big"]
 
 
+class _Tagging(ir.passes.InPlacePass):
+    """A stand-in lossy pass: records in the model what it was told to leave in float."""
+
+    def __init__(self, config: object, statistics: object = None) -> None:
+        super().__init__()
+        self.config = config
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.doc_string = ",".join(self.config.exclude)  # type: ignore[attr-defined]
+        return ir.passes.PassResult(model, modified=True)
+
+
+def test_past_its_time_limit_the_search_takes_the_smallest_set_found(tmp_path: Path) -> None:
+    from graphopt import fallback, io
+    from graphopt.passes.quantize import QuantizeConfig
+
+    scores = {"a": 1.5, "b": 0.9, "c,d": 0.4}
+    spec = graphopt.registry.PassSpec("tagging", _Tagging, QuantizeConfig, lossy=graphopt.registry.Lossy())
+    before = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    state = fallback._Search(
+        spec, QuantizeConfig(), before, None, lambda m: scores[m.doc_string], fallback.FallbackResult("quantize")
+    )
+    for excluded in (["a"], ["b"], ["c", "d"]):
+        state.score(excluded)
+    state.deadline = 0.0  # long past
+    assert state.score(["b"]) == 0.9  # a set already tried costs nothing
+    with pytest.raises(fallback._OutOfTime):
+        state.score(["a", "b"])
+    assert state.best_so_far() == ["b"]
+
+
+def test_a_search_out_of_time_says_so(tmp_path: Path) -> None:
+    from graphopt import fallback, io
+    from graphopt.passes.quantize import QuantizeConfig
+
+    spec = graphopt.registry.PassSpec("tagging", _Tagging, QuantizeConfig, lossy=graphopt.registry.Lossy())
+    before = io.load_model(toy.save(toy.relu_mlp(), tmp_path / "m.onnx"))
+    settings = graphopt.recipe.FallbackSettings(max_seconds=0)
+    result, _, _ = fallback.search(spec, QuantizeConfig(), before, None, lambda m: 2.0, 2.0, settings)
+    assert not result.passed and result.trials == 0
+    assert "time limit of 0 s (fallback.max_seconds)" in result.stopped
+
+
 def test_better_calibration_is_tried_before_any_float_layer() -> None:
     def run(method: str, budget: dict[str, float]) -> graphopt.pipeline.Result:
         recipe = _cnn_recipe(budget)
