@@ -248,7 +248,8 @@ def run(args: argparse.Namespace, known: registry.Registry) -> int:
     try:
         return int(COMMANDS[args.command](args))
     except GraphoptError as exc:
-        err_console.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False)
+        # one line, never re-wrapped: logs and grep see the whole message
+        err_console.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted: nothing was written.")

@@ -30,7 +30,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 from google.protobuf.message import DecodeError
 
-from graphopt import destinations, model_check, runtime
+from graphopt import destinations, model_check, prober, runtime
 from graphopt.errors import ModelLoadError, ModelSaveError, PassError
 from graphopt.serialize import (  # re-exported: io is where users look for them
     EXTERNAL_DATA_THRESHOLD,
@@ -482,6 +482,18 @@ def _strip_debug_metadata(model: ir.Model) -> list[tuple[dict[str, str], str, st
 
 
 def _verify_written(tmp_path: Path, input_failure: str | None) -> None:
+    try:  # ORT with its default optimizations, in a child process (ORT can crash on a graph), meanwhile ours
+        with prober.probing(tmp_path):
+            _check_written(tmp_path, input_failure)
+    except ModelLoadError as exc:
+        raise PassError(
+            f"{exc} The output was not written; leave the changed nodes alone (the pass's exclude_op_types or "
+            "exclude option) or run without that pass."
+        ) from exc
+
+
+def _check_written(tmp_path: Path, input_failure: str | None) -> None:
+    """onnx.checker, then an in-process ONNX Runtime load without graph rewrites."""
     try:
         onnx.checker.check_model(str(tmp_path))
     except onnx.checker.ValidationError as exc:
@@ -494,10 +506,3 @@ def _verify_written(tmp_path: Path, input_failure: str | None) -> None:
             "This is a graphopt bug; run with --check to find the pass that broke it."
         ) from exc
     runtime.check_loads(tmp_path)
-    try:  # and with ORT's default optimizations, in a child process: ORT can crash on a graph
-        runtime.probe_load(tmp_path)
-    except ModelLoadError as exc:
-        raise PassError(
-            f"{exc} The output was not written; leave the changed nodes alone (the pass's exclude_op_types or "
-            "exclude option) or run without that pass."
-        ) from exc

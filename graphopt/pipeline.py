@@ -22,7 +22,20 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from graphopt import fallback, io, localize, opset, ort_view, recipe, registry, runtime, serialize, stats, verify
+from graphopt import (
+    fallback,
+    io,
+    localize,
+    opset,
+    ort_view,
+    prober,
+    recipe,
+    registry,
+    runtime,
+    serialize,
+    stats,
+    verify,
+)
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
 from graphopt.passes import edit
@@ -229,6 +242,7 @@ def optimize(
     plan = as_recipe(recipe_or_passes, known)
     device = device or plan.device
     runtime.check_device(device)
+    prober.warm()  # the output's crash probe (at verification or save) then finds ONNX Runtime imported
     if isinstance(calibration, (str, os.PathLike)):
         calibration = DataSpec(
             source=calibration, samples=(plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)).samples

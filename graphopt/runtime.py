@@ -10,8 +10,6 @@ import contextlib
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,7 +27,7 @@ from graphopt.hardware import DEVICES
 
 logger = logging.getLogger(__name__)
 
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 _OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -58,7 +56,7 @@ def max_ir_version() -> int:
     options = _session_options(threads=1, optimization="disable")
     for version in range(14, 6, -1):
         try:
-            ort.InferenceSession(serialize.tiny_model_bytes(version), options, providers=_PROVIDERS["cpu"])
+            ort.InferenceSession(serialize.tiny_model_bytes(version), options, providers=PROVIDERS["cpu"])
         except Exception:  # ORT raises its own Fail/InvalidGraph types without a base class
             continue
         return version
@@ -116,7 +114,7 @@ def create_session(
     elif not isinstance(model, bytes):
         model = str(model)
     try:
-        session = ort.InferenceSession(model, options, providers=_PROVIDERS[device])
+        session = ort.InferenceSession(model, options, providers=PROVIDERS[device])
     except Exception as exc:  # ORT's exception types share no public base class
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -146,35 +144,10 @@ def optimized_graph(
         return ir.load(path), session
 
 
-def probe_load(model: ModelSource, device: str = "cpu") -> None:
-    """Load ``model`` with ONNX Runtime's default optimizations in a child process; raise if ORT crashes.
-
-    ORT can crash (a segmentation fault, not an exception) while optimizing some graphs, e.g.
-    ORT 1.31 on a float16 Transpose between Casts around a float32 GRU. Loading it in this
-    process would kill graphopt; the child's death becomes a clear error instead.
-    """
-    with tempfile.TemporaryDirectory(prefix="graphopt-probe-") as tmp:
-        if isinstance(model, ir.Model):
-            if serialize.model_bytes(model) > serialize.EXTERNAL_DATA_THRESHOLD:
-                return  # too large to write inline just for a probe; the in-process load still runs
-            path = Path(tmp) / "probe.onnx"
-            path.write_bytes(serialize.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version))))
-            model = path
-        code = "import sys, onnxruntime as ort; ort.InferenceSession(sys.argv[1], providers=sys.argv[2:])"
-        done = subprocess.run(
-            [sys.executable, "-c", code, str(model), *_PROVIDERS[device]], capture_output=True, text=True, check=False
-        )
-    if done.returncode < 0:
-        raise ModelLoadError(
-            f"ONNX Runtime {ort.__version__} crashes (signal {-done.returncode}) while it optimizes this model for "
-            f"{device}; graphopt does not open it in its own process."
-        )
-
-
 def check_loads(path: Path) -> None:
     """Check that ONNX Runtime can load the model at ``path`` (CPU, no graph rewrites)."""
     try:
-        ort.InferenceSession(str(path), _session_options(1, "disable"), providers=_PROVIDERS["cpu"])
+        ort.InferenceSession(str(path), _session_options(1, "disable"), providers=PROVIDERS["cpu"])
     except Exception as exc:  # ORT's exception types share no public base class
         raise ModelSaveError(
             f"ONNX Runtime cannot load the optimized model, so it was not written: {exc}. "

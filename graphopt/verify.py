@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from graphopt import budget as budget_rules
-from graphopt import runtime
+from graphopt import prober, runtime
 from graphopt.budget import Budget, OutputMetrics
 from graphopt.calibration.sources import Batch, DataSpec, InputSpec, input_specs, iter_batches
 from graphopt.errors import DataError, ModelLoadError, PassError, RecipeError
@@ -240,12 +240,12 @@ class Checker:
     def check(self, candidate: ir.Model, *, probe: bool = False) -> tuple[ort.InferenceSession, VerifyResult]:
         """The candidate's session and its verification result.
 
-        ``probe`` first loads it in a child process (see :func:`runtime.probe_load`), so an ORT
+        ``probe`` first loads it in a child process (see :func:`prober.probe_load`), so an ORT
         crash on the output is an error and not the end of graphopt.
         """
         if probe:
             try:
-                runtime.probe_load(candidate, self.device)
+                prober.probe_load(candidate, self.device)
             except ModelLoadError as exc:
                 raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
         session = open_candidate(candidate, self.device, self.threads)

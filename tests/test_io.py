@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import io, runtime
+from graphopt import io, prober, runtime
 from graphopt.errors import ModelLoadError, ModelSaveError
 from tests import toy
 
@@ -217,10 +217,12 @@ def test_an_onnx_runtime_crash_while_loading_the_output_is_an_error(
     crashing.write_text("#!/bin/sh\nkill -SEGV $$\n")
     crashing.chmod(0o755)
     path = toy.save(toy.foldable(), tmp_path / "m.onnx")
-    runtime.probe_load(path)  # a healthy load in a child process passes
-    monkeypatch.setattr(runtime.sys, "executable", str(crashing))
+    prober.probe_load(path)  # a healthy load in a child process passes
+    prober.probe_load(path)  # and again, in the same child
+    prober.close()  # the next probe starts a new child: one that crashes
+    monkeypatch.setattr(prober.sys, "executable", str(crashing))
     with pytest.raises(ModelLoadError, match=r"crashes \(signal 11\)"):
-        runtime.probe_load(path)
+        prober.probe_load(path)
     model = io.load_model(path)
     with pytest.raises(graphopt.errors.PassError, match="crashes"):
         io.save_model(model, tmp_path / "out.onnx")
