@@ -116,6 +116,17 @@ def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
     return found
 
 
+def describe(budget: Budget) -> str:
+    """The limits a budget sets, as a reader checks them ("min cosine >= 0.9"); empty when it sets none."""
+    parts = []
+    for limit in LIMITS:
+        bound = getattr(budget, limit.field)
+        if bound is not None:
+            parts.append(f"{limit.label} {'<=' if limit.upper else '>='} {bound:g}")
+    where = f" on {', '.join(budget.outputs)}" if budget.outputs and parts else ""
+    return "; ".join(parts) + where
+
+
 def score(outputs: Iterable[OutputMetrics], budget: Budget) -> float:
     """The worst budget ratio over outputs and limits: <= 1 means within budget."""
     ratios = (ratio(limit, value, bound) for out in outputs for limit, value, bound in checked(out, budget))

@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("reference")
             p.add_argument("candidate")
             for flag in ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1"):
-                p.add_argument(flag, type=_limit(flag[2:].replace("-", "_")))
+                p.add_argument(
+                    flag,
+                    type=_limit(flag[2:].replace("-", "_")),
+                    help="a limit of the budget (without any: the default recipe's budget)",
+                )
         else:
             p.add_argument("model")
             p.add_argument("--runs", type=_count(1), default=50)

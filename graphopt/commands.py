@@ -196,6 +196,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     budget = budget_rules.Budget(
         max_abs=args.max_abs, max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, min_top1=args.min_top1
     )
+    if not budget_rules.describe(budget):  # no limit given: judge by the default recipe's, never pass silently
+        budget = recipe.load_recipe(_default_recipe(), known=args.known).budget
     data = _data_from_args(args, 16)
     result = verify.verify_models(reference, candidate, data, device=args.device, budget=budget, threads=args.threads)
     render.render_verification(console, result)

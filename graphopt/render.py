@@ -64,10 +64,47 @@ def render_report(console: Console, report: Report) -> None:
             console.print(f"[yellow]warning[/yellow]: {warning}")
     if report.verification:
         render_verification(console, report.verification)
+    for warning in outcome_warnings(report):
+        console.print(f"[bold yellow]warning[/bold yellow]: {warning}", soft_wrap=True)
+
+
+# A candidate measured this much slower than its input is reported as slower (interleaved medians
+# of sub-millisecond models vary by a few percent between identical runs).
+_SLOWER = 1.05
+
+
+def outcome_warnings(report: Report) -> list[str]:
+    """What a run that exits 0 did not achieve: nothing compressed, or an output slower than its input."""
+    warnings = []
+    lossy = [p for p in report.passes if not p.exact]
+    if lossy and not any(p.modified for p in lossy):
+        reasons = "; ".join(f"{p.name}: {p.details['skipped']}" for p in lossy if p.details.get("skipped"))
+        warnings.append(
+            f"nothing was compressed: no lossy pass ({', '.join(p.name for p in lossy)}) changed the model"
+            + (f" ({reasons})" if reasons else "")
+            + "; the output computes what the input does."
+        )
+    fallback = report.fallback
+    if fallback and fallback.get("float_nodes") and lossy and report.after.bytes >= report.before.bytes:
+        warnings.append(
+            f"the accuracy fallback left {len(fallback['float_nodes'])} nodes {fallback.get('kept', 'in float')} "
+            "and the weights are no smaller than the input's: loosen the budget or try another pass."
+        )
+    if report.latency and any(p.modified for p in report.passes):  # an unchanged model differs only by noise
+        ratio = report.latency["optimized"].median_ms / report.latency["reference"].median_ms
+        if ratio > _SLOWER:
+            warnings.append(
+                f"the output runs {ratio:.2f}× slower than the input on {report.device} (median of interleaved runs);"
+                " see the ONNX Runtime line above for kernels that did not fuse."
+            )
+    return warnings
 
 
 def render_verification(console: Console, result: VerifyResult) -> None:
-    status = "[green]PASSED[/green]" if result.passed else "[red]FAILED[/red]"
+    if not result.budget:  # nothing was checked: a PASSED here would be a silent success
+        status = "[yellow]NOT CHECKED[/yellow] (no budget: the metrics below are reported, not judged)"
+    else:
+        status = f"{'[green]PASSED[/green]' if result.passed else '[red]FAILED[/red]'} (budget: {result.budget})"
     table = Table(title=f"verification on {result.device}, {result.samples} samples: {status}", title_justify="left")
     for column in ("output", "max abs", "rel L2", "cosine mean", "cosine min", "top-1"):
         table.add_column(column, justify="left" if column == "output" else "right")

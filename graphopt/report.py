@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,8 @@ class Report:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        """Standard JSON: a non-finite number (an unbounded budget ratio, a NaN metric) is written as a string."""
+        return json.dumps(_finite(self.to_dict()), indent=2, default=str, allow_nan=False)
 
     def to_markdown(self) -> str:
         lines = [f"# graphopt report: {self.input_path or 'model'}", ""]
@@ -150,3 +152,14 @@ class Report:
                 )
             lines += [f"- {violation}" for violation in v.violations]
         return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is infinite or NaN replaced by its name ("inf", "-inf", "nan")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

@@ -88,6 +88,7 @@ class VerifyResult:
     samples: int
     outputs: list[OutputMetrics] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    budget: str = ""  # the limits checked (budget.describe); empty: metrics reported, nothing checked
 
     @property
     def passed(self) -> bool:
@@ -102,6 +103,7 @@ class VerifyResult:
             "device": self.device,
             "samples": self.samples,
             "passed": self.passed,
+            "budget": self.budget or None,
             "violations": list(self.violations),
             "outputs": [asdict(o) for o in self.outputs],
         }
@@ -148,7 +150,9 @@ def compare_sessions(
         raise DataError("no input batches to verify with; give data with samples in it.")
     metrics = [acc.result() for acc in accumulators.values()]
     violations = [v for m in metrics for v in budget_rules.violations(m, budget)]
-    return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations)
+    return VerifyResult(
+        device=device, samples=samples, outputs=metrics, violations=violations, budget=budget_rules.describe(budget)
+    )
 
 
 def compare(

@@ -55,7 +55,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         infer_types(model)
         if not self._has_work(model):
-            self.details = {"skipped": "nothing to quantize"}
+            self.details = {"skipped": self._why_no_work(model)}
             return ir.passes.PassResult(model, modified=False)
         skip = self._fit_opset(model)
         if skip:
@@ -121,6 +121,17 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 for n in model.graph
             )
         return tables or bool(selected_nodes(model.graph, self.config))
+
+    def _why_no_work(self, model: ir.Model) -> str:
+        """Why nothing is quantized, and what would change that."""
+        static_ops = {n.op_type for n in selected_nodes(model.graph, self.config)}
+        if self.dynamic and static_ops:
+            return (
+                f"nothing to quantize: dynamic mode (no calibration data) takes MatMuls with constant weights; "
+                f"this model's "
+                f"{', '.join(sorted(static_ops))} need static mode: give calibration data (--calib DATA)"
+            )
+        return "nothing to quantize: no float32 Conv/MatMul/Gemm with a constant weight that is not excluded"
 
     def _dynamic(self, model: ir.Model) -> ir.passes.PassResult:
         taken: set[str] = set()

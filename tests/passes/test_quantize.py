@@ -404,5 +404,5 @@ def test_float16_models_stay_valid(tmp_path: Path) -> None:
         value.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
     model = io.load_model(toy.save(proto, tmp_path / "half.onnx"))
     quantize = QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))
-    assert not quantize(model).modified and quantize.details["skipped"] == "nothing to quantize"
+    assert not quantize(model).modified and quantize.details["skipped"].startswith("nothing to quantize")
     runtime.create_session(model)
