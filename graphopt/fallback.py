@@ -81,7 +81,7 @@ class _Search:
 
     def build(self, excluded: Sequence[str]) -> ir.Model:
         model = self.before.clone()
-        self.spec.build(self.spec.with_excluded(self.config, excluded), self.statistics)(model)
+        self.spec.apply(model, self.spec.with_excluded(self.config, excluded), self.statistics)
         return model
 
     def score(self, excluded: Sequence[str]) -> float:
@@ -266,7 +266,7 @@ def _better_alternative(
             logger.info("fallback: alternative %s skipped: %s", alternative, exc)
             continue
         model = before.clone()
-        spec.build(alternative, alt_statistics)(model)
+        spec.apply(model, alternative, alt_statistics)
         got = stats.model_stats(model, sparsity=True)
         if got.bytes > produced.bytes or (got.sparsity or 0.0) < (produced.sparsity or 0.0):
             logger.info("fallback: alternative %s skipped: it compresses less than the recipe's config", alternative)
@@ -282,7 +282,7 @@ def _better_alternative(
 def _produced(spec: registry.PassSpec, config: Any, before: ir.Model, statistics: Any) -> stats.ModelStats:
     """The statistics (with sparsity) of the step's output as ``config`` makes it."""
     model = before.clone()
-    spec.build(config, statistics)(model)
+    spec.apply(model, config, statistics)
     return stats.model_stats(model, sparsity=True)
 
 

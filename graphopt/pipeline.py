@@ -133,9 +133,8 @@ class Pipeline:
         snapshot = self.keep_snapshots and not spec.exact
         if snapshot:
             self._snapshots.append(Snapshot(index, step, model.clone(), statistics))
-        pass_ = spec.build(step.config, statistics)
         try:
-            result = pass_(model)
+            pass_, result = spec.apply(model, step.config, statistics)
         except GraphoptError:
             raise
         except Exception as exc:

@@ -115,6 +115,18 @@ class PassSpec:
         cls = resolve(self.pass_class)
         return cls(config) if self.calibrate is None else cls(config, statistics)
 
+    def apply(self, model: ir.Model, config: Any, statistics: Any = None) -> tuple[ir.passes.PassBase, Any]:
+        """Build the pass and run it on ``model`` in place: (the pass, its PassResult).
+
+        Graph inputs with a default initializer are inputs to the pass (never folded into the graph).
+        """
+        from graphopt.passes import edit  # on first use: parsing a recipe loads no pass code
+
+        pass_ = self.build(config, statistics)
+        with edit.overridable_inputs_hidden(model):
+            result = pass_(model)
+        return pass_, result
+
     def opset_for(self, config: Any) -> int:
         """The opset this config wants the model at (0: any)."""
         return 0 if self.min_opset is None else int(resolve(self.min_opset)(config))

@@ -73,12 +73,19 @@ def render_report(console: Console, report: Report) -> None:
 _SLOWER = 1.05
 
 
+def _reason(skipped: object) -> str:
+    """A pass's skip reason: a sentence, or reasons with how many nodes each left alone."""
+    if isinstance(skipped, dict):
+        return ", ".join(f"{reason} ({count})" for reason, count in skipped.items())
+    return str(skipped)
+
+
 def outcome_warnings(report: Report) -> list[str]:
     """What a run that exits 0 did not achieve: nothing compressed, or an output slower than its input."""
     warnings = []
     lossy = [p for p in report.passes if not p.exact]
     if lossy and not any(p.modified for p in lossy):
-        reasons = "; ".join(f"{p.name}: {p.details['skipped']}" for p in lossy if p.details.get("skipped"))
+        reasons = "; ".join(f"{p.name}: {_reason(p.details['skipped'])}" for p in lossy if p.details.get("skipped"))
         warnings.append(
             f"nothing was compressed: no lossy pass ({', '.join(p.name for p in lossy)}) changed the model"
             + (f" ({reasons})" if reasons else "")

@@ -5,8 +5,9 @@ No pass logic lives here: what a helper does is the same whatever pass calls it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -141,6 +142,28 @@ def lift_constant_weights(model: ir.Model, min_elements: int = 16) -> int:
     LoopInvariantsPass()(model)
     after = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
     return before - after
+
+
+@contextlib.contextmanager
+def overridable_inputs_hidden(model: ir.Model) -> Iterator[int]:
+    """While the block runs, a graph input that also has an initializer is a plain input.
+
+    Such an initializer is only a default (IR >= 4): a caller may feed another value. A pass
+    that saw its value would fold, quantize or prune it into the graph, and the output would
+    ignore what the caller feeds. Yields how many were hidden; their defaults are put back after.
+    """
+    hidden = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers and value.const_value is not None:
+            hidden.append((value, value.const_value))
+            model.graph.initializers.pop(value.name)
+            value.const_value = None
+    try:
+        yield len(hidden)
+    finally:
+        for value, tensor in hidden:
+            value.const_value = tensor
+            model.graph.register_initializer(value)
 
 
 def guard_subgraph_outputs(model: ir.Model) -> int:

@@ -86,8 +86,8 @@ def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=x)
     (tmp_path / "folder").mkdir()
     np.save(tmp_path / "folder" / "x.npy", x)
-    for source in (tmp_path / "d.npz", tmp_path / "folder"):
-        batches = list(iter_batches(DataSpec(source=str(source), samples=10, batch_size=2), input_specs(model)))
+    for source in (str(tmp_path / "d.npz"), str(tmp_path / "folder"), {"x": x}):  # a dict holds what an .npz does
+        batches = list(iter_batches(DataSpec(source=source, samples=10, batch_size=2), input_specs(model)))
         assert [b["x"].shape for b in batches] == [(2, 8), (1, 8)]
         assert batches[0]["x"].dtype == np.float32
     np.savez(tmp_path / "wrong.npz", z=x)

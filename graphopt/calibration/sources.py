@@ -281,9 +281,9 @@ def check_batch(batch: Batch, specs: list[InputSpec], *, first_sample: int = 0) 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """How to obtain input batches: a path, an iterable, or random tensors."""
+    """How to obtain input batches: a path, arrays by input name, an iterable of feeds, or random tensors."""
 
-    source: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None = None
+    source: str | os.PathLike[str] | Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]] | None = None
     samples: int = 8
     batch_size: int = 1
     seed: int = 0
@@ -325,8 +325,12 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     batch_size = batch_size_for(specs, data.batch_size)
     if data.source is None:
         return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)
-    if isinstance(data.source, (str, os.PathLike)):
-        arrays = _lone_array(load_arrays(data.source), Path(data.source), specs)
+    if isinstance(data.source, (str, os.PathLike, Mapping)):
+        # A mapping holds what an .npz does: one array per input, samples along axis 0.
+        if isinstance(data.source, Mapping):
+            arrays = {name: np.asarray(array) for name, array in data.source.items()}
+        else:
+            arrays = _lone_array(load_arrays(data.source), Path(data.source), specs)
         arrays = {name: array if array.ndim == 0 else array[: data.samples] for name, array in arrays.items()}
         return iter_arrays(arrays, specs, batch_size)
     return _iter_given(data.source, specs, data.samples)
