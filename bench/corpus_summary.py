@@ -41,6 +41,33 @@ def totals(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def fold_parity(rows: list[Row]) -> str:
+    """fold against the better of onnxslim and onnxsim: nodes, wall time, exactness (valid outputs only)."""
+    by = {(r["model"], r["key"]): r for r in rows if r["section"] == "fold"}
+    models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "fold"))
+    nodes = fewer = time_met = timed = exact = 0
+    for model in models:
+        fold = by.get((model, "fold"))
+        peers = [by[(model, k)] for k in ("onnxslim", "onnxsim") if (model, k) in by and _ok(by[(model, k)])]
+        if fold is None or not _ok(fold):
+            continue
+        exact += (fold.get("rel_l2") or 0.0) <= EXACT_REL_L2
+        if peers:
+            best = min(p["nodes_out"] for p in peers)
+            nodes += fold["nodes_out"] <= best
+            fewer += fold["nodes_out"] < best
+        slim = by.get((model, "onnxslim"))
+        if slim is not None and _ok(slim) and slim.get("seconds") and fold.get("seconds"):
+            timed += 1
+            time_met += fold["seconds"] <= slim["seconds"]
+    return (
+        "| fold on the corpus | models |\n|---|---:|\n"
+        f"| nodes ≤ min(onnxslim, onnxsim) | {nodes} of {len(models)} ({fewer} strictly fewer) |\n"
+        f"| outputs equal (rel L2 ≤ 1e-6) | {exact} of {len(models)} |\n"
+        f"| wall time ≤ onnxslim's (file to file) | {time_met} of {timed} |"
+    )
+
+
 def _cell(row: Row | None) -> str:
     if row is None:
         return "–"
@@ -80,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="JSON written by bench_corpus.py --out")
     args = parser.parse_args(argv)
     rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
-    print(totals(rows) + "\n\n" + per_model(rows))
+    print(totals(rows) + "\n\n" + fold_parity(rows) + "\n\n" + per_model(rows))
     return 0
 
 

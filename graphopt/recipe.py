@@ -100,7 +100,8 @@ def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = regi
     """Read and validate a recipe file (.yaml, .yml or .json)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file. Give a .yaml or .json recipe.")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "no such recipe file"
+        raise RecipeError(f"{path}: {what}. Give a .yaml or .json recipe.")
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         text = path.read_bytes().decode("utf-8")

@@ -322,6 +322,13 @@ def batch_size_for(specs: list[InputSpec], wanted: int) -> int:
 def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     """Batches for ``data``, at most ``data.samples`` samples in all, in batches the model accepts."""
     dims = dict(data.dims or {})
+    named = sorted({dim for spec in specs for dim in spec.shape if isinstance(dim, str)})
+    unknown = sorted(set(dims) - set(named))
+    if unknown:  # a typo would silently leave the dim at its default
+        raise DataError(
+            f"--dim {', '.join(unknown)}: the model has no such symbolic dimension; "
+            + (f"its inputs have {', '.join(named)}." if named else "its inputs have none (every dimension is fixed).")
+        )
     batch_size = batch_size_for(specs, data.batch_size)
     if data.source is None:
         return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)

@@ -40,6 +40,13 @@ class FoldConfig:
         default=True, metadata={"help": "Infer shapes node by node, which lets Shape/Size-driven subgraphs fold."}
     )
 
+    def __post_init__(self) -> None:
+        if self.size_limit < 1 or self.iterations < 1:
+            raise ValueError(
+                f"size_limit and iterations must be at least 1; got size_limit={self.size_limit}, "
+                f"iterations={self.iterations}."
+            )
+
 
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Fold constant subgraphs, BatchNorm into Conv/Gemm, and remove dead, identity and duplicate nodes.

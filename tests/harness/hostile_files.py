@@ -9,8 +9,10 @@ traceback was printed, and that nothing was written anywhere in the case's folde
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -216,97 +218,121 @@ def _pickled_npz(folder: Path) -> list[str]:
     return [*_optimize(_write(folder, "m.onnx", _good()), folder), "--verify-data", str(folder / "calib.npz")]
 
 
-CASES: tuple[Case, ...] = (
-    Case("empty file", lambda f: _optimize(_write(f, "m.onnx", b""), f)),
-    Case("random bytes", lambda f: _optimize(_write(f, "m.onnx", np.random.default_rng(0).bytes(4096)), f)),
-    Case("truncated model", lambda f: _optimize(_write(f, "m.onnx", _good().SerializeToString()[:60]), f)),
-    Case(
-        "protobuf that is not a model",
-        lambda f: _optimize(
-            _write(f, "m.onnx", numpy_helper.from_array(np.ones(8, np.float32)).SerializeToString()), f
+# Hostile model files and destinations, by class (bench/hostile_files.py reports per class).
+CLASSES: dict[str, tuple[Case, ...]] = {
+    "malformed model files": (
+        Case("empty file", lambda f: _optimize(_write(f, "m.onnx", b""), f)),
+        Case("random bytes", lambda f: _optimize(_write(f, "m.onnx", np.random.default_rng(0).bytes(4096)), f)),
+        Case("truncated model", lambda f: _optimize(_write(f, "m.onnx", _good().SerializeToString()[:60]), f)),
+        Case(
+            "protobuf that is not a model",
+            lambda f: _optimize(
+                _write(f, "m.onnx", numpy_helper.from_array(np.ones(8, np.float32)).SerializeToString()), f
+            ),
+        ),
+        Case("missing model file", lambda f: _optimize(f / "nope.onnx", f)),
+        Case("a folder, not a file", lambda f: _optimize(f, f)),
+    ),
+    "malformed model contents": (
+        Case("huge dims", _huge_dims),
+        Case("negative dims", _negative_dims),
+        Case("huge graph input", _huge_input),
+        Case("op from an unknown domain", _unknown_domain),
+        Case(
+            "opset newer than installed",
+            lambda f: _optimize(_write(f, "m.onnx", _model([helper.make_node("Relu", ["x"], ["y"])], opset=40)), f),
         ),
     ),
-    Case("missing model file", lambda f: _optimize(f / "nope.onnx", f)),
-    Case("a folder, not a file", lambda f: _optimize(f, f)),
-    Case("missing external data", lambda f: _external(f, "gone.data")),
-    Case("external data ../ escape", lambda f: _external(f, "../secret.data")),
-    Case("external data absolute path", lambda f: _external(f, str(f / "secret.data"))),
-    Case("external data symlink out", lambda f: _external(f, "w.data", symlink_out=True)),
-    Case("truncated external data", lambda f: _external(f, "w.data", truncate=True)),
-    Case("huge dims", _huge_dims),
-    Case("negative dims", _negative_dims),
-    Case("huge graph input", _huge_input),
-    Case("op from an unknown domain", _unknown_domain),
-    Case(
-        "opset newer than installed",
-        lambda f: _optimize(_write(f, "m.onnx", _model([helper.make_node("Relu", ["x"], ["y"])], opset=40)), f),
+    "hostile recipes and data": (
+        Case("recipe with a python object tag", _hostile_recipe),
+        Case("pickled object array as data", _pickled_npz),
     ),
-    Case("recipe with a python object tag", _hostile_recipe),
-    Case("pickled object array as data", _pickled_npz),
-    # every file written is checked against every file read, and against the others, before any pass
-    Case(
-        "-o is the input's external data", _clash(lambda m, f: ["-o", str(m.parent / "w.data"), "--pass", "quantize"])
-    ),
-    Case("-o is a symlink to the input", _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx"))])),
-    Case("-o is a hard link to the input", _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx", hard=True))])),
-    Case(
-        "--external-data writes the input's data",
-        _clash(
-            lambda m, f: ["-o", str(m.parent / "out.onnx"), "--external-data", "--pass", "quantize"], "out.onnx.data"
+    "a destination is a file the run reads or writes": (
+        Case(
+            "-o is the input's external data",
+            _clash(lambda m, f: ["-o", str(m.parent / "w.data"), "--pass", "quantize"]),
+        ),
+        Case("-o is a symlink to the input", _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx"))])),
+        Case(
+            "-o is a hard link to the input",
+            _clash(lambda m, f: ["-o", str(_link(m, f / "out" / "o.onnx", hard=True))]),
+        ),
+        Case(
+            "--external-data writes the input's data",
+            _clash(
+                lambda m, f: ["-o", str(m.parent / "out.onnx"), "--external-data", "--pass", "quantize"],
+                "out.onnx.data",
+            ),
+        ),
+        Case("--report is the input", _clash(lambda m, f: ["--report", str(m)])),
+        Case("--report is the output", _clash(lambda m, f: ["--report", str(f / "out" / "out.onnx")])),
+        Case(
+            "--report-md links to the input's data",
+            _clash(lambda m, f: ["--report-md", str(_link(m.parent / "w.data", f / "r.md"))]),
+        ),
+        Case("--report is --report-md", _clash(lambda m, f: ["--report", str(f / "r"), "--report-md", str(f / "r")])),
+        Case(
+            "--report is in --report-dir",
+            _clash(lambda m, f: ["--report", str(f / "report.json"), "--report-dir", str(f)]),
+        ),
+        Case("--report-dir holds the input", _report_dir_holds_input),
+        Case(
+            "--report is the calibration data",
+            _clash(lambda m, f: ["--calib", str(_calib(f)), "--report", str(f / "calib.npz")]),
+        ),
+        Case(
+            "--report-md is the recipe",
+            _clash(
+                lambda m, f: [
+                    "--recipe",
+                    str(_file(f / "r.yaml", "passes: [fold]\n")),
+                    "--report-md",
+                    str(f / "r.yaml"),
+                ]
+            ),
         ),
     ),
-    Case("--report is the input", _clash(lambda m, f: ["--report", str(m)])),
-    Case("--report is the output", _clash(lambda m, f: ["--report", str(f / "out" / "out.onnx")])),
-    Case(
-        "--report-md links to the input's data",
-        _clash(lambda m, f: ["--report-md", str(_link(m.parent / "w.data", f / "r.md"))]),
+    "external data outside the model folder": (
+        Case("missing external data", lambda f: _external(f, "gone.data")),
+        Case("external data ../ escape", lambda f: _external(f, "../secret.data")),
+        Case("external data absolute path", lambda f: _external(f, str(f / "secret.data"))),
+        Case("external data symlink out", lambda f: _external(f, "w.data", symlink_out=True)),
+        Case("truncated external data", lambda f: _external(f, "w.data", truncate=True)),
+        Case("sparse external data ../ escape", lambda f: _sparse(f, "../secret.data")),
+        Case("sparse external data absolute path", lambda f: _sparse(f, str(f / "secret.data"))),
+        Case("sparse external data symlink out", lambda f: _sparse(f, "v.data", symlink_out=True)),
+        Case("sparse Constant external data ../ escape", lambda f: _sparse(f, "../secret.data", constant=True)),
+        Case("function Constant external data ../ escape", lambda f: _function_constant(f, "../secret.data")),
+        Case("function Constant external data absolute path", lambda f: _function_constant(f, str(f / "secret.data"))),
+        Case("external data hard-linked from outside", lambda f: _external(f, "w.data", hard_link_out=True)),
+        Case("external data negative offset", lambda f: _external(f, "w.data", offset="-8")),
+        Case("external data length not an integer", lambda f: _external(f, "w.data", length="64.0")),
+        Case("external data location too long", lambda f: _external(f, "w" * 5000)),
     ),
-    Case("--report is --report-md", _clash(lambda m, f: ["--report", str(f / "r"), "--report-md", str(f / "r")])),
-    Case(
-        "--report is in --report-dir", _clash(lambda m, f: ["--report", str(f / "report.json"), "--report-dir", str(f)])
+    "destinations that cannot be written": (
+        Case("--report into a missing folder", _clash(lambda m, f: ["--report", str(f / "nope" / "r.json")])),
+        Case("--report-dir is a file", _clash(lambda m, f: ["--report-dir", str(_file(f / "afile"))])),
+        Case("-o inside a file", _clash(lambda m, f: ["-o", str(_file(f / "afile") / "o.onnx")])),
+        Case("--report is a folder", _clash(lambda m, f: ["--report", str(f / "out")])),
+        Case("demo --out is a file", lambda f: ["demo", "--out", str(_file(f / "afile"))]),
     ),
-    Case("--report-dir holds the input", _report_dir_holds_input),
-    Case(
-        "--report is the calibration data",
-        _clash(lambda m, f: ["--calib", str(_calib(f)), "--report", str(f / "calib.npz")]),
-    ),
-    Case(
-        "--report-md is the recipe",
-        _clash(
-            lambda m, f: ["--recipe", str(_file(f / "r.yaml", "passes: [fold]\n")), "--report-md", str(f / "r.yaml")]
-        ),
-    ),
-    # one resolver for every external reference: sparse ones and those inside functions too
-    Case("sparse external data ../ escape", lambda f: _sparse(f, "../secret.data")),
-    Case("sparse external data absolute path", lambda f: _sparse(f, str(f / "secret.data"))),
-    Case("sparse external data symlink out", lambda f: _sparse(f, "v.data", symlink_out=True)),
-    Case("sparse Constant external data ../ escape", lambda f: _sparse(f, "../secret.data", constant=True)),
-    Case("function Constant external data ../ escape", lambda f: _function_constant(f, "../secret.data")),
-    Case("function Constant external data absolute path", lambda f: _function_constant(f, str(f / "secret.data"))),
-    Case("external data hard-linked from outside", lambda f: _external(f, "w.data", hard_link_out=True)),
-    Case("external data negative offset", lambda f: _external(f, "w.data", offset="-8")),
-    Case("external data length not an integer", lambda f: _external(f, "w.data", length="64.0")),
-    Case("external data location too long", lambda f: _external(f, "w" * 5000)),
-    # destinations that cannot be written are refused before any pass runs
-    Case("--report into a missing folder", _clash(lambda m, f: ["--report", str(f / "nope" / "r.json")])),
-    Case("--report-dir is a file", _clash(lambda m, f: ["--report-dir", str(_file(f / "afile"))])),
-    Case("-o inside a file", _clash(lambda m, f: ["-o", str(_file(f / "afile") / "o.onnx")])),
-    Case("--report is a folder", _clash(lambda m, f: ["--report", str(f / "out")])),
-    Case("demo --out is a file", lambda f: ["demo", "--out", str(_file(f / "afile"))]),
-)
+}
+CASES: tuple[Case, ...] = tuple(case for cases in CLASSES.values() for case in cases)
 
 
-def snapshot(folder: Path) -> dict[str, int]:
-    """Every file (not following symlinks) under ``folder`` with its size."""
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file (not following symlinks) under ``folder`` with a digest of its bytes (a link: its target)."""
     files = {}
     for root, _, names in os.walk(folder):
         for name in names:
             path = Path(root) / name
-            files[str(path)] = path.lstat().st_size
+            content = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+            files[str(path)] = hashlib.sha256(content).hexdigest()
     return files
 
 
 def run_case(case: Case) -> dict[str, object]:
+    """Run one case through the CLI in a fresh process; what it printed, wrote, removed and changed."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "out").mkdir()
@@ -315,33 +341,59 @@ def run_case(case: Case) -> dict[str, object]:
         done = subprocess.run(
             [sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True, cwd=tmp, timeout=300
         )
-        written = sorted(set(snapshot(folder)) - set(before))
+        after = snapshot(folder)
         text = done.stdout + done.stderr
         return {
             "case": case.name,
             "exit_code": done.returncode,
             "traceback": "Traceback" in text,
-            "files_written": written,
-            "message": " ".join(text.split())[:160],
+            "files_written": sorted(set(after) - set(before)),
+            "files_removed": sorted(set(before) - set(after)),
+            "files_changed": sorted(p for p in set(before) & set(after) if before[p] != after[p]),
+            "message": _error_line(done.stderr),
         }
 
 
+def _error_line(stderr: str) -> str:
+    """graphopt's ``error:`` line (after argparse's usage or ONNX Runtime's log lines), else the start of stderr."""
+    found = re.findall(r"(?:^|: )(error: .*(?:\n(?!\S+: ).*)*)", stderr, flags=re.MULTILINE)
+    text = found[-1] if found else stderr
+    return " ".join(text.split())[:200]
+
+
+def clean(row: dict[str, object]) -> bool:
+    """Exit 2, an ``error:`` line, no traceback, and no file written, removed or changed."""
+    untouched = not (row["files_written"] or row["files_removed"] or row["files_changed"])
+    return row["exit_code"] == 2 and not row["traceback"] and untouched and str(row["message"]).startswith("error:")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run every hostile file and user-error case; a table per class, then every case."""
+    from tests.harness import hostile_user_errors
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    rows = [run_case(case) for case in CASES]
-    print("| case | exit code | traceback | files written | message |\n|---|---:|---|---:|---|")
-    for r in rows:
+    classes = {**CLASSES, **hostile_user_errors.CLASSES}
+    rows = [{"class": kind, **run_case(case)} for kind, cases in classes.items() for case in cases]
+    print("| class | cases | exit 2 | traceback | inputs changed or removed | files written | clean |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in classes:
+        group = [r for r in rows if r["class"] == kind]
         print(
-            f"| {r['case']} | {r['exit_code']} | {'yes' if r['traceback'] else 'no'} "
-            f"| {len(r['files_written'])} | {r['message']} |"
+            f"| {kind} | {len(group)} | {sum(r['exit_code'] == 2 for r in group)} | "
+            f"{sum(bool(r['traceback']) for r in group)} | "
+            f"{sum(bool(r['files_changed'] or r['files_removed']) for r in group)} | "
+            f"{sum(bool(r['files_written']) for r in group)} | {sum(clean(r) for r in group)} |"
         )
-    clean = sum(r["exit_code"] == 2 and not r["traceback"] and not r["files_written"] for r in rows)
-    print(f"\n{len(rows)} cases, {clean} clean errors (exit 2, no traceback, nothing written)")
+    print(f"| all | {len(rows)} | | | | | {sum(clean(r) for r in rows)} |\n")
+    print("| class | case | exit code | traceback | message |\n|---|---|---:|---|---|")
+    for r in rows:
+        message = str(r["message"]).replace("|", "/")
+        print(f"| {r['class']} | {r['case']} | {r['exit_code']} | {'yes' if r['traceback'] else 'no'} | {message} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0 if clean == len(rows) else 1
+    return 0 if all(clean(r) for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -4,15 +4,13 @@ Where :mod:`tests.harness.hostile_files` feeds hostile model files, these are th
 mistakes of a user: broken or unfitting data files, recipes and flags out of range, models
 graphopt cannot feed or ONNX Runtime cannot run, broken LoRA adapters, and two models that
 cannot be compared. Each case writes its files under a folder and returns the CLI arguments.
-
-    python -m tests.harness.hostile_user_errors
+``python bench/hostile_files.py`` runs them with the hostile files, class by class.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.harness.hostile_files import Case, run_case
+from tests.harness.hostile_files import Case
 
 
 def _save(folder: Path, model: onnx.ModelProto, name: str = "m.onnx") -> Path:
@@ -79,6 +77,17 @@ def _with_data(make: Callable[[Path], Path], flag: str = "--verify-data") -> Cal
         return _optimize(linear_model(folder), folder, *passes, flag, str(data))
 
     return case
+
+
+def _text(folder: Path) -> Path:
+    (folder / "notes.txt").write_text("x,y\n1,2\n")
+    return folder / "notes.txt"
+
+
+def _text_folder(folder: Path) -> Path:
+    (folder / "d").mkdir()
+    _text(folder / "d")
+    return folder / "d"
 
 
 def _npz(folder: Path, **arrays: np.ndarray) -> Path:
@@ -175,6 +184,10 @@ DATA_CASES: tuple[Case, ...] = (
     Case("NaN in the data", _with_data(_nan_sample)),
     Case("Inf in the calibration data", _with_data(_inf_sample, "--calib")),
     Case("text file as .npz", _with_data(lambda f: (f / "d.npz").write_text("x,y\n1,2\n") and f / "d.npz")),
+    Case("an empty folder as data", _with_data(lambda f: (f / "d").mkdir() or f / "d")),
+    Case("a folder without .npy files as data", _with_data(_text_folder)),
+    Case("the model itself as calibration data", lambda f: _optimize(linear_model(f), f, "--calib", str(f / "m.onnx"))),
+    Case("a text file as bench data", lambda f: ["bench", str(linear_model(f)), "--data", str(_text(f))]),
 )
 
 
@@ -230,6 +243,17 @@ RECIPE_CASES: tuple[Case, ...] = (
     Case("verify --min-cosine 5", _flags("--min-cosine", "5", command="verify")),
     Case("verify --max-abs nan", _flags("--max-abs", "nan", command="verify")),
     Case("verify --samples -1", _flags("--samples", "-1", command="verify")),
+    Case("--dim without a value", _flags("--dim", "batch")),
+    Case("--dim the model does not have", _flags("--dim", "sequence=8")),
+    Case("--recipe that does not exist", lambda f: _optimize(linear_model(f), f, "--recipe", str(f / "nope.yaml"))),
+    Case("--recipe that is a folder", lambda f: _optimize(linear_model(f), f, "--recipe", str(f / "out"))),
+    Case("--pass naming no pass", _flags("--pass", "quantise")),
+    Case("--pass with an unknown option", _flags("--pass", "quantize:per_chanel=false")),
+    Case("--pass with a bool option given a word", _flags("--pass", "quantize:per_channel=maybe")),
+    Case("--pass with a value outside its choices", _flags("--pass", "quantize:method=best")),
+    Case("--pass fold with no iterations", _flags("--pass", "fold:iterations=0")),
+    Case("--pass weight_only with 3 bits", _flags("--pass", "weight_only:bits=3")),
+    Case("--pass prune with sparsity 1.5", _flags("--pass", "prune:sparsity=1.5")),
 )
 
 
@@ -408,19 +432,14 @@ VERIFY_CASES: tuple[Case, ...] = (
     Case("verify: extra candidate input", _extra_input),
     Case("verify: input of another dtype", _other_dtype),
     Case("verify: input of another shape", _other_shape),
+    Case("verify against a text file", lambda f: ["verify", str(linear_model(f)), str(_text(f))]),
+    Case("inspect a text file", lambda f: ["inspect", str(_text(f))]),
 )
 
+CLASSES: dict[str, tuple[Case, ...]] = {
+    "data files": DATA_CASES,
+    "recipes and flags": RECIPE_CASES,
+    "models graphopt cannot feed or run, broken adapters": MODEL_CASES,
+    "verify of models that differ": VERIFY_CASES,
+}
 CASES: tuple[Case, ...] = DATA_CASES + RECIPE_CASES + MODEL_CASES + VERIFY_CASES
-
-
-def main() -> int:
-    rows = [run_case(case) for case in CASES]
-    for r in rows:
-        print(f"{r['exit_code']} {'TB' if r['traceback'] else '  '} {r['case']}: {r['message']}")
-    clean = sum(r["exit_code"] == 2 and not r["traceback"] and not r["files_written"] for r in rows)
-    print(f"{len(rows)} cases, {clean} clean errors")
-    return 0 if clean == len(rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -112,6 +112,7 @@ def test_size_limit_keeps_large_folds_out(tmp_path: Path) -> None:
         ({"size_limit": 1.5}, "size_limit: expected int; got 1.5 (float)"),
         ({"inline_functions": "yes"}, "inline_functions: expected bool; got 'yes' (str)"),
         ({"bogus": 1}, "unknown key(s) 'bogus'; valid keys: size_limit, iterations, inline_functions, shape_inference"),
+        ({"iterations": 0}, "iterations must be at least 1"),
     ],
 )
 def test_bad_configs(options: dict[str, object], message: str) -> None:
