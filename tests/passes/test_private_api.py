@@ -32,3 +32,13 @@ def test_a_filtered_rule_keeps_the_rule() -> None:
 
 def test_identity_elimination_hook_is_there() -> None:
     assert callable(getattr(common_passes.IdentityEliminationPass, "_try_eliminate_identity_node", None))
+
+
+def test_a_rule_names_the_ops_its_root_inputs_come_from() -> None:
+    """The Conv+Add fusion needs an Add fed by a Conv: the filter skips any other Add without matching."""
+    from graphopt.passes.fold.rules import channel_affine_rules
+
+    rules = channel_affine_rules()
+    required = {private_api.input_producers(rule) for rule in rules}
+    assert ((0, "Conv", ""),) in required and ((1, "Conv", ""),) in required  # both operand orders
+    assert ((0, "ConvTranspose", ""),) in required
