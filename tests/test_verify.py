@@ -106,3 +106,22 @@ def test_verify_models_end_to_end(tmp_path: Path) -> None:
     other = io.load_model(toy.save(toy.foldable(seed=1), tmp_path / "n.onnx"))
     result = verify.verify_models(model, other, DataSpec(samples=2), budget=verify.Budget(max_rel_l2=0.01))
     assert not result.passed and "relative L2" in result.violations[0]
+
+
+def test_an_npz_is_read_only_up_to_the_samples_used(tmp_path: Path) -> None:
+    """A compressed .npz of 100 MB (a few hundred KB on disk) gives its first samples without unpacking the rest."""
+    import tracemalloc
+
+    from graphopt.calibration.sources import load_arrays
+
+    rows = np.zeros((25_000, 1_000), np.float32)
+    rows[:3] = np.arange(3, dtype=np.float32)[:, None]
+    np.savez_compressed(tmp_path / "big.npz", x=rows, f=np.asfortranarray(rows[:8]))
+    tracemalloc.start()
+    arrays = load_arrays(tmp_path / "big.npz", samples=4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert arrays["x"].shape == (4, 1_000) and arrays["x"][2, 0] == 2.0 and arrays["f"].shape == (4, 1_000)
+    np.testing.assert_array_equal(arrays["f"], rows[:4])  # Fortran order: read whole, then cut
+    assert peak < 10 * 2**20  # the 100 MB member was never unpacked
+    assert load_arrays(tmp_path / "big.npz")["x"].shape == (25_000, 1_000)  # no sample count: all of it

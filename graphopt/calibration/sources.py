@@ -122,12 +122,13 @@ def iter_random(
         yield random_batch(specs, rng, dims, min(batch_size, samples - start))
 
 
-def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+def load_arrays(path: str | os.PathLike[str], samples: int | None = None) -> dict[str, np.ndarray]:
     """Arrays keyed by input name from an .npz file, a folder of ``<input>.npy`` files or one .npy file.
 
     Headers are checked before anything is allocated: a declared size past the end of the file is
-    a truncated file. .npy files are memory-mapped, so only the samples a run uses are read; .npz
-    members are read whole, so each must also fit :data:`MAX_DATA_BYTES`.
+    a truncated file. .npy files are memory-mapped and .npz members decompressed as a stream only
+    up to the first ``samples`` rows, so a run reads the samples it uses, not the file; an .npz
+    member read whole (Fortran order, or every sample asked for) must fit :data:`MAX_DATA_BYTES`.
     """
     path = Path(path)
     if not path.exists():
@@ -140,7 +141,7 @@ def load_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
             return {f.stem: _load_npy(_regular_file(f)) for f in files}
         if path.suffix == ".npy":
             return {path.stem: _load_npy(_regular_file(path))}
-        return _load_npz(_regular_file(path))
+        return _load_npz(_regular_file(path), samples)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read it as .npz/.npy data ({exc}). Write it again with numpy.") from exc
 
@@ -159,27 +160,42 @@ def _load_npy(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r" if shape else None, allow_pickle=False)
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
+def _load_npz(path: Path, samples: int | None = None) -> dict[str, np.ndarray]:
+    arrays = {}
     with zipfile.ZipFile(path) as archive:
         for member in archive.infolist():
             with archive.open(member) as handle:
                 name = member.filename.removesuffix(".npy")
-                shape, dtype = _read_header(handle, name)
-                _check_size(name, shape, dtype, available=member.file_size - handle.tell(), where=path, limit=True)
-    with np.load(path, allow_pickle=False) as data:
-        return {name: data[name] for name in data.files}
+                shape, fortran, dtype = _read_header(handle, name, with_order=True)
+                available = member.file_size - handle.tell()
+                rows = None if not shape else shape[0] if samples is None else min(samples, shape[0])
+                kept = (rows, *shape[1:]) if shape else shape
+                _check_size(name, shape, dtype, available=available, where=path)  # the whole member is there
+                _check_size(name, kept, dtype, available=available, where=path, limit=True)  # what is read fits
+                if fortran:  # rows are not contiguous: read whole (within the limit), then cut
+                    _check_size(name, shape, dtype, available=available, where=path, limit=True)
+                    read = shape
+                else:
+                    read = kept
+                count = int(np.prod(read, dtype=np.int64))
+                data = handle.read(count * dtype.itemsize)  # decompresses only these bytes
+                array = np.frombuffer(bytearray(data), dtype=dtype, count=count)
+                array = array.reshape(read, order="F" if fortran else "C")
+                arrays[name] = array[:rows] if shape else array
+    return arrays
 
 
-def _read_header(handle: typing.BinaryIO, name: str) -> tuple[tuple[int, ...], np.dtype]:
+def _read_header(handle: typing.BinaryIO, name: str, *, with_order: bool = False) -> typing.Any:
+    """(shape, dtype), or (shape, fortran order, dtype) with ``with_order``; refuses non-numeric dtypes."""
     version = np.lib.format.read_magic(handle)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(handle)
+    shape, fortran, dtype = read(handle)
     if dtype.kind not in "biuf":
         raise DataError(
             f"array {name!r} holds {dtype} values; graphopt feeds numbers only (bool, int, float). "
             "Convert it, e.g. array.astype(np.float32)."
         )
-    return shape, dtype
+    return (shape, fortran, dtype) if with_order else (shape, dtype)
 
 
 def _check_size(
@@ -337,7 +353,7 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
         if isinstance(data.source, Mapping):
             arrays = {name: np.asarray(array) for name, array in data.source.items()}
         else:
-            arrays = _lone_array(load_arrays(data.source), Path(data.source), specs)
+            arrays = _lone_array(load_arrays(data.source, data.samples), Path(data.source), specs)
         arrays = {name: array if array.ndim == 0 else array[: data.samples] for name, array in arrays.items()}
         return iter_arrays(arrays, specs, batch_size)
     return _iter_given(data.source, specs, data.samples)
