@@ -62,21 +62,19 @@ class _Worker:
             )
         return self.process
 
-    def send(self, path: Path, providers: list[str]) -> subprocess.Popen[str]:
-        """Ask the child to load ``path``; the answer is read by :meth:`receive`."""
-        for attempt in (0, 1):
-            process = self.start()
-            assert process.stdin is not None
-            try:
-                process.stdin.write(json.dumps([str(path), providers]) + "\n")
-                process.stdin.flush()
-                return process
-            except BrokenPipeError:  # it died since the last probe (killed from outside): once more
-                process.wait()
-                self.process = None
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+    def send(self, path: Path, providers: list[str]) -> subprocess.Popen[str] | int:
+        """Ask the child to load ``path``: the child, whose answer :meth:`receive` reads, or its exit code
+        when it died before reading the request."""
+        process = self.start()
+        assert process.stdin is not None
+        try:
+            process.stdin.write(json.dumps([str(path), providers]) + "\n")
+            process.stdin.flush()
+        except BrokenPipeError:
+            code = process.wait()
+            self.process = None
+            return code
+        return process
 
     def receive(self, process: subprocess.Popen[str]) -> int | None:
         """None when the child answered; its exit code when it died loading the model."""
@@ -134,11 +132,11 @@ def probing(model: ModelSource, device: str = "cpu") -> Iterator[None]:
             yield
             return
         with _worker.lock:
-            process = _worker.send(path, PROVIDERS[device])
+            sent = _worker.send(path, PROVIDERS[device])
             try:
                 yield
-            finally:
-                code = _worker.receive(process)  # also after an error in the block: the answer is read
+            finally:  # also after an error in the block: the answer is read
+                code = sent if isinstance(sent, int) else _worker.receive(sent)
     if code is not None and code < 0:
         raise ModelLoadError(
             f"ONNX Runtime {ort.__version__} crashes (signal {-code}) while it optimizes this model for "

@@ -16,7 +16,7 @@ import onnx_ir.passes.common as common_passes
 from graphopt.passes.loops import LoopInvariantsPass
 
 # Ops whose outputs may be sequences or optionals: ONNX's inference has typed those as tensors.
-_NON_TENSOR_PRODUCERS = frozenset(
+NON_TENSOR_PRODUCERS = frozenset(
     {"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase", "SplitToSequence", "Optional",
      "OptionalGetElement", "Loop", "If", "Scan", "SequenceMap"}
 )  # fmt: skip
@@ -31,7 +31,7 @@ def infer_types(model: ir.Model) -> None:
     missing = {
         out.name: out
         for node in model.graph
-        if node.op_type not in _NON_TENSOR_PRODUCERS
+        if node.op_type not in NON_TENSOR_PRODUCERS
         for out in node.outputs
         if (out.dtype is None or out.shape is None) and out.name
     }

@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from graphopt.passes import edit
 from graphopt.passes.fold import private_api
 from graphopt.passes.fold.optimizer import build_optimizer
 
@@ -210,13 +211,26 @@ def _infer_shapes(model: ir.Model) -> None:
     """Whole-model ONNX shape inference (C++, one call), so the folder needs none node by node.
 
     Node-by-node inference cost a quarter of a millisecond per node: most of fold's time on a
-    large graph. Where the whole-model pass leaves a value untyped (an op onnx does not know),
-    the folder still infers node by node.
+    large graph. Only main-graph tensor values take the result: onnx_ir's merge writes a dtype
+    onto sequence and optional values (making them tensors), and ONNX's inference can retype
+    subgraph values in ways ONNX Runtime rejects; those keep what they had. Where a value stays
+    untyped (an op onnx does not know), the folder still infers node by node.
     """
+    kept = {value: (value.type, value.shape) for value in model.graph.inputs}
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        body = node.graph is not model.graph
+        for out in node.outputs:
+            tensor = out.type is None or isinstance(out.type, ir.TensorType)
+            if body or node.op_type in edit.NON_TENSOR_PRODUCERS or not tensor:
+                kept[out] = (out.type, out.shape)
+        for graph in edit.bodies(node):
+            kept.update({value: (value.type, value.shape) for value in graph.inputs})
     try:
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
     except Exception as exc:  # onnx's inference raises its own error types; the folder's still runs
         logger.debug("fold: whole-model shape inference failed (%s); inferring node by node", exc)
+    for value, (type_, shape) in kept.items():
+        value.type, value.shape = type_, shape
 
 
 def _small_constant_of_shape(node: ir.Node) -> bool:
