@@ -71,6 +71,8 @@ def render_report(console: Console, report: Report) -> None:
 # A candidate measured this much slower than its input is reported as slower (interleaved medians
 # of sub-millisecond models vary by a few percent between identical runs).
 _SLOWER = 1.05
+# Lossy passes that leave more than this share of the weight bytes compressed little.
+_LITTLE = 0.9
 
 
 def _reason(skipped: object) -> str:
@@ -90,6 +92,24 @@ def outcome_warnings(report: Report) -> list[str]:
             f"nothing was compressed: no lossy pass ({', '.join(p.name for p in lossy)}) changed the model"
             + (f" ({reasons})" if reasons else "")
             + "; the output computes what the input does."
+        )
+    elif (
+        lossy
+        and report.before.bytes
+        and report.after.bytes > _LITTLE * report.before.bytes
+        and (report.after.sparsity or 0.0) <= (report.before.sparsity or 0.0) + 0.05  # pruning keeps bytes, adds zeros
+    ):
+        dynamic = [p.name for p in lossy if p.details.get("mode") == "dynamic"]
+        warnings.append(
+            f"little was compressed: weights {report.before.bytes:,} B → {report.after.bytes:,} B "
+            f"({1 - report.after.bytes / report.before.bytes:.0%} smaller)"
+            + (
+                f"; {', '.join(dynamic)} ran in dynamic mode (no calibration data), which takes MatMuls only: "
+                "give --calib DATA for the convolutions"
+                if dynamic
+                else ""
+            )
+            + "."
         )
     fallback = report.fallback
     if fallback and fallback.get("float_nodes") and lossy and report.after.bytes >= report.before.bytes:

@@ -76,3 +76,19 @@ def test_a_slower_output_is_reported() -> None:
     assert any("1.50× slower" in w for w in warnings)
     same = {"reference": Latency(1.0, 1.1, 0.9, 20), "optimized": Latency(1.02, 1.1, 0.9, 20)}
     assert render.outcome_warnings(_report(latency=same, passes=[changed])) == []
+
+
+def test_compressing_little_is_reported_with_the_reason() -> None:
+    from graphopt.report import PassRecord
+
+    before, after = ModelStats(nodes=3, parameters=10, bytes=1000), ModelStats(nodes=3, parameters=10, bytes=990)
+    dynamic = PassRecord("quantize", {}, 0.1, True, False, before, after, details={"mode": "dynamic"})
+    report = _report(passes=[dynamic])
+    report.before, report.after = before, after
+    (warning,) = render.outcome_warnings(report)
+    assert "little was compressed" in warning and "--calib" in warning
+    pruned = ModelStats(nodes=3, parameters=10, bytes=1000, sparsity=0.5)  # 2:4 stored dense: zeros, same bytes
+    prune = PassRecord("prune", {}, 0.1, True, False, before, pruned)
+    report = _report(passes=[prune])
+    report.before, report.after = before, pruned
+    assert render.outcome_warnings(report) == []
