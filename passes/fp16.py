@@ -60,7 +60,8 @@ class Float16Pass(ir.passes.InPlacePass):
     value crosses between colours, and at the graph edges when ``keep_io_types``. Nodes
     whose calibrated inputs or outputs exceed ``max_abs`` stay float32, so activations
     that would overflow float16 never do. Graph input/output names are kept. Subgraphs
-    and functions are left in float32.
+    and functions are left in float32; a body that reads a main-graph value turned float16
+    reads a float32 copy.
 
     Attributes:
         config: The pass options.
@@ -155,6 +156,14 @@ class Float16Pass(ir.passes.InPlacePass):
                 wanted = ir.DataType.FLOAT16 if is_half else ir.DataType.FLOAT
                 if value.dtype != wanted:
                     node.replace_input_with(index, casts.get(value, wanted, before=node))
+        # If/Loop/Scan bodies stay float32: a body node reading a now-float16 outer value reads a float32 copy.
+        for node in list(graph):
+            for value in node.outputs:
+                if value.dtype != ir.DataType.FLOAT16:
+                    continue
+                for use in list(value.uses()):
+                    if use.node.graph is not graph and use.node.op_type != "Cast":
+                        use.node.replace_input_with(use.idx, casts.get(value, ir.DataType.FLOAT, before=node))
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT and not self.config.keep_io_types:
                 value.type = ir.TensorType(ir.DataType.FLOAT16)

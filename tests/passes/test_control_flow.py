@@ -109,3 +109,45 @@ def test_prune_reaches_a_weight_read_inside_a_loop(tmp_path: Path) -> None:
     weight = matmul.inputs[1].const_value.numpy()
     assert (weight == 0).mean() == 0.5  # 2 of every 4 along K
     io.save_model(model, tmp_path / "out.onnx")
+
+
+def test_fp16_gives_a_body_reading_an_outer_value_a_float32_copy(tmp_path: Path) -> None:
+    """The branches read h, computed in the main graph (converted to float16); they stay float32 and read a copy."""
+    from graphopt.passes.fp16 import Float16Pass, Fp16Config
+
+    rng = np.random.default_rng(4)
+    weight = numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w")
+
+    def branch(name: str, op: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node(op, ["h"], ["out"])],
+            name,
+            [],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 8])],
+        )
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["cond"]),
+            helper.make_node(
+                "If", ["cond"], ["y"], then_branch=branch("then", "Relu"), else_branch=branch("else", "Neg")
+            ),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+        [weight, numpy_helper.from_array(np.array(0.0, np.float32), "zero")],
+    )
+    path = toy.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "if.onnx"
+    )
+    model = io.load_model(path)
+    assert Float16Pass(Fp16Config())(model).modified
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    assert matmul.outputs[0].dtype == ir.DataType.FLOAT16  # the main graph is float16
+    saved = io.save_model(model, tmp_path / "out.onnx")  # ORT refused the float16 value in a float32 body before
+    for sign in (1.0, -1.0):
+        x = (sign * np.abs(rng.standard_normal((3, 8)))).astype(np.float32)
+        np.testing.assert_allclose(_outputs(saved.path, x), _outputs(path, x), rtol=1e-2, atol=1e-2)
