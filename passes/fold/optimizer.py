@@ -77,6 +77,14 @@ def default_rules() -> list[rewriter.RewriteRule]:
     return filtered
 
 
+def dispatched_rules() -> list[rewriter.RewriteRule]:
+    """:func:`default_rules` as one dispatcher per ``remove_nodes`` value, in their order (the rules
+    that keep matched nodes, all of graphopt's layout rules, come after every other rule on the ops they share)."""
+    rules = default_rules()
+    groups = [[r for r in rules if r.remove_nodes], [r for r in rules if not r.remove_nodes]]
+    return [private_api.OpDispatchRule(g, remove_nodes=g[0].remove_nodes) for g in groups if g]
+
+
 def build_optimizer(
     *,
     iterations: int,
@@ -92,7 +100,7 @@ def build_optimizer(
             ShapeValuesPass(),
             DropZeroStatesPass(),
             LoopInvariantsPass(),
-            rewriter.RewritePass(rewriter.RewriteRuleSet(default_rules())),
+            rewriter.RewritePass(rewriter.RewriteRuleSet(dispatched_rules())),
             common_passes.RemoveUnusedNodesPass(),
             common_passes.RemoveUnusedFunctionsPass(),
             common_passes.RemoveUnusedOpsetsPass(),

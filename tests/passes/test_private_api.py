@@ -42,3 +42,20 @@ def test_a_rule_names_the_ops_its_root_inputs_come_from() -> None:
     required = {private_api.input_producers(rule) for rule in rules}
     assert ((0, "Conv", ""),) in required and ((1, "Conv", ""),) in required  # both operand orders
     assert ((0, "ConvTranspose", ""),) in required
+
+
+def test_the_dispatcher_keeps_what_the_rule_set_reads_from_a_rule() -> None:
+    """RewriteRuleSet reads remove_nodes, as_function, name and the visitors from the rule it calls."""
+    import pytest
+
+    from graphopt.passes.fold import optimizer
+
+    dispatchers = optimizer.dispatched_rules()
+    assert [d.remove_nodes for d in dispatchers] == [True, False]
+    assert all(not d.as_function and d.name == "" for d in dispatchers)
+    rules = optimizer.default_rules()
+    with pytest.raises(ValueError, match="remove_nodes"):
+        private_api.OpDispatchRule(rules, remove_nodes=True)  # the layout rules keep their matched nodes
+    conv_add = dispatchers[0]._by_root[("Add", "")]
+    assert conv_add and all(private_api.rule_root(r) == ("Add", "") for r in conv_add)
+    assert rewriter.RewriteRuleSet(dispatchers).remove_unused_nodes  # the set still cleans up after them
