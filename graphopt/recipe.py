@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -108,7 +109,7 @@ def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = regi
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8.") from exc
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
         return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path), known=known)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: not valid {kind}: {exc}") from exc
@@ -197,9 +198,24 @@ def parse_pass_arg(text: str, *, known: registry.Registry = registry.REGISTRY) -
     return make_step(name.strip(), options, f"--pass {text!r}", known=known)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without YAML 1.1's base-60 integers: ``pattern: 2:4`` is the text "2:4", not 124."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith(":int")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(  # the same int forms, base 60 left out
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
 def _scalar(text: str) -> Any:
     """A CLI value: YAML, except that numbers YAML 1.1 leaves as strings (``1e40``) are numbers."""
-    value = yaml.safe_load(text)
+    value = yaml.load(text, Loader=_Loader)
     if isinstance(value, str):
         for number in (int, float):
             try:
