@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import cli, commands, destinations, io
 from graphopt.errors import ModelLoadError, ModelSaveError
+from tests.harness.hostile_files import external_tensor, function_constant_model
 from tests.test_interrupted_save import _big_model
 
 WEIGHT = np.arange(16, dtype=np.float32).reshape(4, 4)
@@ -47,16 +48,6 @@ def _with_data(folder: Path, location: str = "w.data", name: str = "m.onnx") -> 
     model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])], initializers=[w])
     onnx.save(model, str(folder / name), save_as_external_data=True, location=location, size_threshold=0)
     return folder / name
-
-
-def _external_tensor(array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
-    tensor = numpy_helper.from_array(array, name)
-    tensor.ClearField("raw_data")
-    tensor.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
-    return tensor
 
 
 def _run(args: list[str]) -> int:
@@ -183,7 +174,7 @@ def _sparse_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
     flat = np.flatnonzero(WEIGHT)
     (folder / "v.data").write_bytes(WEIGHT.ravel()[flat].tobytes())
-    values = _external_tensor(WEIGHT.ravel()[flat], "W", "v.data")
+    values = external_tensor(WEIGHT.ravel()[flat], "W", "v.data")
     sparse = helper.make_sparse_tensor(values, numpy_helper.from_array(flat.astype(np.int64), "W_idx"), [4, 4])
     model = _model([helper.make_node("MatMul", ["x", "W"], ["y"])])
     model.graph.sparse_initializer.append(sparse)
@@ -195,21 +186,7 @@ def _function_model(folder: Path) -> Path:
     """y = x @ C, C a Constant inside a model-local function, its value in c.data beside the model."""
     folder.mkdir(parents=True)
     (folder / "c.data").write_bytes(WEIGHT.tobytes())
-    constant = helper.make_node("Constant", [], ["c"], value=_external_tensor(WEIGHT, "C", "c.data"))
-    function = helper.make_function(
-        "local",
-        "F",
-        ["a"],
-        ["b"],
-        [constant, helper.make_node("MatMul", ["a", "c"], ["b"])],
-        [helper.make_opsetid("", 18)],
-    )
-    model = _model(
-        [helper.make_node("F", ["x"], ["y"], domain="local")],
-        opsets=[helper.make_opsetid("local", 1)],
-        functions=[function],
-    )
-    onnx.save(model, str(folder / "m.onnx"))
+    onnx.save(function_constant_model(WEIGHT, "c.data"), str(folder / "m.onnx"))
     return folder / "m.onnx"
 
 

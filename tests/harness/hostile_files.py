@@ -96,13 +96,33 @@ def _external(
     return _optimize(model_dir / "m.onnx", folder)
 
 
-def _external_tensor(array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
+def external_tensor(array: np.ndarray, name: str, location: str) -> onnx.TensorProto:
+    """``array`` as a tensor whose bytes are external data at ``location`` (offset 0, its full length)."""
     tensor = numpy_helper.from_array(array, name)
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
-    entry = tensor.external_data.add()
-    entry.key, entry.value = "location", location
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
     return tensor
+
+
+def function_constant_model(array: np.ndarray, location: str) -> onnx.ModelProto:
+    """y = x @ C, with C a Constant inside a model-local function, its value external data at ``location``."""
+    constant = helper.make_node("Constant", [], ["c"], value=external_tensor(array, "C", location))
+    function = helper.make_function(
+        "local",
+        "F",
+        ["a"],
+        ["b"],
+        [constant, helper.make_node("MatMul", ["a", "c"], ["b"])],
+        [helper.make_opsetid("", 18)],
+    )
+    model = _model(
+        [helper.make_node("F", ["x"], ["y"], domain="local")], extra_opsets=[helper.make_opsetid("local", 1)]
+    )
+    model.functions.append(function)
+    return model
 
 
 def _sparse(folder: Path, location: str, *, symlink_out: bool = False, constant: bool = False) -> list[str]:
@@ -116,7 +136,7 @@ def _sparse(folder: Path, location: str, *, symlink_out: bool = False, constant:
     else:
         (model_dir / "v.data").write_bytes(values.tobytes())
     indices = numpy_helper.from_array(np.arange(16, dtype=np.int64), "W_idx")
-    sparse = helper.make_sparse_tensor(_external_tensor(values, "W", location), indices, [4, 4])
+    sparse = helper.make_sparse_tensor(external_tensor(values, "W", location), indices, [4, 4])
     matmul = helper.make_node("MatMul", ["x", "W"], ["y"])
     if constant:
         model = _model([helper.make_node("Constant", [], ["W"], sparse_value=sparse), matmul])
@@ -127,25 +147,11 @@ def _sparse(folder: Path, location: str, *, symlink_out: bool = False, constant:
 
 
 def _function_constant(folder: Path, location: str) -> list[str]:
-    """y = x @ C, with C a Constant inside a model-local function, its value external data at ``location``."""
+    """The function-Constant model in model/, its value's external data at ``location``."""
     model_dir = folder / "model"
     model_dir.mkdir()
     (folder / "secret.data").write_bytes(np.ones(16, np.float32).tobytes())
-    constant = helper.make_node(
-        "Constant", [], ["c"], value=_external_tensor(np.ones((4, 4), np.float32), "C", location)
-    )
-    function = helper.make_function(
-        "local",
-        "F",
-        ["a"],
-        ["b"],
-        [constant, helper.make_node("MatMul", ["a", "c"], ["b"])],
-        [helper.make_opsetid("", 18)],
-    )
-    model = _model(
-        [helper.make_node("F", ["x"], ["y"], domain="local")], extra_opsets=[helper.make_opsetid("local", 1)]
-    )
-    model.functions.append(function)
+    model = function_constant_model(np.ones((4, 4), np.float32), location)
     return _optimize(_write(model_dir, "m.onnx", model), folder)
 
 
