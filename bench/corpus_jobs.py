@@ -68,7 +68,8 @@ def _graphopt_recipe(spec: str, calib: list[Feed], feeds: list[Feed]) -> Any:
     if spec == "default":
         base = load_recipe(Path(graphopt.__file__).parent / "recipes" / "default.yaml")
         # report_only: an output over the recipe's budget is still measured here; the verdict goes in the row.
-        verify = dataclasses.replace(base.verify, data=verify_data, report_only=True)
+        # threads=1: the latency budget is judged with the thread count this bench times with.
+        verify = dataclasses.replace(base.verify, data=verify_data, report_only=True, threads=1)
         return dataclasses.replace(base, calibration=calibration, verify=verify)
     verify = VerifySettings(data=verify_data, report_only=True)
     return Recipe(passes=parse_passes([spec]), calibration=calibration, verify=verify)
@@ -89,6 +90,16 @@ def graphopt_tool(spec: str) -> Callable[[Path, Path, list[Feed], list[Feed], Ro
             row["graphopt_verify"] = "passed" if verification.passed else "; ".join(verification.violations)[:200]
         if result.report.fallback:
             row["float_nodes"] = len(result.report.fallback.get("float_nodes", []))
+        speed = result.report.speed
+        if speed is not None:
+            row["speed"] = {k: speed[k] for k in ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes")}
+            if speed["dropped"]:
+                row["note"] = f"latency budget: int8 dropped ({speed['ratio_before']:.2f}× with it)"
+            elif speed["tried"]:
+                row["note"] = (
+                    f"latency budget: {len(speed['float_nodes'])} layers back to float "
+                    f"({speed['ratio_before']:.2f}× → {speed['ratio_after']:.2f}×)"
+                )
 
     return run
 

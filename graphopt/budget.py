@@ -22,6 +22,8 @@ class Budget:
         min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
         min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
         outputs: Outputs the budget applies to; empty means all.
+        max_latency_ratio: Largest allowed median latency of the output over the input's, timed
+            interleaved on the verification device (a whole-model limit: :mod:`graphopt.speed`).
     """
 
     max_abs: float | None = None
@@ -30,6 +32,7 @@ class Budget:
     min_cosine_mean: float | None = None
     min_top1: float | None = None
     outputs: tuple[str, ...] = ()
+    max_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
         # A limit no model can meet (min_cosine 5), or one that never compares (NaN), would run
@@ -47,6 +50,7 @@ BOUNDS = {
     "min_cosine": (-1.0, 1.0),
     "min_cosine_mean": (-1.0, 1.0),
     "min_top1": (0.0, 1.0),
+    "max_latency_ratio": (0.01, 100.0),
 }
 
 
@@ -117,7 +121,10 @@ def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
 
 
 def describe(budget: Budget) -> str:
-    """The limits a budget sets, as a reader checks them ("min cosine >= 0.9"); empty when it sets none."""
+    """The accuracy limits a budget sets, as a reader checks them ("min cosine >= 0.9"); empty when it sets none.
+
+    ``max_latency_ratio`` is judged on the whole model, after verification (:mod:`graphopt.speed`).
+    """
     parts = []
     for limit in LIMITS:
         bound = getattr(budget, limit.field)

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="run onnx.checker after every pass")
     p.add_argument("--no-verify", action="store_true", help="skip verification against the input model")
     p.add_argument("--report-only", action="store_true", help="report budget violations without failing")
+    p.add_argument(
+        "--max-latency-ratio",
+        type=_limit("max_latency_ratio"),
+        metavar="R",
+        help="latency budget: the output's median latency at most R times the input's (the default recipe: 1.0)",
+    )
     p.add_argument("--external-data", action="store_true", help="save weights to <output>.data")
     p.add_argument(
         "--keep-debug-metadata",

@@ -68,7 +68,9 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
         passes=passes,
         calibration=base.calibration,
         verify=settings,
-        budget=base.budget,
+        budget=base.budget
+        if args.max_latency_ratio is None
+        else dataclasses.replace(base.budget, max_latency_ratio=args.max_latency_ratio),
         device=args.device or base.device,
         check=base.check or args.check,
         fallback=base.fallback,
@@ -225,8 +227,6 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run_demo(console, Path(args.out) if args.out else None)
-
-
 
 
 COMMANDS = {

@@ -126,3 +126,26 @@ def observed_kernels(model: runtime.ModelSource, *, optimization: str = "all") -
         if kernel is not None:
             counted[kernel] += 1
     return dict(sorted(counted.items()))
+
+
+def float_layers(model: ir.Model, device: str = "cpu", *, threads: int | None = None) -> tuple[set[str], set[str]]:
+    """Compute layers ONNX Runtime left in float behind a DequantizeLinear (Q/DQ it did not fuse).
+
+    Returns the names of those nodes in ORT's optimized graph (ORT keeps the names of nodes it
+    does not fuse) and the names of the integer weights their DequantizeLinear reads.
+    """
+    optimized, _ = runtime.optimized_graph(model, device, threads=threads)
+    names: set[str] = set()
+    weights: set[str] = set()
+    for node in optimized.graph:
+        if node.op_type not in FLOAT_COMPUTE:
+            continue
+        for value in node.inputs:
+            producer = value.producer() if value is not None else None
+            if producer is None or producer.op_type != "DequantizeLinear":
+                continue
+            names.add(node.name)
+            source = producer.inputs[0]
+            if source is not None and (source.const_value is not None or source.is_initializer()):
+                weights.add(source.name)
+    return names, weights

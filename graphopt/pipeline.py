@@ -33,6 +33,7 @@ from graphopt import (
     registry,
     runtime,
     serialize,
+    speed,
     stats,
     verify,
 )
@@ -85,6 +86,8 @@ class Pipeline:
     # adapter merge): what the output must then match instead of the input.
     new_reference: ir.Model | None = None
     lifted_constants: int = 0  # Constant-node weights turned into initializers before the first step
+    # Steps dropped by the latency budget (their int8 form did not pay): index -> why
+    skipped: dict[int, str] = field(default_factory=dict)
 
     def run(
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
@@ -115,6 +118,13 @@ class Pipeline:
             step = self.steps[index]
             if progress is not None:
                 progress(index, len(self.steps), step.name)
+            if index in self.skipped:
+                after = self.records[-1].after if self.records else stats.model_stats(model)
+                details = {"skipped": self.skipped[index]}
+                self.records.append(
+                    PassRecord(step.name, _options(step.config), 0.0, False, False, after, after, details)
+                )
+                continue
             given = statistics if index == first else _COLLECT
             self.records.append(self._run_step(model, index, step, calibration, given))
         if progress is not None:
@@ -175,9 +185,22 @@ class Pipeline:
         steps = list(self.steps)
         steps[snapshot.index] = replace(snapshot.step, config=config)
         self.steps = steps
+        # A later search over the same step (the latency budget's after the accuracy fallback) starts from here.
+        self._snapshots = [
+            replace(s, step=steps[s.index], statistics=statistics) if s.index == snapshot.index else s
+            for s in self._snapshots
+        ]
         model = snapshot.before.clone()
         self.keep_snapshots = False
         self.run_from(model, snapshot.index, calibration=calibration, statistics=statistics)
+        return model
+
+    def skip(self, snapshot: Snapshot, reason: str, calibration: DataSpec | None = None) -> ir.Model:
+        """Run the pipeline again from ``snapshot``'s step without that step; its record gives ``reason``."""
+        self.skipped[snapshot.index] = reason
+        model = snapshot.before.clone()
+        self.keep_snapshots = False
+        self.run_from(model, snapshot.index, calibration=calibration)
         return model
 
     def produced(self, snapshot: Snapshot) -> stats.ModelStats:
@@ -253,7 +276,9 @@ def optimize(
     reference = model_or_path if isinstance(model_or_path, ir.Model) else io.load_model(model_or_path)
     candidate, opset_change = _fit_opset(reference, plan, device, calibration)
     pipeline = Pipeline(
-        list(plan.passes), check=plan.check, keep_snapshots=plan.verify.enabled and plan.fallback.enabled
+        list(plan.passes),
+        check=plan.check,
+        keep_snapshots=plan.verify.enabled and (plan.fallback.enabled or plan.budget.max_latency_ratio is not None),
     )
     records = pipeline.run(candidate, calibration=calibration, progress=progress)
     report = Report(
@@ -306,12 +331,14 @@ def _verify(
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = verify.Checker(reference, data, plan.budget, device, threads)
-    cand_session, result = checker.check(candidate, probe=True)
+    result = checker.check(candidate, probe=True)[1]
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
     if not result.passed and pipeline.lossy_snapshots():
-        candidate, cand_session, result, errors = _fall_back(
-            report, pipeline, checker, candidate, cand_session, result, plan, calibration
-        )
+        candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
+    if plan.budget.max_latency_ratio is not None:
+        kept = candidate
+        candidate, result = _meet_latency(report, pipeline, checker, candidate, result, plan, calibration)
+        errors = errors if candidate is kept else None
     report.verification = result
     report.runtime = _runtime_view(candidate, device, threads)
     if plan.verify.layerwise and any(r.modified and not r.exact for r in report.passes):
@@ -319,9 +346,15 @@ def _verify(
             errors = localize.layer_errors(reference, candidate, data, device=device, threads=threads)
         report.layers = [e.to_dict() for e in errors]
     if plan.verify.latency_runs > 0:
-        feeds = next(iter_batches(data, input_specs(reference)))
-        sessions = {"reference": checker.ref_session, "optimized": cand_session}
-        report.latency = runtime.interleaved_latency(sessions, feeds, runs=plan.verify.latency_runs)
+        report.latency = checker.timed(candidate, plan.verify.latency_runs)
+    slow = report.speed is not None and not report.speed["passed"] and not report.speed["dropped"]
+    if slow and not plan.verify.report_only:
+        s = report.speed
+        raise AccuracyBudgetError(
+            f"over the latency budget: the output runs {s['ratio_after']:.2f}× the input's latency, "
+            f"budget {s['limit']:g}×. {s['reason']}. Raise budget.max_latency_ratio, or set verify.report_only.",
+            report=report,
+        )
     if not result.passed and not plan.verify.report_only:
         suspects = [r.name for r in report.passes if r.modified and not r.exact] or [
             r.name for r in report.passes if r.modified
@@ -336,6 +369,57 @@ def _verify(
             report=report,
         )
     return candidate
+
+
+def _meet_latency(
+    report: Report,
+    pipeline: Pipeline,
+    checker: verify.Checker,
+    candidate: ir.Model,
+    result: verify.VerifyResult,
+    plan: recipe.Recipe,
+    calibration: DataSpec | None,
+) -> tuple[ir.Model, verify.VerifyResult]:
+    """Hold the output to ``budget.max_latency_ratio``: lossy layers whose int8 form does not pay go back to float.
+
+    The last lossy step is searched first (:func:`speed.search`); a step with no placement
+    that meets the limit is dropped. Returns the model and its verification.
+    """
+    limit = plan.budget.max_latency_ratio
+    assert limit is not None
+    runs = max(plan.verify.latency_runs, 20)
+
+    def ratio(model: ir.Model) -> float:
+        return checker.latency_ratio(model, runs)
+
+    current = ratio(candidate)
+    outcome = speed.SpeedResult("", limit, current, current, passed=speed.within(current, limit))
+    for snapshot in pipeline.lossy_snapshots() if not outcome.passed else ():
+        outcome, new_config = speed.search(
+            snapshot.spec,
+            snapshot.step.config,
+            snapshot.before,
+            snapshot.statistics,
+            candidate,
+            ratio,
+            current,
+            limit,
+            device=checker.device,
+            threads=checker.threads,
+            max_seconds=plan.fallback.max_seconds,
+        )
+        if new_config is None:
+            candidate = pipeline.skip(snapshot, f"dropped by the latency budget: {outcome.reason}", calibration)
+        else:
+            candidate = pipeline.rerun(snapshot, new_config, snapshot.statistics, calibration)
+        report.passes, report.after = pipeline.records, pipeline.records[-1].after
+        result = checker.check(candidate)[1]
+        current = outcome.ratio_after = ratio(candidate)
+        outcome.passed = speed.within(current, limit)
+        if outcome.passed:
+            break
+    report.speed = outcome.to_dict()
+    return candidate, result
 
 
 def _recalibrator(spec: registry.PassSpec, before: ir.Model, calibration: DataSpec | None) -> Any:
@@ -358,14 +442,13 @@ def _fall_back(
     pipeline: Pipeline,
     checker: verify.Checker,
     candidate: ir.Model,
-    cand_session: Any,
     result: verify.VerifyResult,
     plan: recipe.Recipe,
     calibration: DataSpec | None,
-) -> tuple[ir.Model, Any, verify.VerifyResult, list[localize.LayerError] | None]:
+) -> tuple[ir.Model, verify.VerifyResult, list[localize.LayerError] | None]:
     """Re-run a lossy step with the fewest layers in float that meet the budget.
 
-    Returns the model, its session and verification, and its layer-wise errors when it is
+    Returns the model, its verification, and its layer-wise errors when it is
     the model that came in (nothing met the budget).
 
     The last lossy step is searched first; when no search over it meets the budget (e.g.
@@ -403,9 +486,9 @@ def _fall_back(
         if outcome.passed:
             break
     if outcome is None or not outcome.passed:
-        return candidate, cand_session, result, errors
+        return candidate, result, errors
     config = snapshot.spec.with_excluded(config, outcome.float_nodes)
     candidate = pipeline.rerun(snapshot, config, statistics, calibration)
     report.passes, report.after = pipeline.records, pipeline.records[-1].after
-    cand_session, result = checker.check(candidate)
-    return candidate, cand_session, result, None
+    result = checker.check(candidate)[1]
+    return candidate, result, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from graphopt import registry
+from graphopt import registry, speed
 from graphopt.report import Report
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
@@ -53,6 +53,9 @@ def render_report(console: Console, report: Report) -> None:
         )
         if f.get("stopped"):
             console.print(f"[yellow]warning[/yellow]: the fallback search stopped early, at its {f['stopped']}")
+    if report.speed:
+        style = "" if report.speed["passed"] else "[red]"
+        console.print(style + speed.summary(report.speed), soft_wrap=True)
     if report.runtime:
         r = report.runtime
         console.print(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from graphopt.runtime import Latency
+from graphopt.speed import summary
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
 
@@ -55,6 +56,7 @@ class Report:
     output_path: str | None = None
     output_bytes_on_disk: int | None = None
     fallback: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None  # the latency budget's search (graphopt.speed.SpeedResult)
     runtime: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
     opset: dict[str, Any] | None = None  # the opset conversion before the passes, when one was wanted
@@ -73,6 +75,7 @@ class Report:
             "verification": self.verification.to_dict() if self.verification else None,
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
             "fallback": self.fallback,
+            "speed": self.speed,
             "runtime": self.runtime,
             "layers": self.layers,
             "opset": self.opset,
@@ -120,6 +123,9 @@ class Report:
                 + f"nodes left {f.get('kept', 'in float')}: {kept}.",
                 "",
             ]
+        if self.speed:
+            text = summary(self.speed)
+            lines += [text[0].upper() + text[1:] + ".", ""]
         if self.runtime:
             r = self.runtime
             lines += [

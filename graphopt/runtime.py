@@ -73,9 +73,14 @@ def ir_ceiling(needed: int) -> int:
 
 
 def _session_options(
-    threads: int | None, optimization: str, optimized_model_path: str | os.PathLike[str] | None = None
+    threads: int | None,
+    optimization: str,
+    optimized_model_path: str | os.PathLike[str] | None = None,
+    spinning: bool = True,
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = _OPT_LEVELS[optimization]
     options.log_severity_level = 3
     if threads is not None:
@@ -105,10 +110,16 @@ def create_session(
     threads: int | None = None,
     optimization: str = "all",
     optimized_model_path: str | os.PathLike[str] | None = None,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
-    """Open an ONNX Runtime session on ``device``; raise if CUDA silently fell back to CPU."""
+    """Open an ONNX Runtime session on ``device``; raise if CUDA silently fell back to CPU.
+
+    ``spinning=False`` stops idle intra-op threads from spin-waiting: sessions timed in
+    alternation then do not steal each other's cores (with 2 threads on 2 cores, spinning moved
+    the same ratio between 0.47 and 0.69 from one measurement to the next).
+    """
     check_device(device)
-    options = _session_options(threads, optimization, optimized_model_path)
+    options = _session_options(threads, optimization, optimized_model_path, spinning)
     if isinstance(model, ir.Model):
         model = serialize.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version)))
     elif not isinstance(model, bytes):
@@ -199,20 +210,53 @@ def interleaved_latency(
     *,
     warmup: int = 5,
     runs: int = 50,
+    warmup_seconds: float = 0.2,
 ) -> dict[str, Latency]:
-    """Time several sessions in alternation so machine noise hits them all alike."""
+    """Time several sessions in alternation so machine noise hits them all alike.
+
+    Warm-up lasts ``warmup`` rounds and at least ``warmup_seconds`` (at most 200 rounds): a fresh
+    session's first calls of a sub-millisecond model are slower for longer than a few rounds.
+    """
     feeds = dict(feeds)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     with refused_feeds(next(iter(sessions.values())), feeds):
-        for _ in range(warmup):
+        start, rounds = time.perf_counter(), 0
+        while rounds < warmup or (time.perf_counter() - start < warmup_seconds and rounds < 200):
             for session in sessions.values():
                 session.run(None, feeds)
+            rounds += 1
         for _ in range(runs):
             for name, session in sessions.items():
                 start = time.perf_counter()
                 session.run(None, feeds)
                 times[name].append((time.perf_counter() - start) * 1e3)
     return {name: _summarize(samples) for name, samples in times.items()}
+
+
+def latency_ratio(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    *,
+    min_runs: int = 20,
+    seconds: float = 1.0,
+) -> float:
+    """Median latency of ``candidate`` over ``reference``'s, timed interleaved.
+
+    A fresh session runs its first calls slower (allocations, pre-packing) than a warm one, so the
+    warm-up and the number of runs grow with how fast the model is: about 0.2 s of warm-up and
+    ``seconds`` of timed runs, never fewer than ``min_runs``.
+    """
+    feeds = dict(feeds)
+    with refused_feeds(reference, feeds):
+        start = time.perf_counter()
+        candidate.run(None, feeds)
+        reference.run(None, feeds)
+        once = max(time.perf_counter() - start, 1e-6)
+    warmup = max(3, min(50, int(0.2 / once)))
+    runs = max(min_runs, min(300, int(seconds / once)))
+    timed = interleaved_latency({"reference": reference, "candidate": candidate}, feeds, warmup=warmup, runs=runs)
+    return timed["candidate"].median_ms / timed["reference"].median_ms
 
 
 def _summarize(samples: list[float]) -> Latency:

@@ -109,10 +109,12 @@ class VerifyResult:
         }
 
 
-def open_candidate(candidate: runtime.ModelSource, device: str, threads: int | None = None) -> ort.InferenceSession:
+def open_candidate(
+    candidate: runtime.ModelSource, device: str, threads: int | None = None, *, spinning: bool = True
+) -> ort.InferenceSession:
     """A session for an optimized model; failing to load is the passes' fault, not the user's."""
     try:
-        return runtime.create_session(candidate, device, threads=threads)
+        return runtime.create_session(candidate, device, threads=threads, spinning=spinning)
     except ModelLoadError as exc:
         raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
 
@@ -240,6 +242,7 @@ class Checker:
         self.reference, self.data, self.budget, self.device, self.threads = reference, data, budget, device, threads
         self.ref_session = runtime.create_session(reference, device, threads=threads)
         self.specs = input_specs(reference)
+        self._timing_ref: ort.InferenceSession | None = None
 
     def check(self, candidate: ir.Model, *, probe: bool = False) -> tuple[ort.InferenceSession, VerifyResult]:
         """The candidate's session and its verification result.
@@ -262,7 +265,29 @@ class Checker:
 
     def latency(self, candidates: list[ir.Model], runs: int = 20) -> list[float]:
         """Median latency (ms) of each candidate on the first verification batch, timed interleaved."""
-        sessions = {str(i): open_candidate(m, self.device, self.threads) for i, m in enumerate(candidates)}
-        feeds = next(iter_batches(self.data, self.specs))
-        timed = runtime.interleaved_latency(sessions, feeds, warmup=3, runs=runs)
+        sessions = {str(i): self._timing_session(m) for i, m in enumerate(candidates)}
+        timed = runtime.interleaved_latency(sessions, self._timing_feeds(), warmup=3, runs=runs)
         return [timed[str(i)].median_ms for i in range(len(candidates))]
+
+    def latency_ratio(self, candidate: ir.Model, min_runs: int = 20) -> float:
+        """Median latency of ``candidate`` over the reference's (:func:`runtime.latency_ratio`)."""
+        return runtime.latency_ratio(
+            self._timing_reference(), self._timing_session(candidate), self._timing_feeds(), min_runs=min_runs
+        )
+
+    def timed(self, candidate: ir.Model, runs: int) -> dict[str, runtime.Latency]:
+        """The reference's and ``candidate``'s latency ("reference", "optimized"), timed interleaved."""
+        sessions = {"reference": self._timing_reference(), "optimized": self._timing_session(candidate)}
+        return runtime.interleaved_latency(sessions, self._timing_feeds(), runs=runs)
+
+    # Timing sessions do not spin-wait (see runtime.create_session): verification's sessions do.
+    def _timing_session(self, model: ir.Model) -> ort.InferenceSession:
+        return open_candidate(model, self.device, self.threads, spinning=False)
+
+    def _timing_reference(self) -> ort.InferenceSession:
+        if self._timing_ref is None:
+            self._timing_ref = runtime.create_session(self.reference, self.device, threads=self.threads, spinning=False)
+        return self._timing_ref
+
+    def _timing_feeds(self) -> dict[str, np.ndarray]:
+        return next(iter_batches(self.data, self.specs))

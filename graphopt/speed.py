@@ -1,0 +1,240 @@
+"""Latency budget: when the output runs slower than allowed, keep in float the layers whose int8 form does not pay.
+
+Q/DQ in a file is a request. ONNX Runtime fuses a quantized layer into an integer kernel only
+when the Q/DQ around it match one of its patterns, and even a fused kernel can lose to float
+on a CPU without fast int8 dot products (depthwise convolutions, thin products, Q/DQ churn
+between small ops). So the placement is measured, not assumed, against the input model:
+
+1. layers ONNX Runtime runs in float although the file quantizes them (its optimized graph
+   still has a DequantizeLinear before a float Conv/MatMul/Gemm): their Q/DQ only add work,
+   so they go back to float first;
+2. then one class of layers at a time (depthwise, grouped, pointwise and spatial
+   convolutions, weight products, activation products, Gemm, embedding tables): a class
+   stays in float when that makes the model measurably faster (:data:`MIN_GAIN`);
+3. when no placement meets the limit, the lossy step is dropped: the output is then the
+   exact model, and the report says that int8 does not pay on this model here.
+
+Each trial is timed in alternation with the input model (medians of interleaved runs), so
+machine noise hits both alike. A ratio within :data:`NOISE` of the limit meets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt import ort_view, registry
+from graphopt.passes import edit
+
+logger = logging.getLogger(__name__)
+
+# Interleaved medians of the same model differ by about this much between runs on a shared machine.
+NOISE = 0.02
+# A class of layers goes back to float only if that makes the whole model at least this much faster.
+MIN_GAIN = 0.02
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "Gather")
+
+Ratio = Callable[[ir.Model], float]  # a candidate's median latency / the input's, timed interleaved
+UNFUSED = "layers ONNX Runtime runs in float (Q/DQ not fused)"
+
+
+@dataclass
+class SpeedResult:
+    """What the latency search tried and chose."""
+
+    pass_name: str
+    limit: float
+    ratio_before: float
+    ratio_after: float = math.nan
+    passed: bool = False
+    float_nodes: list[str] = field(default_factory=list)
+    # each trial: the class of layers put back to float, how many, the measured ratio, whether it stayed
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    dropped: bool = False  # no int8 placement met the limit: the step was dropped (exact output)
+    reason: str = ""
+    stopped: str = ""  # why the search ended early (its time limit), or empty
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def within(ratio: float, limit: float) -> bool:
+    """Whether a measured latency ratio meets ``limit`` (medians vary by :data:`NOISE` between runs)."""
+    return ratio <= limit * (1.0 + NOISE)
+
+
+def layer_class(node: ir.Node) -> str | None:
+    """The class a compute layer belongs to for timing, or None for a node that is not one."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    constant = weight is not None and weight.const_value is not None
+    if node.op_type == "Conv":
+        group = node.attributes.get_int("group", 1)
+        shape = weight.const_value.shape if constant else None
+        if group > 1:
+            return "depthwise convolutions" if shape is not None and shape[1] == 1 else "grouped convolutions"
+        if shape is not None and all(d == 1 for d in shape[2:]):
+            return "pointwise convolutions"
+        return "spatial convolutions"
+    if node.op_type == "MatMul":
+        return "weight products (MatMul)" if constant else "activation products (MatMul)"
+    if node.op_type == "Gemm":
+        return "Gemm"
+    if (
+        node.op_type == "Gather"
+        and node.inputs
+        and node.inputs[0] is not None
+        and node.inputs[0].const_value is not None
+    ):
+        return "embedding tables (Gather)"
+    return None
+
+
+def classes(model: ir.Model, spec: registry.PassSpec, config: Any) -> dict[str, list[str]]:
+    """The named compute layers ``config`` would change, by class (main graph; largest classes first)."""
+    op_types = set(getattr(config, "op_types", ()) or COMPUTE_OPS) if spec.lossy and spec.lossy.op_types else None
+    found: dict[str, list[str]] = {}
+    for node in model.graph:
+        if not node.name or (op_types is not None and node.op_type not in op_types):
+            continue
+        if edit.excluded(node, config.exclude, config.exclude_op_types):
+            continue
+        kind = layer_class(node)
+        if kind is not None:
+            found.setdefault(kind, []).append(node.name)
+    return dict(sorted(found.items(), key=lambda kv: -len(kv[1])))
+
+
+def unfused(candidate: ir.Model, names: Sequence[str], device: str, threads: int | None) -> list[str]:
+    """Which of ``names`` (compute layers of ``candidate``) ONNX Runtime runs in float after a DequantizeLinear."""
+    float_names, float_weights = ort_view.float_layers(candidate, device, threads=threads)
+    wanted = set(names)
+    found = []
+    for node in candidate.graph:
+        if node.name not in wanted:
+            continue
+        reads = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+        dequantized = [p for p in reads if p.op_type == "DequantizeLinear"]
+        if not dequantized:
+            continue
+        if node.name in float_names or any(
+            p.inputs[0] is not None and p.inputs[0].name in float_weights for p in dequantized
+        ):
+            found.append(node.name)
+    return found
+
+
+@dataclass
+class _Trials:
+    """Builds and times candidates of one lossy step."""
+
+    spec: registry.PassSpec
+    config: Any
+    before: ir.Model
+    statistics: Any
+    ratio: Ratio
+    result: SpeedResult
+    deadline: float
+
+    def build(self, excluded: Sequence[str]) -> ir.Model:
+        model = self.before.clone()
+        self.spec.apply(model, self.spec.with_excluded(self.config, excluded), self.statistics)
+        return model
+
+    def measure(self, label: str, excluded: Sequence[str], count: int) -> float:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError
+        value = self.ratio(self.build(excluded))
+        self.result.tried.append({"float": label, "layers": count, "ratio": round(value, 4), "kept": False})
+        return value
+
+
+def search(
+    spec: registry.PassSpec,
+    config: Any,
+    before: ir.Model,
+    statistics: Any,
+    candidate: ir.Model,
+    ratio: Ratio,
+    current: float,
+    limit: float,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    max_seconds: float = 300.0,
+) -> tuple[SpeedResult, Any | None]:
+    """Put layers of one lossy step back to float until the output meets the latency ``limit``.
+
+    ``candidate`` is the pipeline's output as it stands (measured at ``current``), ``before``
+    the model right before the step and ``statistics`` what its calibrator collected.
+    Returns the search's record and the config to re-run the step with, or None when the
+    step should be dropped (no int8 placement met the limit, and float was faster).
+    """
+    start = time.monotonic()
+    result = SpeedResult(spec.name, limit, current)
+    trials = _Trials(spec, config, before, statistics, ratio, result, start + max_seconds)
+    layers = classes(before, spec, config)
+    chosen: list[str] = []
+    best = current
+    groups: list[tuple[str, list[str]]] = []
+    slow = unfused(candidate, [n for names in layers.values() for n in names], device, threads)
+    if slow:
+        groups.append((UNFUSED, slow))
+    groups += [(kind, [n for n in names if n not in slow]) for kind, names in layers.items()]
+    try:
+        for label, names in groups:
+            if within(best, limit):
+                break
+            if not names:
+                continue
+            value = trials.measure(label, [*chosen, *names], len(names))
+            if value < best * (1.0 - MIN_GAIN):
+                chosen, best = [*chosen, *names], value
+                result.tried[-1]["kept"] = True
+    except TimeoutError:
+        result.stopped = f"time limit of {max_seconds:g} s after {len(result.tried)} trials"
+        logger.warning("latency search: stopped at its %s", result.stopped)
+    result.float_nodes, result.ratio_after = chosen, best
+    result.seconds = time.monotonic() - start
+    if within(best, limit) and best < current:
+        result.passed = True
+        result.reason = f"{len(chosen)} layers of {spec.name} kept in float met the limit"
+        return result, spec.with_excluded(config, chosen)
+    # No int8 placement meets the limit: the step is dropped when float runs faster than any tried.
+    result.dropped = True
+    result.float_nodes = []
+    result.reason = (
+        f"no placement of {spec.name}'s int8 layers ran within {limit:g}× of the input "
+        f"(best measured {min(best, current):.2f}×): int8 does not pay on this model here"
+    )
+    return result, None
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line on what the latency budget did, from a report's ``speed`` entry."""
+    head = f"latency budget ≤ {result['limit']:g}× the input"
+    if not result["tried"] and not result["dropped"]:
+        verdict = "met" if result["passed"] else "missed"
+        return f"{head}: {verdict} ({result['ratio_before']:.2f}×)"
+    trials = "; ".join(
+        f"{t['float']} ({t['layers']}) in float: {t['ratio']:.2f}×{' kept' if t['kept'] else ''}"
+        for t in result["tried"]
+    )
+    if result["dropped"]:
+        change = f"{result['pass_name']} dropped ({result['reason']})"
+    else:
+        change = f"{len(result['float_nodes'])} layers of {result['pass_name']} kept in float"
+    verdict = "met" if result["passed"] else "int8 dropped" if result["dropped"] else "MISSED"
+    stopped = f"; search stopped at its {result['stopped']}" if result["stopped"] else ""
+    return (
+        f"{head}: {verdict}, {result['ratio_before']:.2f}× → {result['ratio_after']:.2f}×: {change}"
+        + (f"; tried: {trials}" if trials else "")
+        + stopped
+    )

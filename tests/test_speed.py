@@ -1,0 +1,132 @@
+"""Latency budget: layers whose int8 form does not pay go back to float; when no placement pays, the step is dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from graphopt import cli, registry, render, runtime, speed
+from graphopt.calibration.sources import DataSpec
+from graphopt.passes.quantize import QuantizeConfig
+from graphopt.pipeline import optimize
+
+DATA = Path(__file__).resolve().parents[1] / "graphopt" / "data"
+DIGITS = DATA / "digits_cnn.onnx"
+
+
+def _calib() -> DataSpec:
+    return DataSpec(source=str(DATA / "digits_calib.npz"), samples=32, batch_size=16)
+
+
+def _recipe(limit: float) -> dict[str, object]:
+    return {
+        "passes": ["fold", "quantize"],
+        "verify": {"samples": 16, "batch_size": 16, "latency_runs": 5},
+        "budget": {"min_cosine": 0.9, "max_latency_ratio": limit},
+    }
+
+
+def test_a_latency_budget_that_holds_needs_no_search() -> None:
+    result = optimize(DIGITS, _recipe(100.0), calibration=_calib())
+    found = result.report.speed
+    assert found is not None and found["passed"] and not found["tried"] and not found["dropped"]
+    assert result.report.passes[1].modified  # quantize kept
+    assert "met" in speed.summary(found)
+
+
+def test_no_placement_within_the_limit_drops_the_step_and_the_run_says_why() -> None:
+    """No int8 model runs at 1% of the input's time: quantize is dropped and the output is the exact model."""
+    result = optimize(DIGITS, _recipe(0.01), calibration=_calib())
+    found = result.report.speed
+    assert found is not None and found["dropped"] and not found["passed"]
+    quantize = result.report.passes[1]
+    assert not quantize.modified and "latency budget" in quantize.details["skipped"]
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in result.model.graph)
+    folded = optimize(DIGITS, {"passes": ["fold"], "verify": {"enabled": False}}).model
+    feeds = {"input": np.load(DATA / "digits_calib.npz")["input"][:8]}
+    got = runtime.create_session(result.model).run(None, feeds)[0]
+    want = runtime.create_session(folded).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, want)
+    warnings = " ".join(render.outcome_warnings(result.report))
+    assert "nothing was compressed" in warnings and "int8 does not pay" in warnings
+
+
+def _quantized_digits() -> tuple[registry.PassSpec, QuantizeConfig, ir.Model, object, ir.Model]:
+    before = optimize(DIGITS, {"passes": ["fold"], "verify": {"enabled": False}}).model
+    spec = registry.REGISTRY["quantize"]
+    config = QuantizeConfig(mode="static")
+    statistics = spec.collect(before, _calib(), config)
+    candidate = before.clone()
+    spec.apply(candidate, config, statistics)
+    return spec, config, before, statistics, candidate
+
+
+def _int8_spatial_convs(model: ir.Model) -> int:
+    """Convolutions with a kernel wider than 1 that read a DequantizeLinear."""
+    return sum(
+        any(v.producer() is not None and v.producer().op_type == "DequantizeLinear" for v in n.inputs if v)
+        for n in model.graph
+        if n.op_type == "Conv" and n.inputs[1].const_value is None and n.attributes.get_ints("kernel_shape", [3])[0] > 1
+    )
+
+
+def test_the_search_puts_back_only_the_layer_class_that_pays_in_float() -> None:
+    spec, config, before, statistics, candidate = _quantized_digits()
+    # A stand-in for the clock: int8 spatial convolutions cost, the other int8 layers do not.
+    result, new_config = speed.search(
+        spec, config, before, statistics, candidate, lambda m: 0.6 + 0.2 * _int8_spatial_convs(m), 1.6, 1.0
+    )
+    convs = speed.classes(before, spec, config)["spatial convolutions"]
+    assert result.passed and new_config is not None
+    assert sorted(result.float_nodes) == sorted(convs)
+    assert [t["float"] for t in result.tried if t["kept"]] == ["spatial convolutions"]
+    others = [n.name for n in before.graph if n.op_type in ("Gemm", "Conv") and n.name not in convs]
+    assert others and not set(others) & set(new_config.exclude)  # they stay int8: putting them back never paid
+
+
+def test_the_search_drops_the_step_when_float_never_gains() -> None:
+    spec, config, before, statistics, candidate = _quantized_digits()
+    result, new_config = speed.search(spec, config, before, statistics, candidate, lambda m: 1.5, 1.5, 1.0)
+    assert new_config is None and result.dropped and "int8 does not pay" in result.reason
+    assert all(not t["kept"] for t in result.tried) and result.tried  # every class was timed
+
+
+@pytest.mark.parametrize(
+    ("op_type", "weight_shape", "group", "expected"),
+    [
+        ("Conv", (8, 1, 3, 3), 8, "depthwise convolutions"),
+        ("Conv", (8, 2, 3, 3), 4, "grouped convolutions"),
+        ("Conv", (8, 4, 1, 1), 1, "pointwise convolutions"),
+        ("Conv", (8, 4, 3, 3), 1, "spatial convolutions"),
+        ("MatMul", (4, 8), 1, "weight products (MatMul)"),
+        ("MatMul", None, 1, "activation products (MatMul)"),
+        ("Gemm", (4, 8), 1, "Gemm"),
+    ],
+)
+def test_layer_classes(op_type: str, weight_shape: tuple[int, ...] | None, group: int, expected: str) -> None:
+    x = ir.Value(name="x")
+    if weight_shape is None:
+        w = ir.Value(name="w")
+    else:
+        w = ir.Value(name="w", const_value=ir.tensor(np.zeros(weight_shape, np.float32)))
+    attributes = [ir.AttrInt64("group", group)] if op_type == "Conv" else []
+    node = ir.Node("", op_type, [x, w], attributes=attributes)
+    assert speed.layer_class(node) == expected
+
+
+def test_within_allows_the_measurement_noise() -> None:
+    assert speed.within(1.015, 1.0) and not speed.within(1.03, 1.0)
+
+
+def test_the_cli_takes_a_latency_budget_and_refuses_one_no_model_can_meet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "o.onnx"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["optimize", str(DIGITS), "-o", str(out), "--max-latency-ratio", "0"])
+    text = " ".join(capsys.readouterr().err.split())
+    assert exited.value.code == 2 and "--max-latency-ratio" in text and "must be between" in text
+    assert not out.exists()
