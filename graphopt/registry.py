@@ -42,12 +42,16 @@ class Lossy:
     Attributes:
         alternatives: ``config -> [configs]`` of the same size and speed (other calibration
             methods) that the fallback tries, re-calibrated, before it leaves any node alone.
+        faster: ``config -> [configs]`` that place the same work differently and may run faster
+            (quantize every listed op, so that ONNX Runtime fuses more): the latency budget
+            times them, re-calibrated and checked for accuracy, before it puts layers back to float.
         tensors: The config also has ``exclude_tensors`` (activations left unquantized).
         op_types: The config's ``op_types`` narrows which nodes the fallback may leave alone.
         kept: How the report words a node the pass left alone ("in float", "dense").
     """
 
     alternatives: str | Callable[[Any], list[Any]] | None = None
+    faster: str | Callable[[Any], list[Any]] | None = None
     tensors: bool = False
     op_types: bool = False
     kept: str = "in float"
@@ -140,6 +144,12 @@ class PassSpec:
             return []
         return list(resolve(self.lossy.alternatives)(config))
 
+    def faster(self, config: Any) -> list[Any]:
+        """Configs that may run faster than ``config`` (the latency budget times them)."""
+        if self.lossy is None or self.lossy.faster is None:
+            return []
+        return list(resolve(self.lossy.faster)(config))
+
     def with_excluded(self, config: Any, excluded: Sequence[str]) -> Any:
         """``config`` with node names added to ``exclude`` and ``tensor:NAME`` entries to ``exclude_tensors``."""
         if self.lossy is None:
@@ -202,7 +212,12 @@ REGISTRY = Registry(
             f"{_P}.quantize.static:QuantizeQDQPass",
             f"{_P}.quantize.config:QuantizeConfig",
             calibrate=f"{_P}.quantize.calibrate:collect_ranges",
-            lossy=Lossy(f"{_P}.quantize.config:range_alternatives", tensors=True, op_types=True),
+            lossy=Lossy(
+                f"{_P}.quantize.config:range_alternatives",
+                faster=f"{_P}.quantize.config:fusing_alternatives",
+                tensors=True,
+                op_types=True,
+            ),
             min_opset=f"{_P}.quantize.config:min_opset",
         ),
         PassSpec("tune", f"{_P}.tune:TuneForRuntimePass", f"{_P}.tune:TuneConfig", calibrate=f"{_CAL}.timing:measure"),

@@ -31,6 +31,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import ort_view, registry
+from graphopt.errors import DataError
 from graphopt.passes import edit
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,10 @@ class SpeedResult:
     ratio_after: float = math.nan
     passed: bool = False
     float_nodes: list[str] = field(default_factory=list)
-    # each trial: the class of layers put back to float, how many, the measured ratio, whether it stayed
+    # each trial: what changed (an alternative's options, or a class of layers in float), how many
+    # layers, the measured ratio, whether it stayed
     tried: list[dict[str, Any]] = field(default_factory=list)
+    changed: dict[str, Any] = field(default_factory=dict)  # options of a faster alternative kept
     dropped: bool = False  # no int8 placement met the limit: the step was dropped (exact output)
     reason: str = ""
     stopped: str = ""  # why the search ended early (its time limit), or empty
@@ -143,16 +146,18 @@ class _Trials:
     result: SpeedResult
     deadline: float
 
-    def build(self, excluded: Sequence[str]) -> ir.Model:
+    def build(self, excluded: Sequence[str], config: Any = None, statistics: Any = None) -> ir.Model:
         model = self.before.clone()
-        self.spec.apply(model, self.spec.with_excluded(self.config, excluded), self.statistics)
+        config = self.config if config is None else config
+        statistics = self.statistics if statistics is None else statistics
+        self.spec.apply(model, self.spec.with_excluded(config, excluded), statistics)
         return model
 
-    def measure(self, label: str, excluded: Sequence[str], count: int) -> float:
+    def measure(self, label: str, model: ir.Model, count: int | None) -> float:
         if time.monotonic() > self.deadline:
             raise TimeoutError
-        value = self.ratio(self.build(excluded))
-        self.result.tried.append({"float": label, "layers": count, "ratio": round(value, 4), "kept": False})
+        value = self.ratio(model)
+        self.result.tried.append({"trial": label, "layers": count, "ratio": round(value, 4), "kept": False})
         return value
 
 
@@ -166,35 +171,44 @@ def search(
     current: float,
     limit: float,
     *,
+    score: Callable[[ir.Model], float] | None = None,
+    recalibrate: Callable[[Any], Any] | None = None,
     device: str = "cpu",
     threads: int | None = None,
     max_seconds: float = 300.0,
-) -> tuple[SpeedResult, Any | None]:
-    """Put layers of one lossy step back to float until the output meets the latency ``limit``.
+) -> tuple[SpeedResult, tuple[Any, Any] | None]:
+    """Make one lossy step's output meet the latency ``limit``: a faster placement, then layers back to float.
 
     ``candidate`` is the pipeline's output as it stands (measured at ``current``), ``before``
-    the model right before the step and ``statistics`` what its calibrator collected.
-    Returns the search's record and the config to re-run the step with, or None when the
-    step should be dropped (no int8 placement met the limit, and float was faster).
+    the model right before the step and ``statistics`` what its calibrator collected. With
+    ``recalibrate`` (config -> statistics) and ``score`` (the accuracy budget's, <= 1 within),
+    the pass's faster alternatives (:meth:`registry.PassSpec.faster`) are timed first and one
+    within the accuracy budget that runs faster becomes the starting point.
+    Returns the search's record and the (config, statistics) to re-run the step with, or None
+    when the step should be dropped (no int8 placement met the limit).
     """
     start = time.monotonic()
     result = SpeedResult(spec.name, limit, current)
     trials = _Trials(spec, config, before, statistics, ratio, result, start + max_seconds)
-    layers = classes(before, spec, config)
-    chosen: list[str] = []
     best = current
-    groups: list[tuple[str, list[str]]] = []
-    slow = unfused(candidate, [n for names in layers.values() for n in names], device, threads)
-    if slow:
-        groups.append((UNFUSED, slow))
-    groups += [(kind, [n for n in names if n not in slow]) for kind, names in layers.items()]
     try:
+        if recalibrate is not None and score is not None:
+            candidate, best = _faster_alternative(trials, candidate, best, score, recalibrate)
+        chosen: list[str] = []
+        layers = classes(before, spec, trials.config)
+        groups: list[tuple[str, list[str]]] = []
+        slow = (
+            [] if within(best, limit) else unfused(candidate, [n for v in layers.values() for n in v], device, threads)
+        )
+        if slow:
+            groups.append((UNFUSED, slow))
+        groups += [(kind, [n for n in names if n not in slow]) for kind, names in layers.items()]
         for label, names in groups:
             if within(best, limit):
                 break
             if not names:
                 continue
-            value = trials.measure(label, [*chosen, *names], len(names))
+            value = trials.measure(f"in float: {label}", trials.build([*chosen, *names]), len(names))
             if value < best * (1.0 - MIN_GAIN):
                 chosen, best = [*chosen, *names], value
                 result.tried[-1]["kept"] = True
@@ -206,15 +220,58 @@ def search(
     if within(best, limit) and best < current:
         result.passed = True
         result.reason = f"{len(chosen)} layers of {spec.name} kept in float met the limit"
-        return result, spec.with_excluded(config, chosen)
-    # No int8 placement meets the limit: the step is dropped when float runs faster than any tried.
+        return result, (spec.with_excluded(trials.config, chosen), trials.statistics)
+    # No int8 placement meets the limit: the step is dropped.
     result.dropped = True
-    result.float_nodes = []
+    result.float_nodes, result.changed = [], {}
     result.reason = (
         f"no placement of {spec.name}'s int8 layers ran within {limit:g}× of the input "
         f"(best measured {min(best, current):.2f}×): int8 does not pay on this model here"
     )
     return result, None
+
+
+def _faster_alternative(
+    trials: _Trials,
+    candidate: ir.Model,
+    best: float,
+    score: Callable[[ir.Model], float],
+    recalibrate: Callable[[Any], Any],
+) -> tuple[ir.Model, float]:
+    """Time the pass's faster alternatives; the fastest within the accuracy budget becomes ``trials``' config."""
+    for alternative in trials.spec.faster(trials.config):
+        try:
+            statistics = recalibrate(alternative)
+        except DataError as exc:
+            logger.info("latency search: alternative %s skipped: %s", alternative, exc)
+            continue
+        changes = {
+            f.name: getattr(alternative, f.name)
+            for f in dataclasses.fields(alternative)
+            if getattr(alternative, f.name) != getattr(trials.config, f.name)
+        }
+        label = ", ".join(f"{k}={v}" for k, v in changes.items())
+        model = trials.build([], alternative, statistics)
+        value = trials.measure(label, model, None)
+        if value >= best * (1.0 - MIN_GAIN):
+            continue
+        accuracy = score(model)
+        trials.result.tried[-1]["accuracy_score"] = round(accuracy, 4)
+        if accuracy > 1.0:  # over the accuracy budget: not a placement to keep
+            continue
+        trials.result.tried[-1]["kept"] = True
+        trials.result.changed = changes
+        trials.config, trials.statistics = alternative, statistics
+        candidate, best = model, value
+    return candidate, best
+
+
+def _trial(entry: dict[str, Any]) -> str:
+    count = "" if entry["layers"] is None else f" ({entry['layers']})"
+    verdict = " kept" if entry["kept"] else ""
+    if "accuracy_score" in entry and not entry["kept"]:
+        verdict = f" over the accuracy budget (score {entry['accuracy_score']:.2f})"
+    return f"{entry['trial']}{count}: {entry['ratio']:.2f}×{verdict}"
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -223,18 +280,16 @@ def summary(result: dict[str, Any]) -> str:
     if not result["tried"] and not result["dropped"]:
         verdict = "met" if result["passed"] else "missed"
         return f"{head}: {verdict} ({result['ratio_before']:.2f}×)"
-    trials = "; ".join(
-        f"{t['float']} ({t['layers']}) in float: {t['ratio']:.2f}×{' kept' if t['kept'] else ''}"
-        for t in result["tried"]
-    )
     if result["dropped"]:
         change = f"{result['pass_name']} dropped ({result['reason']})"
     else:
-        change = f"{len(result['float_nodes'])} layers of {result['pass_name']} kept in float"
+        options = "".join(f"{k}={v}, " for k, v in result["changed"].items())
+        change = f"{result['pass_name']} with {options}{len(result['float_nodes'])} layers kept in float"
     verdict = "met" if result["passed"] else "int8 dropped" if result["dropped"] else "MISSED"
+    tried = "; ".join(_trial(t) for t in result["tried"])
     stopped = f"; search stopped at its {result['stopped']}" if result["stopped"] else ""
     return (
         f"{head}: {verdict}, {result['ratio_before']:.2f}× → {result['ratio_after']:.2f}×: {change}"
-        + (f"; tried: {trials}" if trials else "")
+        + (f"; tried: {tried}" if tried else "")
         + stopped
     )

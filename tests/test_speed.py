@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -76,21 +77,23 @@ def _int8_spatial_convs(model: ir.Model) -> int:
 def test_the_search_puts_back_only_the_layer_class_that_pays_in_float() -> None:
     spec, config, before, statistics, candidate = _quantized_digits()
     # A stand-in for the clock: int8 spatial convolutions cost, the other int8 layers do not.
-    result, new_config = speed.search(
+    result, chosen = speed.search(
         spec, config, before, statistics, candidate, lambda m: 0.6 + 0.2 * _int8_spatial_convs(m), 1.6, 1.0
     )
+    assert chosen is not None
+    new_config = chosen[0]
     convs = speed.classes(before, spec, config)["spatial convolutions"]
-    assert result.passed and new_config is not None
+    assert result.passed
     assert sorted(result.float_nodes) == sorted(convs)
-    assert [t["float"] for t in result.tried if t["kept"]] == ["spatial convolutions"]
+    assert [t["trial"] for t in result.tried if t["kept"]] == ["in float: spatial convolutions"]
     others = [n.name for n in before.graph if n.op_type in ("Gemm", "Conv") and n.name not in convs]
     assert others and not set(others) & set(new_config.exclude)  # they stay int8: putting them back never paid
 
 
 def test_the_search_drops_the_step_when_float_never_gains() -> None:
     spec, config, before, statistics, candidate = _quantized_digits()
-    result, new_config = speed.search(spec, config, before, statistics, candidate, lambda m: 1.5, 1.5, 1.0)
-    assert new_config is None and result.dropped and "int8 does not pay" in result.reason
+    result, chosen = speed.search(spec, config, before, statistics, candidate, lambda m: 1.5, 1.5, 1.0)
+    assert chosen is None and result.dropped and "int8 does not pay" in result.reason
     assert all(not t["kept"] for t in result.tried) and result.tried  # every class was timed
 
 
@@ -130,3 +133,61 @@ def test_the_cli_takes_a_latency_budget_and_refuses_one_no_model_can_meet(
     text = " ".join(capsys.readouterr().err.split())
     assert exited.value.code == 2 and "--max-latency-ratio" in text and "must be between" in text
     assert not out.exists()
+
+
+def _quantize_nodes(model: ir.Model) -> int:
+    return sum(n.op_type == "QuantizeLinear" for n in model.graph)
+
+
+def _conv_softmax() -> tuple[registry.PassSpec, QuantizeConfig, ir.Model, object, ir.Model, DataSpec]:
+    """Conv -> Softmax: with integer islands the Conv's output stays float (no quantized op reads it)."""
+    rng = np.random.default_rng(0)
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            onnx.helper.make_node("Softmax", ["c"], ["y"], name="softmax", axis=1),
+        ],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+        [onnx.numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), "w")],
+    )
+    before = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    data = DataSpec(source={"x": rng.normal(size=(8, 4, 8, 8)).astype(np.float32)}, samples=8, batch_size=1)
+    spec = registry.REGISTRY["quantize"]
+    config = QuantizeConfig(mode="static")
+    statistics = spec.collect(before, data, config)
+    candidate = before.clone()
+    spec.apply(candidate, config, statistics)
+    return spec, config, before, statistics, candidate, data
+
+
+@pytest.mark.parametrize("accuracy", [0.5, 2.0])
+def test_a_faster_placement_is_kept_only_within_the_accuracy_budget(accuracy: float) -> None:
+    """quantize's fusing alternative (every output quantized) is timed first; over the accuracy budget it is not kept."""
+    spec, config, before, statistics, candidate, data = _conv_softmax()
+    base = _quantize_nodes(candidate)
+
+    def clock(model: ir.Model) -> float:  # the Conv fuses only with its output quantized
+        return 1.5 if _quantize_nodes(model) <= base else 0.8
+
+    result, chosen = speed.search(
+        spec,
+        config,
+        before,
+        statistics,
+        candidate,
+        clock,
+        1.5,
+        1.0,
+        score=lambda m: accuracy,
+        recalibrate=lambda alternative: spec.collect(before, data, alternative),
+    )
+    first = result.tried[0]
+    assert first["trial"] == "islands=False, outliers=0.0" and first["layers"] is None
+    if accuracy <= 1.0:
+        assert result.passed and first["kept"] and chosen is not None and not chosen[0].islands
+        assert result.changed == {"islands": False, "outliers": 0.0} and not result.float_nodes
+        assert "islands=False" in speed.summary(result.to_dict())
+    else:
+        assert not first["kept"] and "over the accuracy budget" in speed.summary(result.to_dict())

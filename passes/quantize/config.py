@@ -109,6 +109,19 @@ def range_alternatives(config: QuantizeConfig) -> list[QuantizeConfig]:
     return alternatives + [dataclasses.replace(config, method=m) for m in FALLBACK_METHODS if m != config.method]
 
 
+def fusing_alternatives(config: QuantizeConfig) -> list[QuantizeConfig]:
+    """The same quantization with every listed op and output quantized (``islands=False``), for the latency budget.
+
+    Integer islands leave a compute op's output in float when no quantized op reads it; ONNX
+    Runtime then cannot fuse that op into an integer kernel (e.g. a Conv feeding HardSigmoid·Mul),
+    and its Q/DQ only add work. Quantizing everything, as ORT's own quantizer does, lets more of
+    them fuse, at some cost in accuracy that the budget checks. Static mode only.
+    """
+    if config.mode == "dynamic" or not config.islands:
+        return []
+    return [dataclasses.replace(config, islands=False, outliers=0.0)]
+
+
 def min_opset(config: QuantizeConfig) -> int:
     """Per-channel Q/DQ needs opset 13, 16-bit Q/DQ types opset 21."""
     return 21 if any(t.endswith("16") for t in (config.activation_type, *config.tensor_types.values())) else 13
