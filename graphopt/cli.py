@@ -14,7 +14,7 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-from graphopt import registry
+from graphopt import __version__, registry
 from graphopt.budget import BOUNDS
 from graphopt.hardware import DEVICES
 
@@ -50,15 +50,53 @@ def _limit(name: str) -> Callable[[str], float]:
     return parse
 
 
+EXAMPLES = """examples:
+  graphopt optimize model.onnx -o out/ --calib calib.npz
+      the default job (--target cpu): int8 where it pays on this CPU, verified
+      and timed; writes out/model.cpu.onnx
+  graphopt optimize model.onnx -o model.int4.onnx --target cpu-int4
+      a built-in recipe; graphopt recipes lists them
+  graphopt optimize model.onnx -o model.opt.onnx --pass fold
+      exact clean-up only
+  graphopt optimize model.onnx -o int4.onnx --pass weight_only:bits=4,block_size=64
+  graphopt bench model.onnx model.int8.onnx
+      both timed in alternation: medians and the ratio
+  graphopt passes quantize
+      one pass with every option
+
+exit codes: 0 ok, 1 over the accuracy or latency budget, 2 user error, 3 a pass
+failed, 130 interrupted
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graphopt", description="ONNX graph-level compression compiler.")
+    parser = argparse.ArgumentParser(
+        prog="graphopt",
+        description="ONNX graph-level compression compiler: a smaller, faster ONNX model, checked against its input.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"graphopt {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("optimize", help="run a recipe of passes over a model, verify and save it")
     p.add_argument("model")
-    p.add_argument("-o", "--output", required=True, help="output .onnx path (never the input)")
-    p.add_argument("--recipe", help="recipe file (.yaml/.json); default: the built-in default recipe")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output .onnx path (never the input); a folder: FOLDER/<stem>.<target>.onnx",
+    )
+    p.add_argument(
+        "--recipe", help="recipe file (.yaml/.json) or a built-in recipe's name (graphopt recipes); default: cpu"
+    )
+    p.add_argument(
+        "--target",
+        metavar="NAME",
+        help="a built-in recipe for a deployment (graphopt recipes): cpu (the default), cpu-int8, cpu-int4, "
+        "gpu-fp16, gpu-int8, gpu-int4, size",
+    )
     p.add_argument(
         "--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]", help="a pass (repeatable)"
     )
@@ -99,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
 
-    for name, helptext in (("verify", "compare a candidate with its reference"), ("bench", "latency of a model")):
+    for name, helptext in (
+        ("verify", "compare a candidate with its reference"),
+        ("bench", "latency of a model; of several: timed in alternation, with their ratios to the first"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name == "verify":
             p.add_argument("reference")
@@ -111,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a limit of the budget (without any: the default recipe's budget)",
                 )
         else:
-            p.add_argument("model")
+            p.add_argument("models", nargs="+", metavar="MODEL", help="one model, or several to compare")
             p.add_argument("--runs", type=_count(1), default=50)
             p.add_argument("--warmup", type=_count(0), default=10)
         p.add_argument("--data", help="inputs: .npz or folder of .npy (default: random)")
@@ -122,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=DEVICES, default="cpu")
         p.add_argument("--threads", type=_count(1))
 
-    p = sub.add_parser("passes", help="list every pass with its options")
+    p = sub.add_parser("recipes", help="the built-in recipes (targets); NAME: print one to copy and edit")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p = sub.add_parser("passes", help="list every pass with its options; NAME: one pass in full")
+    p.add_argument("names", nargs="*", metavar="NAME", help="passes to print in full")
     p = sub.add_parser("demo", help="optimize the bundled digits CNN with the default recipe")
     p.add_argument("--out", help="folder for the demo's output (default: a temporary folder)")
     return parser
@@ -131,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, *, known: registry.Registry = registry.REGISTRY) -> int:
     """Parse ``argv`` and run the command; ``known`` is the pass table ``--pass``/recipes name passes from."""
     args = build_parser().parse_args(argv)
+    if args.command in ("passes", "recipes"):  # the catalogue loads no ONNX: it answers at once
+        from graphopt import catalog
+        from graphopt.errors import GraphoptError
+
+        try:
+            if args.command == "recipes":
+                return catalog.print_recipes(args.names)
+            return catalog.print_passes(args.names, known)
+        except GraphoptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
     return int(importlib.import_module("graphopt.commands").run(args, known))
 
 

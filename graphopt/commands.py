@@ -13,16 +13,16 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 
+import onnx_ir as ir
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphopt import budget as budget_rules
-from graphopt import demo, destinations, io, ort_view, plots, recipe, registry, render, runtime, stats, verify
+from graphopt import demo, destinations, io, ort_view, plots, recipe, registry, render, runtime, stats, targets, verify
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
 from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
 from graphopt.pipeline import optimize
@@ -43,13 +43,25 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
 
 
 def _default_recipe() -> Path:
-    return Path(str(resources.files("graphopt") / "recipes" / "default.yaml"))
+    return targets.path("cpu")
+
+
+def _recipe_source(args: argparse.Namespace) -> tuple[Path | str, str]:
+    """The recipe file to read and the built-in target it is (empty for a user's file)."""
+    if args.target and args.recipe:
+        raise RecipeError("give either --target or --recipe, not both (--target NAME is the built-in recipe NAME).")
+    name = args.target or args.recipe
+    if name is None:
+        return targets.path("cpu"), "cpu"
+    if args.target or targets.is_builtin(name):
+        return targets.path(name), targets.canonical(name)
+    return name, ""
 
 
 def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
-    if args.recipe and args.passes:
-        raise RecipeError("give either --recipe or --pass, not both.")
-    base = recipe.load_recipe(args.recipe or _default_recipe(), known=args.known)
+    source, target = _recipe_source(args)
+    base = recipe.load_recipe(source, known=args.known)
+    # --pass with a recipe: the recipe's settings (verification, budget, device), the flags' passes.
     passes = tuple(recipe.parse_pass_arg(p, known=args.known) for p in args.passes) if args.passes else base.passes
     data = base.verify.data
     dims = {**dict(data.dims or {}), **_dims(args.dim)}
@@ -74,12 +86,15 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
         device=args.device or base.device,
         check=base.check or args.check,
         fallback=base.fallback,
+        target="" if args.passes else target,  # its own passes make it another recipe
     )
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     plan = _build_recipe(args)
     source = Path(args.model)
+    if Path(args.output).is_dir():  # -o FOLDER: <folder>/<stem>.<target>.onnx
+        args.output = str(Path(args.output) / f"{source.stem}.{plan.target or 'opt'}.onnx")
     output = Path(args.output)
     calibration = None
     if args.calib:
@@ -207,22 +222,51 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    model = io.load_model(args.model)
-    feeds = next(iter_batches(_data_from_args(args, args.batch_size), input_specs(model)))
-    session = runtime.create_session(model, args.device, threads=args.threads)
-    latency = runtime.measure_latency(session, feeds, warmup=args.warmup, runs=args.runs)
+    """Latency of one model, or of several timed in alternation (noise hits them alike) with ratios to the first."""
+    models = [io.load_model(path) for path in args.models]
+    feeds = next(iter_batches(_data_from_args(args, args.batch_size), input_specs(models[0])))
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+    if len(models) == 1:
+        session = runtime.create_session(models[0], args.device, threads=args.threads)
+        latency = runtime.measure_latency(session, feeds, warmup=args.warmup, runs=args.runs)
+        console.print(
+            f"{args.models[0]} on {args.device} ({', '.join(session.get_providers())}), "
+            f"threads={args.threads or 'default'}, inputs {shapes}: median {latency.median_ms:.3f} ms, "
+            f"p90 {latency.p90_ms:.3f} ms, min {latency.min_ms:.3f} ms over {latency.runs} runs after {args.warmup} "
+            "warm-up"
+        )
+        return 0
+    _same_inputs(args.models, models)
+    # Spinning threads of one session would steal the cores of the next: timing sessions do not spin.
+    sessions = {
+        f"{i}": runtime.create_session(m, args.device, threads=args.threads, spinning=False)
+        for i, m in enumerate(models)
+    }
+    timed = runtime.interleaved_latency(sessions, feeds, warmup=args.warmup, runs=args.runs)
+    first = timed["0"].median_ms
     console.print(
-        f"{args.model} on {args.device} ({', '.join(session.get_providers())}), threads={args.threads or 'default'}, "
-        f"inputs {shapes}: median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms, "
-        f"min {latency.min_ms:.3f} ms over {latency.runs} runs after {args.warmup} warm-up"
+        f"on {args.device}, threads={args.threads or 'default'}, inputs {shapes}, {args.runs} runs each in "
+        f"alternation after {args.warmup} warm-up (thread spinning off):"
     )
+    for i, path in enumerate(args.models):
+        t = timed[f"{i}"]
+        console.print(
+            f"  {path}: median {t.median_ms:.3f} ms, p90 {t.p90_ms:.3f} ms"
+            + ("" if i == 0 else f", {t.median_ms / first:.2f}× the first"),
+            soft_wrap=True,  # a path is never split
+        )
     return 0
 
 
-def cmd_passes(args: argparse.Namespace) -> int:
-    render.render_passes(console)
-    return 0
+def _same_inputs(paths: Sequence[str], models: Sequence[ir.Model]) -> None:
+    """Models compared on one set of feeds must take the same inputs."""
+    names = [sorted(spec.name for spec in input_specs(m)) for m in models]
+    for path, found in zip(paths[1:], names[1:], strict=True):
+        if found != names[0]:
+            raise RecipeError(
+                f"{path} takes inputs {', '.join(found)} but {paths[0]} takes {', '.join(names[0])}: "
+                "bench compares models with the same inputs."
+            )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -234,7 +278,6 @@ COMMANDS = {
     "inspect": cmd_inspect,
     "verify": cmd_verify,
     "bench": cmd_bench,
-    "passes": cmd_passes,
     "demo": cmd_demo,
 }
 

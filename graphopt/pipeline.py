@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from graphopt import (
     fallback,
+    hardware,
     io,
     localize,
     opset,
@@ -35,10 +36,11 @@ from graphopt import (
     serialize,
     speed,
     stats,
+    targets,
     verify,
 )
 from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
-from graphopt.errors import AccuracyBudgetError, GraphoptError, PassError
+from graphopt.errors import AccuracyBudgetError, DataError, GraphoptError, PassError
 from graphopt.passes import edit
 from graphopt.report import PassRecord, Report
 
@@ -229,6 +231,10 @@ def as_recipe(recipe_or_passes: RecipeLike, known: registry.Registry = registry.
         return recipe_or_passes
     if isinstance(recipe_or_passes, (str, os.PathLike)) and Path(recipe_or_passes).suffix in (".yaml", ".yml", ".json"):
         return recipe.load_recipe(recipe_or_passes, known=known)
+    if isinstance(recipe_or_passes, str) and targets.is_builtin(recipe_or_passes):
+        return replace(
+            recipe.load_recipe(targets.path(recipe_or_passes), known=known), target=targets.canonical(recipe_or_passes)
+        )
     if isinstance(recipe_or_passes, str):
         return recipe.Recipe(passes=recipe.parse_passes([recipe_or_passes], known=known))
     if isinstance(recipe_or_passes, Mapping):
@@ -270,6 +276,7 @@ def optimize(
             source=calibration, samples=(plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)).samples
         )
     calibration = calibration or plan.calibration
+    _check_calibration(plan, calibration)
     # a model given loaded (graphopt.load) still names its file in the report
     loaded = isinstance(model_or_path, ir.Model)
     source = next(iter(io.source_files(model_or_path)), None) if loaded else Path(model_or_path)
@@ -289,6 +296,8 @@ def optimize(
         after=records[-1].after if records else stats.model_stats(candidate),
     )
     report.opset = opset_change.to_dict() if opset_change else None
+    if plan.target:
+        report.target = {"name": plan.target, "cpu": hardware.describe_cpu(), "choices": targets.choices(plan)}
     report.lifted_constants = pipeline.lifted_constants
     if plan.verify.enabled:
         target = pipeline.new_reference or reference
@@ -296,6 +305,22 @@ def optimize(
     if io.CHECKER_FAILURE in reference.meta:  # saving then lets ONNX Runtime's load decide, as for the input
         candidate.meta[io.CHECKER_FAILURE] = reference.meta[io.CHECKER_FAILURE]
     return Result(candidate, report)
+
+
+def _check_calibration(plan: recipe.Recipe, calibration: DataSpec | None) -> None:
+    """Before anything runs: a step that cannot run without calibration data, given none, is a user error."""
+    if calibration is not None:
+        return
+    for step in plan.passes:
+        if step.spec.needs_data(step.config):
+            target = f" (target {plan.target})" if plan.target else ""
+            raise DataError(
+                f"pass {step.name!r}{target} needs calibration data as configured (it reads data for "
+                f"{step.spec.data}); give --calib DATA.npz (an .npz or a folder of <input>.npy, sample axis first; "
+                "or a recipe `calibration: {data: ...}`)."
+            )
+        if note := step.spec.without_data(step.config):
+            logger.warning("no calibration data: %s.", note)
 
 
 def _fit_opset(

@@ -90,6 +90,7 @@ class Recipe:
     device: str = "cpu"
     check: bool = False
     fallback: FallbackSettings = field(default_factory=FallbackSettings)
+    target: str = ""  # the built-in target this recipe is (``graphopt.targets``), or empty
 
 
 _TOP_KEYS = ("passes", "calibration", "verify", "budget", "fallback", "device", "check")
@@ -286,11 +287,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}.")
     if origin in (tuple, Sequence, list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: expected a list; got {value!r}.")
+            example = value if isinstance(value, str) and value else "A, B"
+            raise RecipeError(
+                f"{where}: expected a list; got {value!r}. Write lists in brackets: [{example}] "
+                f"(on the command line: --pass NAME:OPTION=[{example}])."
+            )
         return tuple(_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise RecipeError(f"{where}: expected a mapping; got {value!r}.")
+            raise RecipeError(f"{where}: expected a mapping; got {value!r}. Write mappings in braces: {{key: value}}.")
         return {str(k): _coerce(v, args[1] if args else Any, f"{where}.{k}") for k, v in value.items()}
     return _coerce_scalar(value, hint, where)
 

@@ -8,11 +8,14 @@ code registers a pass (:meth:`Registry.with_passes`), without touching the built
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from graphopt.errors import RecipeError
@@ -57,6 +60,17 @@ class Lossy:
     kept: str = "in float"
 
 
+def _class_docstring(path: str) -> str:
+    """The docstring of ``module:Class`` from the module's source (importing a pass module loads ONNX)."""
+    module, _, name = path.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return ""
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    found = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name), None)
+    return (ast.get_docstring(found) or "") if found is not None else ""
+
+
 @dataclass(frozen=True)
 class PassSpec:
     """How to build one pass from a recipe entry.
@@ -76,6 +90,8 @@ class PassSpec:
             compares with the model as it is after that step, not with the input.
         min_opset: ``config -> opset`` the pass works best at; the pipeline converts older
             models to it first (when the conversion keeps the outputs equal).
+        data: When the pass reads calibration data, in the words of its options (for
+            ``graphopt passes``); empty for passes that never do.
     """
 
     name: str
@@ -85,6 +101,7 @@ class PassSpec:
     lossy: Lossy | None = None
     changes_function: str | None = None
     min_opset: str | Callable[[Any], int] | None = None
+    data: str = ""
 
     @property
     def exact(self) -> bool:
@@ -96,8 +113,18 @@ class PassSpec:
 
     @property
     def summary(self) -> str:
-        doc = (resolve(self.pass_class).__doc__ or "").strip()
+        """The first line of the pass class's docstring, read from its source without importing it."""
+        cls = self.pass_class
+        doc = (_class_docstring(cls) if isinstance(cls, str) else cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else self.name
+
+    def needs_data(self, config: Any) -> bool:
+        """Whether ``config`` cannot run without calibration data (a config's ``needs_data``, if it has one)."""
+        return bool(getattr(config, "needs_data", False))
+
+    def without_data(self, config: Any) -> str:
+        """What ``config`` does differently without calibration data (a config's ``without_data``), or ""."""
+        return str(getattr(config, "without_data", ""))
 
     def config_type(self) -> type:
         return resolve(self.config_class)
@@ -194,17 +221,17 @@ _CAL = "graphopt.calibration"
 
 REGISTRY = Registry(
     [
-        PassSpec("fold", f"{_P}.fold.constants:FoldConstantsPass", f"{_P}.fold.constants:FoldConfig"),
+        PassSpec("fold", f"{_P}.fold.constants:FoldConstantsPass", f"{_P}.fold.config:FoldConfig"),
         PassSpec(
             "merge_lora",
             f"{_P}.lora.merge:MergeLoraPass",
-            f"{_P}.lora.merge:MergeLoraConfig",
+            f"{_P}.lora.config:MergeLoraConfig",
             changes_function="adapters",
         ),
         PassSpec(
             "unmerge_lora",
             f"{_P}.lora.merge:UnmergeLoraPass",
-            f"{_P}.lora.merge:UnmergeLoraConfig",
+            f"{_P}.lora.config:UnmergeLoraConfig",
             changes_function="adapters",
         ),
         PassSpec(
@@ -219,14 +246,22 @@ REGISTRY = Registry(
                 op_types=True,
             ),
             min_opset=f"{_P}.quantize.config:min_opset",
+            data="mode=static, or mode=auto when data is given (auto without data quantizes dynamically)",
         ),
-        PassSpec("tune", f"{_P}.tune:TuneForRuntimePass", f"{_P}.tune:TuneConfig", calibrate=f"{_CAL}.timing:measure"),
+        PassSpec(
+            "tune",
+            f"{_P}.tune:TuneForRuntimePass",
+            f"{_P}.options:TuneConfig",
+            calibrate=f"{_CAL}.timing:measure",
+            data="optional: times one batch of it (seeded random inputs otherwise)",
+        ),
         PassSpec(
             "fp16",
             f"{_P}.fp16:Float16Pass",
-            f"{_P}.fp16:Fp16Config",
+            f"{_P}.options:Fp16Config",
             calibrate=f"{_CAL}.magnitudes:collect_magnitudes",
             lossy=Lossy(kept="in float32"),
+            data="optional: with data, nodes touching values beyond max_abs stay float32",
         ),
         PassSpec(
             "prune",
@@ -234,6 +269,7 @@ REGISTRY = Registry(
             f"{_P}.prune.config:PruneConfig",
             calibrate=f"{_P}.prune.unstructured:collect_prune_statistics",
             lossy=Lossy(f"{_P}.prune.config:prune_method_alternatives", op_types=True, kept="dense"),
+            data="method=wanda or method=sparsegpt",
         ),
         PassSpec(
             "prune_structured",
@@ -241,6 +277,7 @@ REGISTRY = Registry(
             f"{_P}.prune.config:PruneStructuredConfig",
             calibrate=f"{_P}.prune.structured:collect_structured_statistics",
             lossy=Lossy(kept="whole"),
+            data="recover=true or importance=activation",
         ),
         PassSpec(
             "weight_only",
@@ -248,6 +285,7 @@ REGISTRY = Registry(
             f"{_P}.weight_only.config:WeightOnlyConfig",
             calibrate=f"{_P}.weight_only.gptq:collect_hessians",
             lossy=Lossy(f"{_P}.weight_only.config:method_alternatives", op_types=True),
+            data="method=gptq",
         ),
     ]
 )

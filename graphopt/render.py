@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from graphopt import registry, speed
+from graphopt import speed
 from graphopt.report import Report
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
@@ -34,6 +34,9 @@ def render_report(console: Console, report: Report) -> None:
         f"model: {before.nodes} → {after.nodes} nodes, weights {_mib(before.bytes)} → {_mib(after.bytes)}"
         + (f", file {_mib(report.output_bytes_on_disk)}" if report.output_bytes_on_disk else "")
     )
+    if report.target:
+        t = report.target
+        console.print(f"target {t['name']} on {t['cpu']}" + "".join(f"\n  {c}" for c in t["choices"]))
     if report.latency:
         ref, opt = report.latency["reference"], report.latency["optimized"]
         console.print(
@@ -176,17 +179,3 @@ def render_stats(console: Console, name: str, stats: ModelStats, extra: dict[str
     for op, count in stats.ops.items():
         ops.add_row(op, str(count))
     console.print(ops)
-
-
-def render_passes(console: Console) -> None:
-    for name, spec in registry.REGISTRY.items():
-        needs = ", needs calibration data" if spec.needs_calibration else ""
-        kind = "exact" if spec.exact else "lossy"
-        console.print(f"[bold]{name}[/bold] ({kind}{needs}): {spec.summary}")
-        table = Table(show_header=True, box=None, padding=(0, 2))
-        for column in ("option", "type", "default", "description"):
-            table.add_column(column)
-        for option, type_name, default, text in spec.options():
-            table.add_row(option, str(type_name), repr(default), text)
-        console.print(table)
-        console.print()

@@ -57,6 +57,7 @@ class Report:
     output_bytes_on_disk: int | None = None
     fallback: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None  # the latency budget's search (graphopt.speed.SpeedResult)
+    target: dict[str, Any] | None = None  # the built-in target run: its name, the CPU found, what it chose
     runtime: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
     opset: dict[str, Any] | None = None  # the opset conversion before the passes, when one was wanted
@@ -76,6 +77,7 @@ class Report:
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
             "fallback": self.fallback,
             "speed": self.speed,
+            "target": self.target,
             "runtime": self.runtime,
             "layers": self.layers,
             "opset": self.opset,
@@ -100,6 +102,9 @@ class Report:
             f"{self.before.bytes:,} → {self.after.bytes:,} bytes of weights.",
             "",
         ]
+        if self.target:
+            t = self.target
+            lines += [f"Target `{t['name']}` on {t['cpu']}:", *[f"- {c}" for c in t["choices"]], ""]
         if self.lifted_constants:
             lines += [f"{self.lifted_constants} weights stored as Constant nodes became initializers.", ""]
         if self.opset:

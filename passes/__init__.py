@@ -10,3 +10,24 @@
 
 The registry (:mod:`graphopt.registry`) names each pass by module path and imports it on first use.
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+
+def lazy(package: str, names: dict[str, str]) -> Callable[[str], object]:
+    """A package's ``__getattr__`` that imports each exported name from its submodule on first use (PEP 562).
+
+    A family's options module can then be imported (to list passes, to parse a recipe)
+    without loading its pass code, onnx_ir and ONNX.
+    """
+
+    def __getattr__(name: str) -> object:
+        module = names.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+
+    return __getattr__

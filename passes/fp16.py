@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from graphopt.passes import edit
 from graphopt.passes.edit import infer_types
+from graphopt.passes.options import FP16_MAX, Fp16Config
 
 logger = logging.getLogger(__name__)
 
-FP16_MAX = 65504.0
-# Kept in float32 by default: reductions and normalisations accumulate over many values,
-# Softmax/exp-like ops overflow early, Resize/Range/shape arithmetic take exact scales.
-DEFAULT_BLOCKED = (
-    "ReduceSum", "ReduceMean", "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare", "ReduceProd", "Softmax", "LogSoftmax",
-    "Exp", "Pow", "Resize", "Upsample", "Range", "CumSum", "TopK", "NonMaxSuppression", "RandomNormal",
-    "RandomNormalLike", "RandomUniform", "RandomUniformLike", "EyeLike", "Multinomial", "Bernoulli",
-)  # fmt: skip
 _FLOAT_TYPES = (ir.DataType.FLOAT,)
 # Ops converted: their output type follows their float inputs (type constraint T) and ORT
 # has float16 kernels or casts around them itself. Anything else stays float32: ops with
@@ -33,23 +25,6 @@ FP16_OPS = frozenset(
      "GlobalAveragePool", "BatchNormalization", "LayerNormalization", "Softplus", "HardSigmoid", "HardSwish", "Pad",
      "Tile", "Where", "Cast", "Constant", "Dropout", "InstanceNormalization", "PRelu", "Elu", "Selu", "Floor", "Ceil"}
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Fp16Config:
-    """Options of the ``fp16`` pass."""
-
-    keep_io_types: bool = field(
-        default=True, metadata={"help": "Keep graph inputs and outputs in float32 (Casts at the edges)."}
-    )
-    exclude_op_types: tuple[str, ...] = field(default=DEFAULT_BLOCKED, metadata={"help": "Op types kept in float32."})
-    exclude: tuple[str, ...] = field(
-        default=(), metadata={"help": "Node or weight names kept in float32; shell patterns like 'fc*' work."}
-    )
-    max_abs: float = field(
-        default=0.5 * FP16_MAX,
-        metadata={"help": "With calibration data: nodes touching values beyond this magnitude stay float32."},
-    )
 
 
 class Float16Pass(ir.passes.InPlacePass):

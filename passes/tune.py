@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from graphopt.passes.options import TuneConfig
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    """Options of the ``tune`` pass."""
-
-    min_gain: float = field(default=0.02, metadata={"help": "Keep a rewrite only if it is at least this much faster."})
-    runs: int = field(default=20, metadata={"help": "Timed runs per variant (interleaved, medians)."})
-    threads: int | None = field(default=1, metadata={"help": "ONNX Runtime threads while timing (None: ORT default)."})
-    device: str = field(default="cpu", metadata={"help": "Device to tune for: cpu or cuda."})
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,31 @@ def test_inspect_verify_bench_passes(tmp_path: Path, model_path: Path, capsys: p
     assert code == 0 and "fold" in text and "size_limit" in text
 
 
+def test_bench_of_two_models_times_them_in_alternation_and_prints_the_ratio(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = toy.save(toy.foldable(seed=5), tmp_path / "other.onnx")
+    code, text = _run(capsys, "bench", str(model_path), str(other), "--runs", "5", "--threads", "1")
+    text = " ".join(text.split())
+    assert code == 0 and "in alternation" in text and f"{other}: median" in text and "× the first" in text
+    renamed = toy.foldable()
+    for node in renamed.graph.node:
+        node.input[:] = ["features" if name == "x" else name for name in node.input]
+    renamed.graph.input[0].name = "features"
+    code, text = _run(capsys, "bench", str(model_path), str(toy.save(renamed, tmp_path / "r.onnx")), "--runs", "2")
+    assert code == 2 and "bench compares models with the same inputs" in " ".join(text.split())
+
+
+def test_version_and_help_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("graphopt ")
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "graphopt bench model.onnx model.int8.onnx" in text and "exit codes" in text
+
+
 def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["optimize"])

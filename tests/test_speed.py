@@ -164,7 +164,7 @@ def _conv_softmax() -> tuple[registry.PassSpec, QuantizeConfig, ir.Model, object
 
 @pytest.mark.parametrize("accuracy", [0.5, 2.0])
 def test_a_faster_placement_is_kept_only_within_the_accuracy_budget(accuracy: float) -> None:
-    """quantize's fusing alternative (every output quantized) is timed first; over the accuracy budget it is not kept."""
+    """quantize's fusing alternative (every output quantized) is timed first; over the accuracy budget, not kept."""
     spec, config, before, statistics, candidate, data = _conv_softmax()
     base = _quantize_nodes(candidate)
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
-from graphopt.passes.fold.constants import FoldConfig, FoldConstantsPass
+from graphopt.passes import lazy
 
 __all__ = ["FoldConfig", "FoldConstantsPass"]
+__getattr__ = lazy(__name__, {"FoldConfig": "config", "FoldConstantsPass": "constants"})

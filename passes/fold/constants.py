@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +12,7 @@ import onnx_ir.passes.common as common_passes
 
 from graphopt.passes import edit
 from graphopt.passes.fold import private_api
+from graphopt.passes.fold.config import FoldConfig
 from graphopt.passes.fold.optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -23,30 +23,6 @@ _SHARED_INPUT_LIMIT = 8192
 # ConstantOfShape outputs at most this large are folded into constants.
 _SMALL_FILL = 1024
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
-
-
-@dataclass(frozen=True)
-class FoldConfig:
-    """Options of the ``fold`` pass."""
-
-    size_limit: int = field(
-        default=1 << 28,
-        metadata={"help": "Largest constant (elements) folding may read or create; weight-sized by default."},
-    )
-    iterations: int = field(default=2, metadata={"help": "Fold-and-rewrite rounds; stops early when nothing changes."})
-    inline_functions: bool = field(
-        default=True, metadata={"help": "Inline model-local functions first so their bodies fold too."}
-    )
-    shape_inference: bool = field(
-        default=True, metadata={"help": "Infer shapes node by node, which lets Shape/Size-driven subgraphs fold."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.size_limit < 1 or self.iterations < 1:
-            raise ValueError(
-                f"size_limit and iterations must be at least 1; got size_limit={self.size_limit}, "
-                f"iterations={self.iterations}."
-            )
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):

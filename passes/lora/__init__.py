@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
-from graphopt.passes.lora.merge import MergeLoraConfig, MergeLoraPass, UnmergeLoraConfig, UnmergeLoraPass
+from graphopt.passes import lazy
 
 __all__ = ["MergeLoraConfig", "MergeLoraPass", "UnmergeLoraConfig", "UnmergeLoraPass"]
+__getattr__ = lazy(
+    __name__,
+    {"MergeLoraConfig": "config", "MergeLoraPass": "merge", "UnmergeLoraConfig": "config", "UnmergeLoraPass": "merge"},
+)

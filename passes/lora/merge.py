@@ -17,16 +17,16 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
 
 import onnx_ir as ir
 
-from graphopt.errors import DataError, RecipeError
+from graphopt.errors import DataError
 from graphopt.passes.lora import quantized as lora_quantized
 from graphopt.passes.lora.adapters import Adapter, LoraFactors, combine, load_adapter
 from graphopt.passes.lora.branch import BranchMerger, merge_branches
+from graphopt.passes.lora.config import AdapterOptions, MergeLoraConfig, UnmergeLoraConfig
 from graphopt.passes.lora.external import ExternalMerge, resolve, unmatched_error, weighted_targets
 from graphopt.passes.lora.targets import Target, WeightAccess, float_weight, locate_weight
 
@@ -34,73 +34,6 @@ logger = logging.getLogger(__name__)
 
 LEDGER_KEY = "graphopt.lora"
 _KEEP = "keep_branch: the quantized base keeps its LoRA in float beside it"
-
-
-@dataclass(frozen=True)
-class AdapterOptions:
-    """Options shared by ``merge_lora`` and ``unmerge_lora``: which adapters, and how they map."""
-
-    pass_name: ClassVar[str] = "merge_lora"
-    adapters: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "PEFT adapter folders (adapter_config.json + adapter_model.safetensors)."},
-    )
-    weights: tuple[float, ...] = field(
-        default=(), metadata={"help": "One weight per adapter (to unmerge: the weights merged); 1.0 each by default."}
-    )
-    combination: Literal["linear", "cat"] = field(
-        default="linear",
-        metadata={
-            "help": "How several adapters combine: linear = PEFT add_weighted_adapter 'linear' (weighted sums "
-            "of A and of B, equal ranks); cat = the exact weighted sum of the updates."
-        },
-    )
-    mapping: dict[str, str] = field(
-        default_factory=dict,
-        metadata={"help": "PEFT module -> ONNX node or weight initializer name, where the names do not match."},
-    )
-    mapping_file: str | None = field(default=None, metadata={"help": "JSON file with more mapping entries."})
-    allow_unmatched: bool = field(
-        default=False, metadata={"help": "Merge the modules that match and report the rest instead of failing."}
-    )
-
-    def __post_init__(self) -> None:
-        name = self.pass_name
-        if self.weights and len(self.weights) != len(self.adapters):
-            raise RecipeError(
-                f"{name}: weights has {len(self.weights)} value(s) for {len(self.adapters)} adapter(s); "
-                "give one weight per adapter, or none for 1.0 each."
-            )
-        if name == "unmerge_lora" and not self.adapters:
-            raise RecipeError("unmerge_lora: adapters is empty; give the adapter folder(s) that were merged.")
-
-
-@dataclass(frozen=True)
-class UnmergeLoraConfig(AdapterOptions):
-    """Options of the ``unmerge_lora`` pass."""
-
-    pass_name: ClassVar[str] = "unmerge_lora"
-
-
-@dataclass(frozen=True)
-class MergeLoraConfig(AdapterOptions):
-    """Options of the ``merge_lora`` pass."""
-
-    in_graph: bool = field(default=True, metadata={"help": "Merge LoRA branches left in the graph by the exporter."})
-    shared_weights: Literal["skip", "copy"] = field(
-        default="skip",
-        metadata={
-            "help": "A base weight other nodes read too: skip leaves its LoRA alone (an adapter module then fails); "
-            "copy gives the op its own merged copy."
-        },
-    )
-    quantized: Literal["requantize", "keep_branch"] = field(
-        default="requantize",
-        metadata={
-            "help": "Quantized base weights (DequantizeLinear, MatMulNBits, MatMulBnb4): requantize = dequantize, "
-            "add the update, quantize again in the same format; keep_branch = keep the LoRA in float beside it."
-        },
-    )
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,15 @@
 
 from __future__ import annotations
 
-from graphopt.passes.prune.config import PruneConfig, PruneStructuredConfig
-from graphopt.passes.prune.structured import PruneStructuredPass
-from graphopt.passes.prune.unstructured import PruneWeightsPass
+from graphopt.passes import lazy
 
 __all__ = ["PruneConfig", "PruneStructuredConfig", "PruneStructuredPass", "PruneWeightsPass"]
+__getattr__ = lazy(
+    __name__,
+    {
+        "PruneConfig": "config",
+        "PruneStructuredConfig": "config",
+        "PruneStructuredPass": "structured",
+        "PruneWeightsPass": "unstructured",
+    },
+)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import onnx_ir as ir
-
-from graphopt.passes.edit import excluded
+if TYPE_CHECKING:  # options load without onnx_ir: `graphopt passes` stays fast
+    import onnx_ir as ir
 
 PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
 
@@ -137,4 +136,6 @@ class PruneStructuredConfig:
         return self.recover or self.importance == "activation"
 
     def excluded(self, node: ir.Node) -> bool:
+        from graphopt.passes.edit import excluded
+
         return excluded(node, self.exclude, self.exclude_op_types)

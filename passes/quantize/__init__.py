@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from graphopt.passes.quantize.config import QuantizeConfig
-from graphopt.passes.quantize.static import QuantizeQDQPass
+from graphopt.passes import lazy
 
 __all__ = ["QuantizeConfig", "QuantizeQDQPass"]
+__getattr__ = lazy(__name__, {"QuantizeConfig": "config", "QuantizeQDQPass": "static"})

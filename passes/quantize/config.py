@@ -84,6 +84,18 @@ class QuantizeConfig:
         },
     )
 
+    @property
+    def needs_data(self) -> bool:
+        """Static mode calibrates activation ranges; auto goes dynamic without data."""
+        return self.mode == "static"
+
+    @property
+    def without_data(self) -> str:
+        """What the pass does differently when no calibration data is given (said before it runs)."""
+        if self.mode != "auto":
+            return ""
+        return "quantize runs in dynamic mode: MatMul weights only, convolutions stay float; give --calib DATA for int8"
+
 
 def resolve_reduce_range(config: QuantizeConfig) -> bool:
     """``reduce_range`` with "auto" decided for this CPU (only int8 weights can saturate)."""

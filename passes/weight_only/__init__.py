@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from graphopt.passes.weight_only.config import WeightOnlyConfig
-from graphopt.passes.weight_only.quantize import WeightOnlyQuantizePass
+from graphopt.passes import lazy
 
 __all__ = ["WeightOnlyConfig", "WeightOnlyQuantizePass"]
+__getattr__ = lazy(__name__, {"WeightOnlyConfig": "config", "WeightOnlyQuantizePass": "quantize"})

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import numpy as np
-
 FLOAT_FORMATS = ("nf4", "fp4")
 
 
@@ -87,6 +85,11 @@ class WeightOnlyConfig:
             raise ValueError(f"gptq_damp must be > 0; got {self.gptq_damp}.")
 
     @property
+    def needs_data(self) -> bool:
+        """GPTQ updates weights from calibration activations; round-to-nearest reads none."""
+        return self.method == "gptq"
+
+    @property
     def kernel_accuracy_level(self) -> int:
         """The MatMulNBits accuracy_level written (``accuracy_level`` with its default resolved)."""
         if self.accuracy_level is not None:
@@ -106,6 +109,8 @@ class WeightOnlyConfig:
     def clip_ratios(self) -> tuple[float, ...]:
         if not self.clip_search or self.clip_min >= 1.0:
             return (1.0,)
+        import numpy as np  # options load without numpy: `graphopt passes` stays fast
+
         return tuple(float(r) for r in np.linspace(1.0, self.clip_min, self.clip_steps))
 
 

@@ -496,7 +496,7 @@ def test_bfloat16_adapter_and_alpha_pattern(tmp_path: Path) -> None:
     ("name", "options", "message"),
     [
         ("merge_lora", {"weights": [1.0]}, "merge_lora: weights has 1 value(s) for 0 adapter(s); give one weight"),
-        ("merge_lora", {"adapters": "a"}, "adapters: expected a list; got 'a'."),
+        ("merge_lora", {"adapters": "a"}, "adapters: expected a list; got 'a'. Write lists in brackets"),
         ("merge_lora", {"weights": ["x"]}, "weights[0]: expected float; got 'x' (str)."),
         ("merge_lora", {"quantized": "drop"}, "quantized: 'drop' is not one of 'requantize', 'keep_branch'."),
         ("merge_lora", {"shared_weights": True}, "shared_weights: True is not one of 'skip', 'copy'."),
