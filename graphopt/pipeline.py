@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -334,12 +334,37 @@ def _fit_opset(
     return opset.upgrade(reference, wanted, batches, device)
 
 
-def _check_data(plan: recipe.Recipe, calibration: DataSpec | None) -> DataSpec:
-    """The inputs verification uses: the recipe's, else the calibration data, else random ones."""
+def _check_data(plan: recipe.Recipe, calibration: DataSpec | None, specs: list[Any] | None = None) -> DataSpec:
+    """The inputs verification uses: the recipe's, else calibration data, else random ones.
+
+    From the calibration data, verification takes the samples after those calibration used
+    (held out), when ``specs`` are given and such samples exist; otherwise it reuses the
+    calibration samples (the report says which).
+    """
     data = plan.verify.data
     if data.source is None and calibration is not None and calibration.source is not None:
         data = replace(data, source=calibration.source)
+        held_out = replace(data, skip=calibration.samples)
+        if (
+            specs is not None
+            and not isinstance(calibration.source, Iterator)
+            and next(iter_batches(held_out, specs), None)
+        ):
+            return held_out
     return data
+
+
+def _describe_data(report: Report, calibration: DataSpec | None, verification: DataSpec) -> None:
+    """Name the data each step used in the report; say so when verification reuses calibration samples."""
+    report.data = {"calibration": calibration.describe()} if calibration is not None else {}
+    report.data["verification"] = verification.describe()
+    if calibration is not None:
+        same = calibration.source is not None and verification.source is calibration.source
+        if same and verification.skip < calibration.samples:
+            report.data["note"] = (
+                "verification reused calibration samples (the data has no others): an over-fitted calibration would "
+                "not show; give --verify-data with other samples"
+            )
 
 
 def _verify(
@@ -352,7 +377,8 @@ def _verify(
     calibration: DataSpec | None,
 ) -> ir.Model:
     """Verify; over budget, try the fallback; then time the final model and raise if still over."""
-    data = _check_data(plan, calibration)
+    data = _check_data(plan, calibration, input_specs(reference))
+    _describe_data(report, calibration, data)
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = verify.Checker(reference, data, plan.budget, device, threads)

@@ -34,6 +34,10 @@ def render_report(console: Console, report: Report) -> None:
         f"model: {before.nodes} → {after.nodes} nodes, weights {_mib(before.bytes)} → {_mib(after.bytes)}"
         + (f", file {_mib(report.output_bytes_on_disk)}" if report.output_bytes_on_disk else "")
     )
+    if report.data:
+        for step, text in report.data.items():
+            style = "[yellow]warning[/yellow]: " if step == "note" else f"{step} data: "
+            console.print(style + text, soft_wrap=True)
     if report.target:
         t = report.target
         console.print(f"target {t['name']} on {t['cpu']}" + "".join(f"\n  {c}" for c in t["choices"]))

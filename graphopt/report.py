@@ -58,6 +58,7 @@ class Report:
     fallback: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None  # the latency budget's search (graphopt.speed.SpeedResult)
     target: dict[str, Any] | None = None  # the built-in target run: its name, the CPU found, what it chose
+    data: dict[str, str] | None = None  # the inputs each step used ("calibration", "verification", "note")
     runtime: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
     opset: dict[str, Any] | None = None  # the opset conversion before the passes, when one was wanted
@@ -78,6 +79,7 @@ class Report:
             "fallback": self.fallback,
             "speed": self.speed,
             "target": self.target,
+            "data": self.data,
             "runtime": self.runtime,
             "layers": self.layers,
             "opset": self.opset,
@@ -105,6 +107,8 @@ class Report:
         if self.target:
             t = self.target
             lines += [f"Target `{t['name']}` on {t['cpu']}:", *[f"- {c}" for c in t["choices"]], ""]
+        if self.data:
+            lines += [f"Data: {step}: {text}." for step, text in self.data.items()] + [""]
         if self.lifted_constants:
             lines += [f"{self.lifted_constants} weights stored as Constant nodes became initializers.", ""]
         if self.opset:

@@ -92,3 +92,21 @@ def test_compressing_little_is_reported_with_the_reason() -> None:
     report = _report(passes=[prune])
     report.before, report.after = before, pruned
     assert render.outcome_warnings(report) == []
+
+
+def test_verification_holds_out_samples_calibration_did_not_use(tmp_path: Path) -> None:
+    import numpy as np
+
+    import graphopt
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input=rng.normal(size=(40, 1, 8, 8)).astype(np.float32))
+    recipe = {"passes": ["fold", "quantize"], "verify": {"samples": 8, "latency_runs": 0}}
+    calibration = graphopt.DataSpec(source=str(tmp_path / "calib.npz"), samples=24)
+    report = graphopt.optimize(str(DATA / "digits_cnn.onnx"), recipe, calibration=calibration).report
+    assert report.data is not None and "samples 24 to 31" in report.data["verification"]
+    assert "samples 0 to 23" in report.data["calibration"] and "note" not in report.data
+    # No sample left over: verification reuses the calibration samples, and the report says so.
+    calibration = graphopt.DataSpec(source=str(tmp_path / "calib.npz"), samples=40)
+    report = graphopt.optimize(str(DATA / "digits_cnn.onnx"), recipe, calibration=calibration).report
+    assert "samples 0 to 7" in report.data["verification"] and "reused calibration samples" in report.data["note"]

@@ -304,12 +304,25 @@ class DataSpec:
     batch_size: int = 1
     seed: int = 0
     dims: Mapping[str, int] | None = None
+    skip: int = 0  # samples of ``source`` passed over first (verification held out from calibration)
 
     def __post_init__(self) -> None:
         # A count of 0 would verify or calibrate on nothing and still report success.
         for name, value in (("samples", self.samples), ("batch_size", self.batch_size), *(self.dims or {}).items()):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DataError(f"{name} must be a whole number of at least 1; got {value!r}.")
+        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
+            raise DataError(f"skip must be a whole number of at least 0; got {self.skip!r}.")
+
+    def describe(self) -> str:
+        """Which inputs these are, for a report: the source and the samples used."""
+        if self.source is None:
+            return f"seeded random inputs from the input specs (seed {self.seed}, {self.samples} samples)"
+        if isinstance(self.source, (str, os.PathLike)):
+            where = str(self.source)
+        else:
+            where = "arrays given from Python" if isinstance(self.source, Mapping) else "feeds given from Python"
+        return f"{where}, samples {self.skip} to {self.skip + self.samples - 1} at most"
 
 
 def require_data(data: DataSpec | None, pass_name: str) -> DataSpec:
@@ -353,10 +366,11 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
         if isinstance(data.source, Mapping):
             arrays = {name: np.asarray(array) for name, array in data.source.items()}
         else:
-            arrays = _lone_array(load_arrays(data.source, data.samples), Path(data.source), specs)
-        arrays = {name: array if array.ndim == 0 else array[: data.samples] for name, array in arrays.items()}
+            arrays = _lone_array(load_arrays(data.source, data.skip + data.samples), Path(data.source), specs)
+        end = data.skip + data.samples
+        arrays = {name: array if array.ndim == 0 else array[data.skip : end] for name, array in arrays.items()}
         return iter_arrays(arrays, specs, batch_size)
-    return _iter_given(data.source, specs, data.samples)
+    return _iter_given(data.source, specs, data.samples, data.skip)
 
 
 def _lone_array(arrays: dict[str, np.ndarray], path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -371,9 +385,15 @@ def _lone_array(arrays: dict[str, np.ndarray], path: Path, specs: list[InputSpec
     return {specs[0].name: next(iter(arrays.values()))}
 
 
-def _iter_given(source: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], samples: int) -> Iterator[Batch]:
-    seen = 0
+def _iter_given(
+    source: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], samples: int, skip: int = 0
+) -> Iterator[Batch]:
+    seen, passed = 0, 0
     for batch in source:
+        if passed < skip:  # whole feeds are passed over until ``skip`` samples have gone by
+            first = next(iter(batch.values()), None)
+            passed += len(first) if first is not None and np.ndim(first) else 1
+            continue
         if seen >= samples:
             return
         missing = [s.name for s in specs if s.name not in batch]
