@@ -100,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pass", dest="passes", action="append", default=[], metavar="NAME[:k=v,...]", help="a pass (repeatable)"
     )
-    p.add_argument("--calib", help="calibration data: .npz or folder of <input>.npy")
+    p.add_argument(
+        "--calib", help="calibration data: .npz, a folder of <input>.npy, or a folder of per-sample .npz (any shapes)"
+    )
+    p.add_argument(
+        "--calib-script",
+        metavar="FILE.py:FUNCTION",
+        help="calibration data from your code: FUNCTION() returns feed dicts (a generator) or a CalibrationDataReader",
+    )
     p.add_argument(
         "--verify-data", help="verification inputs: .npz or folder of .npy (default: random from input specs)"
     )

@@ -23,7 +23,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from graphopt import budget as budget_rules
 from graphopt import demo, destinations, io, ort_view, plots, recipe, registry, render, runtime, stats, targets, verify
-from graphopt.calibration.sources import DEFAULT_CALIBRATION_SAMPLES, DataSpec, input_specs, iter_batches
+from graphopt.calibration.sources import (
+    DEFAULT_CALIBRATION_SAMPLES,
+    DataSpec,
+    input_specs,
+    iter_batches,
+    load_script,
+)
 from graphopt.errors import AccuracyBudgetError, GraphoptError, RecipeError
 from graphopt.pipeline import optimize
 from graphopt.report import Report
@@ -97,9 +103,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         args.output = str(Path(args.output) / f"{source.stem}.{plan.target or 'opt'}.onnx")
     output = Path(args.output)
     calibration = None
-    if args.calib:
+    if args.calib and args.calib_script:
+        raise RecipeError("give either --calib or --calib-script, not both.")
+    if args.calib or args.calib_script:
         base = plan.calibration or DataSpec(samples=DEFAULT_CALIBRATION_SAMPLES)
-        calibration = dataclasses.replace(base, source=args.calib)
+        given = load_script(args.calib_script) if args.calib_script else args.calib
+        calibration = dataclasses.replace(base, source=given)
     reference = io.load_model(source)
     reads = _reads(args, plan, calibration, io.source_files(reference))
     destinations.check_destinations(_destinations(args), destinations.protected_files(reads))
@@ -142,7 +151,9 @@ def _reads(
     """Every file ``optimize`` reads, labelled: none of them may be a destination."""
     reads = [("the input model", p) for p in model_files[:1]]
     reads += [("the input's external data", p) for p in model_files[1:]]
+    script = args.calib_script.rpartition(":")[0] if args.calib_script else None
     sources = [("the recipe", args.recipe), ("the calibration data", calibration and calibration.source)]
+    sources.append(("the calibration script", script))
     sources.append(("the verification data", plan.verify.data.source))
     reads += [(label, Path(p)) for label, p in sources if isinstance(p, (str, os.PathLike))]
     return reads

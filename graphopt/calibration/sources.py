@@ -8,6 +8,7 @@ first; a source cuts them into batches of ``batch_size`` samples.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import typing
 import zipfile
@@ -137,7 +138,10 @@ def load_arrays(path: str | os.PathLike[str], samples: int | None = None) -> dic
         if path.is_dir():
             files = sorted(path.glob("*.npy"))
             if not files:
-                raise DataError(f"{path}: the folder has no .npy files (one <input name>.npy per input).")
+                raise DataError(
+                    f"{path}: the folder has no .npy files (one <input name>.npy per input) and no .npz files "
+                    "(one per sample)."
+                )
             return {f.stem: _load_npy(_regular_file(f)) for f in files}
         if path.suffix == ".npy":
             return {path.stem: _load_npy(_regular_file(path))}
@@ -313,13 +317,16 @@ class DataSpec:
                 raise DataError(f"{name} must be a whole number of at least 1; got {value!r}.")
         if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
             raise DataError(f"skip must be a whole number of at least 0; got {self.skip!r}.")
+        if self.source is not None and not isinstance(self.source, (str, os.PathLike, Mapping, Replayable)):
+            # A generator or an ORT CalibrationDataReader is read once: keep what it gives for the next reader.
+            object.__setattr__(self, "source", as_source(self.source))
 
     def describe(self) -> str:
         """Which inputs these are, for a report: the source and the samples used."""
         if self.source is None:
             return f"seeded random inputs from the input specs (seed {self.seed}, {self.samples} samples)"
         if isinstance(self.source, (str, os.PathLike)):
-            where = str(self.source)
+            where = str(self.source) + (" (one .npz per sample)" if is_sample_folder(self.source) else "")
         else:
             where = "arrays given from Python" if isinstance(self.source, Mapping) else "feeds given from Python"
         return f"{where}, samples {self.skip} to {self.skip + self.samples - 1} at most"
@@ -348,6 +355,103 @@ def batch_size_for(specs: list[InputSpec], wanted: int) -> int:
     return wanted
 
 
+class SampleFolder:
+    """A folder of per-sample ``.npz`` files, each one feed (input name -> array, any shapes), read one at a time.
+
+    Iterating again reads the files again: nothing is held beyond the feed in use.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.files = sorted(self.path.glob("*.npz"))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for file in self.files:
+            try:
+                yield _load_npz(_regular_file(file))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise DataError(f"{file}: cannot read it as .npz data ({exc}). Write it again with numpy.") from exc
+
+
+def is_sample_folder(path: str | os.PathLike[str]) -> bool:
+    """A folder of per-sample .npz files (a folder of <input>.npy arrays is the other kind)."""
+    path = Path(path)
+    return path.is_dir() and any(path.glob("*.npz")) and not any(path.glob("*.npy"))
+
+
+class Replayable:
+    """Feeds from a one-shot source (a generator, ONNX Runtime's ``CalibrationDataReader``), iterable again.
+
+    Calibration and verification read their data more than once (a pass's statistics, the
+    accuracy fallback's re-calibration): feeds taken from the source are kept, so the next
+    pass replays them and then goes on reading the source. Only the feeds used are held.
+    A reader is read through ``get_next()`` until it returns None, as ORT's quantizer does.
+    """
+
+    def __init__(self, source: object) -> None:
+        self._next = getattr(source, "get_next", None) or iter(source).__next__  # type: ignore[call-overload]
+        self._reader = hasattr(source, "get_next")
+        self._seen: list[Mapping[str, np.ndarray]] = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[Mapping[str, np.ndarray]]:
+        yield from list(self._seen)
+        while not self._done:
+            try:
+                feed = self._next()
+            except StopIteration:
+                feed = None
+            if feed is None:
+                self._done = True
+                return
+            if not isinstance(feed, Mapping):
+                raise DataError(f"the data source gave a {type(feed).__name__}, not a dict of input name -> array.")
+            self._seen.append(feed)
+            yield feed
+
+
+def load_script(spec: str) -> object:
+    """``FILE.py:FUNCTION`` imported and called: its feeds (an iterable of dicts, or a CalibrationDataReader).
+
+    What Polygraphy's data-loader scripts and Olive's user scripts are: the user's own code makes
+    the inputs, in the forms they already have.
+    """
+    file, sep, function = spec.rpartition(":")
+    if not sep or not file.endswith(".py") or not function.isidentifier():
+        raise DataError(f"--calib-script {spec!r}: expected FILE.py:FUNCTION, e.g. data.py:calibration_feeds.")
+    path = Path(file)
+    if not path.is_file():
+        raise DataError(f"--calib-script: {path}: no such file.")
+    module_spec = importlib.util.spec_from_file_location(f"graphopt_user_data_{path.stem}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise DataError(f"--calib-script: {path} cannot be imported as a Python module.")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: any error is theirs to fix, named with its line
+        raise DataError(f"--calib-script: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    made = getattr(module, function, None)
+    if not callable(made):
+        raise DataError(f"--calib-script: {path} has no function {function!r}.")
+    try:
+        feeds = made()
+    except Exception as exc:
+        raise DataError(f"--calib-script: {function}() failed: {type(exc).__name__}: {exc}") from exc
+    if not (hasattr(feeds, "get_next") or isinstance(feeds, Iterable)) or isinstance(feeds, (str, bytes, Mapping)):
+        raise DataError(
+            f"--calib-script: {function}() returned a {type(feeds).__name__}; return an iterable of feed dicts "
+            "(input name -> array), e.g. a generator, or an ONNX Runtime CalibrationDataReader."
+        )
+    return as_source(feeds)
+
+
+def as_source(source: object) -> object:
+    """A DataSpec source as iter_batches reads it: one-shot iterators and readers become :class:`Replayable`."""
+    if hasattr(source, "get_next") or isinstance(source, Iterator):
+        return Replayable(source)
+    return source
+
+
 def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     """Batches for ``data``, at most ``data.samples`` samples in all, in batches the model accepts."""
     dims = dict(data.dims or {})
@@ -361,6 +465,8 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     batch_size = batch_size_for(specs, data.batch_size)
     if data.source is None:
         return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)
+    if isinstance(data.source, (str, os.PathLike)) and is_sample_folder(data.source):
+        return _iter_given(SampleFolder(data.source), specs, data.samples, data.skip)
     if isinstance(data.source, (str, os.PathLike, Mapping)):
         # A mapping holds what an .npz does: one array per input, samples along axis 0.
         if isinstance(data.source, Mapping):

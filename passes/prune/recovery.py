@@ -141,8 +141,8 @@ def collect_recovery(
             accumulator.add(np.asarray(xs[x_names[key]], np.float32), ys[key])
     if not seen:
         raise DataError(
-            "prune_structured: the calibration data gave no batches for the re-fit; recovery reads it once per "
-            "stage, so give a file or a list of batches rather than a one-shot iterator."
+            "prune_structured: the calibration data gave no batches for the re-fit; give calibration samples "
+            "(--calib DATA)."
         )
     results = {key: acc.result() for key, acc in accumulators.items()}
     return {key: stats for key, stats in results.items() if stats is not None}

@@ -1,0 +1,112 @@
+"""The user's own data as they have it: per-sample .npz folders, a --calib-script, ORT's CalibrationDataReader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graphopt
+from graphopt import cli
+from graphopt.calibration.sources import DataSpec, Replayable, input_specs, iter_batches
+
+
+def _text_model(path: Path) -> Path:
+    """x [1, seq, 8] (per-sentence lengths) @ W -> mean over seq -> * gain (a scalar input, no sample axis)."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "w2"], ["h2"], name="proj2"),
+            helper.make_node("ReduceMean", ["h2"], ["m"], name="mean", axes=[1], keepdims=0),
+            helper.make_node("Mul", ["m", "gain"], ["y"], name="gain_mul"),
+        ],
+        "text",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", 8]),
+            helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [
+            numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w2"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _feeds(count: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"x": rng.normal(size=(1, int(rng.integers(3, 12)), 8)).astype(np.float32), "gain": np.float32(1.5)}
+        for _ in range(count)
+    ]
+
+
+def _static(capsys: pytest.CaptureFixture[str], model: Path, out: Path, *data: str) -> tuple[int, str]:
+    argv = ["optimize", str(model), "-o", str(out), "--pass", "quantize:mode=static", "--max-latency-ratio", "100"]
+    code = cli.main([*argv, *data])
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+def test_a_folder_of_per_sample_npz_files_of_different_lengths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _text_model(tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for i, feed in enumerate(_feeds(12)):
+        np.savez(tmp_path / "calib" / f"{i:03d}.npz", **feed)
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib", str(tmp_path / "calib"))
+    assert code == 0, text
+    assert "one .npz per sample" in text and "PASSED" in text
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "o.onnx").graph.node) >= 2
+
+
+def test_a_calibration_script_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _text_model(tmp_path / "m.onnx")
+    (tmp_path / "data.py").write_text(
+        "import numpy as np\n"
+        "def feeds():\n"
+        "    rng = np.random.default_rng(2)\n"
+        "    for n in range(3, 15):\n"
+        "        yield {'x': rng.normal(size=(1, n, 8)).astype(np.float32), 'gain': np.float32(2.0)}\n"
+    )
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:feeds")
+    assert code == 0, text
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:nope")
+    assert code == 2 and "has no function 'nope'" in text
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", str(tmp_path / "data.py"))
+    assert code == 2 and "expected FILE.py:FUNCTION" in text
+
+
+def test_an_onnx_runtime_calibration_data_reader_as_it_is(tmp_path: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):  # the shape of readers written for ORT's quantize_static
+        def __init__(self) -> None:
+            self.feeds = iter(_feeds(16, seed=3))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    model = _text_model(tmp_path / "m.onnx")
+    recipe = {"passes": ["quantize:mode=static"], "verify": {"samples": 4, "latency_runs": 0}}
+    result = graphopt.optimize(str(model), recipe, calibration=DataSpec(source=Reader(), samples=12))
+    assert result.report.passes[0].modified and result.report.verification.passed
+    assert result.report.data is not None and "samples 12 to 15" in result.report.data["verification"]
+
+
+def test_a_generator_is_read_once_and_replayed(tmp_path: Path) -> None:
+    specs = input_specs(graphopt.load(_text_model(tmp_path / "m.onnx")))
+    given = (feed for feed in _feeds(5))
+    data = DataSpec(source=given, samples=5)
+    assert isinstance(data.source, Replayable)
+    first = [b["x"].shape for b in iter_batches(data, specs)]
+    second = [b["x"].shape for b in iter_batches(data, specs)]
+    assert len(first) == 5 and first == second
