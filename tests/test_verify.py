@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from graphopt import budget, io, verify
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.calibration import sources
+from graphopt.calibration.sources import DEFAULT_DIM, DataSpec, input_specs, iter_batches
 from graphopt.errors import DataError
 from tests import toy
 
@@ -76,8 +78,41 @@ def test_random_inputs_respect_tables_and_masks(tmp_path: Path) -> None:
     batches = list(iter_batches(DataSpec(samples=5, batch_size=2, dims={"seq": 4}), specs))
     assert [b["ids"].shape for b in batches] == [(2, 4), (2, 4), (1, 4)]
     assert all(b["ids"].max() < 7 for b in batches)
-    with pytest.raises(DataError, match="--dim seq=N"):
-        list(iter_batches(DataSpec(samples=1), specs))
+
+
+def test_symbolic_dims_without_a_value_get_a_stated_default(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generated inputs: the leading dim is the batch, other dims without --dim get DEFAULT_DIM, said once."""
+    monkeypatch.setattr(sources, "_WARNED", set())  # once per process: other tests may have said it already
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", None])],
+    )
+    specs = input_specs(io.load_model(toy.save(toy._model(graph), tmp_path / "g.onnx")))
+    with caplog.at_level(logging.WARNING):
+        batches = list(iter_batches(DataSpec(samples=3, batch_size=2), specs))
+        list(iter_batches(DataSpec(samples=3, batch_size=2), specs))
+    assert [b["x"].shape for b in batches] == [(2, DEFAULT_DIM, DEFAULT_DIM), (1, DEFAULT_DIM, DEFAULT_DIM)]
+    assert caplog.text.count("--dim seq=N") == 1 and caplog.text.count("--dim x:2=N") == 1
+    shaped = list(iter_batches(DataSpec(samples=1, dims={"seq": 5, "x:2": 3}), specs))
+    assert shaped[0]["x"].shape == (1, 5, 3)
+
+
+def test_float64_data_for_a_float32_input_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sources, "_WARNED", set())
+    model = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    data = DataSpec(source={"x": np.ones((4, 8), np.float64)}, samples=4, batch_size=2)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert all(b["x"].dtype == np.float32 for b in iter_batches(data, input_specs(model)))
+    assert caplog.text.count("is float64 and the model takes float32") == 1
 
 
 def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:

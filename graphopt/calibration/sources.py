@@ -9,6 +9,7 @@ first; a source cuts them into batches of ``batch_size`` samples.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import typing
 import zipfile
@@ -22,10 +23,14 @@ import onnx_ir as ir
 
 from graphopt.errors import DataError
 
+logger = logging.getLogger(__name__)
+
 Batch = dict[str, np.ndarray]
 
 # Calibration samples used when a data source is given without a count.
 DEFAULT_CALIBRATION_SAMPLES = 128
+# A symbolic dimension past the first with no --dim gets this size in generated inputs (with a warning).
+DEFAULT_DIM = 32
 
 # Random inputs larger than this (elements, ~1 GiB of float32) are refused, not allocated.
 MAX_GENERATED_ELEMENTS = 1 << 28
@@ -82,13 +87,19 @@ def resolve_shape(spec: InputSpec, dims: Mapping[str, int], batch: int) -> tuple
             shape.append(dim)
         elif isinstance(dim, str) and dim in dims:
             shape.append(int(dims[dim]))
+        elif f"{spec.name}:{axis}" in dims:
+            shape.append(int(dims[f"{spec.name}:{axis}"]))
         elif axis == 0:
             shape.append(batch)
-        else:
-            raise DataError(
-                f"input {spec.name!r} has dimension {axis} = {dim!r} with no value. Give it one: "
-                f"--dim {dim or f'{spec.name}:{axis}'}=N (recipe: verify.dims)."
+        else:  # generated inputs only: real data brings its own sizes
+            name = dim or f"{spec.name}:{axis}"
+            _warn_once(
+                spec,
+                f"dim {name}",
+                f"input {spec.name!r}: dimension {axis} ({name!r}) has no value; generated inputs use "
+                f"{DEFAULT_DIM}. Give the size you deploy with: --dim {name}=N (recipe: verify.dims), or real data.",
             )
+            shape.append(DEFAULT_DIM)
     if int(np.prod(shape, dtype=np.float64)) > MAX_GENERATED_ELEMENTS:
         raise DataError(
             f"input {spec.name!r} has shape {tuple(shape)}, too large to generate random data for. "
@@ -243,7 +254,23 @@ def iter_arrays(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_
         yield batch
 
 
+_WARNED: set[tuple[str, str]] = set()  # (input, what) warned about once per process
+
+
+def _warn_once(spec: InputSpec, what: str, message: str) -> None:
+    if (spec.name, what) not in _WARNED:
+        _WARNED.add((spec.name, what))
+        logger.warning(message)
+
+
 def _check_array(array: np.ndarray, spec: InputSpec) -> None:
+    if array.dtype == np.float64 and np.dtype(spec.dtype) == np.float32:
+        _warn_once(
+            spec,
+            "float64",
+            f"the data for input {spec.name!r} is float64 and the model takes float32: it is rounded to float32 "
+            "(save it as float32 to feed exactly what the model will see).",
+        )
     if array.dtype.kind not in "biuf":
         raise DataError(
             f"array {spec.name!r} holds {array.dtype} values; input {spec.name!r} takes {spec.dtype}. "
@@ -455,8 +482,9 @@ def as_source(source: object) -> object:
 def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     """Batches for ``data``, at most ``data.samples`` samples in all, in batches the model accepts."""
     dims = dict(data.dims or {})
-    named = sorted({dim for spec in specs for dim in spec.shape if isinstance(dim, str)})
-    unknown = sorted(set(dims) - set(named))
+    named = sorted({dim for spec in specs for dim in spec.shape if isinstance(dim, str) and dim})
+    by_axis = {f"{s.name}:{axis}" for s in specs for axis, dim in enumerate(s.shape) if not isinstance(dim, int)}
+    unknown = sorted(set(dims) - set(named) - by_axis)
     if unknown:  # a typo would silently leave the dim at its default
         raise DataError(
             f"--dim {', '.join(unknown)}: the model has no such symbolic dimension; "
@@ -505,6 +533,8 @@ def _iter_given(
         missing = [s.name for s in specs if s.name not in batch]
         if missing:
             raise DataError(f"a batch from the iterable lacks input(s) {missing}; it has {sorted(batch)}.")
+        for spec in specs:
+            _check_array(np.asarray(batch[spec.name]), spec)
         feeds = {s.name: np.asarray(batch[s.name], dtype=s.dtype) for s in specs}
         check_batch(feeds, specs, first_sample=seen)
         seen += len(next(iter(feeds.values()))) if feeds and next(iter(feeds.values())).ndim else 1
