@@ -118,7 +118,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         task = bar.add_task("optimizing", total=len(plan.passes))
 
         def progress(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, description=f"pass {min(done + 1, total)}/{total}: {name}")
+            what = f"pass {done + 1}/{total}: {name}" if done < total else name
+            bar.update(task, completed=done, description=what)
 
         try:
             result = optimize(reference, plan, calibration=calibration, progress=progress)

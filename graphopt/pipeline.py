@@ -259,7 +259,8 @@ def optimize(
             list of pass names / ``name:k=v`` strings.
         calibration: Calibration data (overrides the recipe's): a DataSpec or a data path.
         device: ``cpu`` or ``cuda`` (overrides the recipe's).
-        progress: Called as ``progress(done, total, pass name)``.
+        progress: Called as ``progress(done, total, what)``: a pass's name while passes run, then
+            with ``done == total`` each later step (verification, the fallback, timing).
         known: The passes recipe names refer to: the built-in registry, or one extended with
             your own passes (``graphopt.registry.REGISTRY.with_passes(spec)``).
 
@@ -301,7 +302,8 @@ def optimize(
     report.lifted_constants = pipeline.lifted_constants
     if plan.verify.enabled:
         target = pipeline.new_reference or reference
-        candidate = _verify(report, pipeline, target, candidate, plan, device, calibration)
+        stage = _stages(progress, len(plan.passes))
+        candidate = _verify(report, pipeline, target, candidate, plan, device, calibration, stage)
     if io.CHECKER_FAILURE in reference.meta:  # saving then lets ONNX Runtime's load decide, as for the input
         candidate.meta[io.CHECKER_FAILURE] = reference.meta[io.CHECKER_FAILURE]
     return Result(candidate, report)
@@ -321,6 +323,11 @@ def _check_calibration(plan: recipe.Recipe, calibration: DataSpec | None) -> Non
             )
         if note := step.spec.without_data(step.config):
             logger.warning("no calibration data: %s.", note)
+
+
+def _stages(progress: ProgressCallback | None, total: int) -> Callable[[str], None]:
+    """``stage(what)``: tell ``progress`` that a step after the passes started (verification, fallback, timing)."""
+    return (lambda what: progress(total, total, what)) if progress is not None else (lambda what: None)
 
 
 def _fit_opset(
@@ -375,6 +382,7 @@ def _verify(
     plan: recipe.Recipe,
     device: str,
     calibration: DataSpec | None,
+    stage: Callable[[str], None] = lambda what: None,
 ) -> ir.Model:
     """Verify; over budget, try the fallback; then time the final model and raise if still over."""
     data = _check_data(plan, calibration, input_specs(reference))
@@ -382,21 +390,26 @@ def _verify(
     threads = plan.verify.threads
     # One reference session serves the verification, every fallback trial and the timing.
     checker = verify.Checker(reference, data, plan.budget, device, threads)
+    stage("verifying against the input")
     result = checker.check(candidate, probe=True)[1]
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
     if not result.passed and pipeline.lossy_snapshots():
+        stage("accuracy fallback: searching layers to keep in float")
         candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
     if plan.budget.max_latency_ratio is not None:
         kept = candidate
+        stage("latency budget: timing against the input")
         candidate, result = _meet_latency(report, pipeline, checker, candidate, result, plan, calibration)
         errors = errors if candidate is kept else None
     report.verification = result
     report.runtime = _runtime_view(candidate, device, threads)
     if plan.verify.layerwise and any(r.modified and not r.exact for r in report.passes):
         if errors is None:
+            stage("layer-wise comparison")
             errors = localize.layer_errors(reference, candidate, data, device=device, threads=threads)
         report.layers = [e.to_dict() for e in errors]
     if plan.verify.latency_runs > 0:
+        stage("timing the output against the input")
         report.latency = checker.timed(candidate, plan.verify.latency_runs)
     slow = report.speed is not None and not report.speed["passed"] and not report.speed["dropped"]
     if slow and not plan.verify.report_only:

@@ -96,3 +96,24 @@ def test_weights_stored_as_constant_nodes_are_weights(tmp_path: Path) -> None:
     assert "became initializers" in result.report.to_markdown()
     exact = graphopt.optimize(path, ["fold"])  # exact pipelines leave the file's form to fold
     assert exact.report.lifted_constants == 0
+
+
+def test_progress_covers_the_steps_after_the_passes() -> None:
+    data = Path(__file__).resolve().parents[1] / "graphopt" / "data"
+    seen: list[tuple[int, int, str]] = []
+    recipe = {
+        "passes": ["fold", "quantize"],
+        "verify": {"samples": 8, "latency_runs": 3},
+        "budget": {"min_cosine": 0.9, "max_latency_ratio": 100.0},
+    }
+    calibration = graphopt.DataSpec(source=str(data / "digits_calib.npz"), samples=16)
+    graphopt.optimize(str(data / "digits_cnn.onnx"), recipe, calibration=calibration, progress=lambda *a: seen.append(a))
+    names = [name for _, _, name in seen]
+    assert names[:2] == ["fold", "quantize"]
+    after = [name for done, total, name in seen if done == total]
+    assert after[1:] == [
+        "verifying against the input",
+        "latency budget: timing against the input",
+        "layer-wise comparison",
+        "timing the output against the input",
+    ]
