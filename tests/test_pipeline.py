@@ -107,7 +107,8 @@ def test_progress_covers_the_steps_after_the_passes() -> None:
         "budget": {"min_cosine": 0.9, "max_latency_ratio": 100.0},
     }
     calibration = graphopt.DataSpec(source=str(data / "digits_calib.npz"), samples=16)
-    graphopt.optimize(str(data / "digits_cnn.onnx"), recipe, calibration=calibration, progress=lambda *a: seen.append(a))
+    model = str(data / "digits_cnn.onnx")
+    graphopt.optimize(model, recipe, calibration=calibration, progress=lambda *a: seen.append(a))
     names = [name for _, _, name in seen]
     assert names[:2] == ["fold", "quantize"]
     after = [name for done, total, name in seen if done == total]
