@@ -198,16 +198,23 @@ def _write_reports(report: Report, args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = io.load_model(args.model)
     model_stats = stats.model_stats(model, sparsity=True)
+    inputs = [_value_info(v) for v in model.graph.inputs if v.name not in model.graph.initializers]
+    outputs = [_value_info(v) for v in model.graph.outputs]
     if args.json:
-        console.print_json(json.dumps(model_stats.to_dict()))
+        console.print_json(json.dumps({**model_stats.to_dict(), "inputs": inputs, "outputs": outputs}))
         return 0
-    specs = ", ".join(f"{s.name} {s.dtype} {list(s.shape)}" for s in input_specs(model))
-    outputs = ", ".join(
-        f"{v.name} {v.dtype.name if v.dtype else '?'} {[str(d) for d in v.shape] if v.shape else '?'}"
-        for v in model.graph.outputs
-    )
-    render.render_stats(console, args.model, model_stats, {"inputs": specs, "outputs": outputs})
+
+    def text(values: list[dict[str, object]]) -> str:
+        return ", ".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in values)
+
+    render.render_stats(console, args.model, model_stats, {"inputs": text(inputs), "outputs": text(outputs)})
     return 0
+
+
+def _value_info(value: ir.Value) -> dict[str, object]:
+    """A graph input or output as inspect shows it: dtypes by their ONNX names, as for the weights."""
+    shape = None if value.shape is None else [d if isinstance(d, int) else str(d) for d in value.shape]
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype else None, "shape": shape}
 
 
 def _data_from_args(args: argparse.Namespace, default_samples: int) -> DataSpec:

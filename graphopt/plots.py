@@ -66,7 +66,9 @@ def _latency(plt: object, report: Report, path: Path) -> Path:
     latency = report.latency or {}
     names = list(latency)
     fig, ax = plt.subplots(figsize=(5, 3))  # type: ignore[attr-defined]
-    ax.bar(names, [latency[n].median_ms for n in names], yerr=[latency[n].p90_ms - latency[n].median_ms for n in names])
+    # the whisker runs from the median up to p90 (a lower half would suggest a p10 that was never measured)
+    upper = [latency[n].p90_ms - latency[n].median_ms for n in names]
+    ax.bar(names, [latency[n].median_ms for n in names], yerr=[[0.0] * len(names), upper])
     ax.set_ylabel("ms (median, p90 bar)")
     ax.set_title(f"latency on {report.device}")
     fig.tight_layout()

@@ -109,6 +109,8 @@ def test_inspect_verify_bench_passes(tmp_path: Path, model_path: Path, capsys: p
     assert code == 0 and "Transpose" in text and "FLOAT" in text
     code, text = _run(capsys, "inspect", str(model_path), "--json")
     assert code == 0 and '"nodes": 6' in text
+    described = json.loads(text)
+    assert described["inputs"] == [{"name": "x", "dtype": "FLOAT", "shape": ["batch", 8]}] and described["outputs"]
     other = toy.save(toy.foldable(seed=5), tmp_path / "other.onnx")
     assert _run(capsys, "verify", str(model_path), str(model_path), "--max-abs", "0")[0] == 0
     assert _run(capsys, "verify", str(model_path), str(other), "--min-cosine", "0.999")[0] == 1
