@@ -19,6 +19,7 @@ import onnx_ir as ir
 from graphopt import runtime
 from graphopt.calibration.collect import with_outputs
 from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.passes import edit
 
 
 @dataclass
@@ -35,6 +36,15 @@ class LayerError:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def _typed(model: ir.Model) -> ir.Model:
+    """``model``, or a copy with the missing types of its main-graph tensors inferred."""
+    if all(out.dtype is not None for node in model.graph for out in node.outputs if out.name):
+        return model
+    typed = model.clone()
+    edit.infer_types(typed)
+    return typed
 
 
 def _producers(graph: ir.Graph) -> dict[str, ir.Node]:
@@ -92,7 +102,12 @@ def layer_errors(
     threads: int | None = None,
     group_size: int | None = None,
 ) -> list[LayerError]:
-    """Compare every matched intermediate tensor over ``data``; worst (lowest SQNR) first."""
+    """Compare every matched intermediate tensor over ``data``; worst (lowest SQNR) first.
+
+    Exporters that write no value_info (torch's TorchScript exporter) leave intermediate
+    tensors untyped: types are inferred on copies first, so those tensors are compared too.
+    """
+    reference, candidate = _typed(reference), _typed(candidate)
     matched = match_tensors(reference, candidate)
     names = list(matched)
     size = group_size or max(len(names), 1)

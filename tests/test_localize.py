@@ -37,3 +37,20 @@ def test_identical_models_have_infinite_sqnr() -> None:
         reference, reference.clone(), DataSpec(source=str(DATA / "digits_calib.npz"), samples=4), group_size=3
     )
     assert errors and all(math.isinf(e.sqnr_db) and e.max_abs == 0 for e in errors)
+
+
+def test_models_without_value_info_are_compared_layer_by_layer(tmp_path: Path) -> None:
+    """torch's TorchScript exporter writes no value_info: intermediate tensors are typed first, then compared."""
+    import onnx
+
+    proto = onnx.load(DATA / "digits_cnn.onnx")
+    del proto.graph.value_info[:]
+    onnx.save(proto, tmp_path / "untyped.onnx")
+    reference = io.load_model(tmp_path / "untyped.onnx")
+    assert any(out.dtype is None for node in reference.graph for out in node.outputs)
+    candidate = reference.clone()
+    data = DataSpec(source=str(DATA / "digits_calib.npz"), samples=16, batch_size=16)
+    config = QuantizeConfig(method="minmax")
+    QuantizeQDQPass(config, collect_ranges(candidate, data, config))(candidate)
+    errors = layer_errors(reference, candidate, data)
+    assert len(errors) >= 6 and {e.op_type for e in errors} >= {"Conv", "Relu"}
