@@ -411,6 +411,7 @@ def _verify(
     if plan.verify.latency_runs > 0:
         stage("timing the output against the input")
         report.latency = checker.timed(candidate, plan.verify.latency_runs)
+        report.latency_inputs = checker.timing_shapes()
     slow = report.speed is not None and not report.speed["passed"] and not report.speed["dropped"]
     if slow and not plan.verify.report_only:
         s = report.speed

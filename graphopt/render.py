@@ -43,8 +43,9 @@ def render_report(console: Console, report: Report) -> None:
         console.print(f"target {t['name']} on {t['cpu']}" + "".join(f"\n  {c}" for c in t["choices"]))
     if report.latency:
         ref, opt = report.latency["reference"], report.latency["optimized"]
+        shapes = ", ".join(f"{k}{v}" for k, v in (report.latency_inputs or {}).items())
         console.print(
-            f"latency on {report.device} (median of {opt.runs} interleaved runs): "
+            f"latency on {report.device} (inputs {shapes}; median of {opt.runs} interleaved runs): "
             f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
         )
     if report.opset:

@@ -53,6 +53,7 @@ class Report:
     after: ModelStats
     verification: VerifyResult | None = None
     latency: dict[str, Latency] | None = None
+    latency_inputs: dict[str, list[int]] | None = None  # the input shapes latency was measured with
     output_path: str | None = None
     output_bytes_on_disk: int | None = None
     fallback: dict[str, Any] | None = None
@@ -76,6 +77,7 @@ class Report:
             "after": self.after.to_dict(),
             "verification": self.verification.to_dict() if self.verification else None,
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
+            "latency_inputs": self.latency_inputs,
             "fallback": self.fallback,
             "speed": self.speed,
             "target": self.target,
@@ -116,9 +118,10 @@ class Report:
             lines += [f"Opset: {o['before']} → {o['after']} (wanted {o['wanted']}): {o['reason']}.", ""]
         if self.latency:
             ref, opt = self.latency["reference"], self.latency["optimized"]
+            shapes = ", ".join(f"{k}{v}" for k, v in (self.latency_inputs or {}).items())
             lines.append(
-                f"Latency on {self.device} (median of {opt.runs}, interleaved): {ref.median_ms:.3f} ms → "
-                f"{opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
+                f"Latency on {self.device} (inputs {shapes}; median of {opt.runs}, interleaved): "
+                f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
             )
             lines.append("")
         if self.fallback:

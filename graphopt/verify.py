@@ -280,6 +280,10 @@ class Checker:
         sessions = {"reference": self._timing_reference(), "optimized": self._timing_session(candidate)}
         return runtime.interleaved_latency(sessions, self._timing_feeds(), runs=runs)
 
+    def timing_shapes(self) -> dict[str, list[int]]:
+        """The input shapes latency is measured with (the first verification batch)."""
+        return {name: list(np.shape(array)) for name, array in self._timing_feeds().items()}
+
     # Timing sessions do not spin-wait (see runtime.create_session): verification's sessions do.
     def _timing_session(self, model: ir.Model) -> ort.InferenceSession:
         return open_candidate(model, self.device, self.threads, spinning=False)

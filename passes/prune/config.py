@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -16,9 +17,12 @@ PRUNABLE_OPS = ("MatMul", "Gemm", "Conv")
 class PruneConfig:
     """Options of the ``prune`` pass."""
 
-    pattern: Literal["unstructured", "n:m"] = field(
+    pattern: str = field(
         default="unstructured",
-        metadata={"help": "unstructured: any weights; n:m keeps n of every m along the reduction axis (2:4 on GPUs)."},
+        metadata={
+            "help": "unstructured: any weights; n:m keeps n of every m along the reduction axis (options n, m), "
+            "also written as the numbers: pattern=2:4 (what GPUs accelerate)."
+        },
     )
     sparsity: float = field(default=0.5, metadata={"help": "Fraction of weights set to zero, for unstructured."})
     n: int = field(default=2, metadata={"help": "Weights kept in each group of m, for pattern n:m."})
@@ -44,6 +48,13 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        numbers = re.fullmatch(r"(\d+):(\d+)", self.pattern)
+        if numbers:  # pattern=2:4 is pattern=n:m with n=2, m=4
+            object.__setattr__(self, "n", int(numbers[1]))
+            object.__setattr__(self, "m", int(numbers[2]))
+            object.__setattr__(self, "pattern", "n:m")
+        elif self.pattern not in ("unstructured", "n:m"):
+            problems.append(f"pattern must be 'unstructured', 'n:m' or numbers such as '2:4'; got {self.pattern!r}")
         if not 0.0 <= self.sparsity < 1.0:
             problems.append(f"sparsity must be in [0, 1); got {self.sparsity}")
         if not 0 < self.n < self.m:

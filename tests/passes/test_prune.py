@@ -202,6 +202,13 @@ def test_postcondition_catches_a_broken_pattern(tmp_path: Path, monkeypatch: pyt
         PruneWeightsPass(PruneConfig(pattern="n:m"))(_load(_three_layers(), tmp_path))
 
 
+def test_pattern_written_as_its_numbers() -> None:
+    """`--pass prune:pattern=2:4` is n:m with n=2, m=4 (YAML would have read 2:4 as the number 124)."""
+    config = recipe.parse_pass_arg("prune:pattern=2:4").config
+    assert (config.pattern, config.n, config.m) == ("n:m", 2, 4)
+    assert recipe.parse_pass_arg("prune:pattern=1:8").config.m == 8
+
+
 def test_prune_then_quantize_keeps_zeros() -> None:
     """Pruning runs before quantization, and symmetric int8 weights keep every zero."""
     model = io.load_model(DATA / "digits_cnn.onnx")
@@ -227,7 +234,8 @@ def test_prune_then_quantize_keeps_zeros() -> None:
         ({"n": 4, "m": 4}, "n:m needs 0 < n < m; got n=4, m=4"),
         ({"scope": "global", "method": "wanda"}, "it needs method=magnitude, not wanda"),
         ({"scope": "global", "pattern": "n:m"}, "scope=global applies to pattern=unstructured only"),
-        ({"pattern": "2:4"}, "'2:4' is not one of 'unstructured', 'n:m'"),
+        ({"pattern": "blocks"}, "pattern must be 'unstructured', 'n:m' or numbers such as '2:4'; got 'blocks'"),
+        ({"pattern": "4:2"}, "n:m needs 0 < n < m; got n=4, m=2"),
         ({"method": "obs"}, "'obs' is not one of 'magnitude', 'wanda', 'sparsegpt'"),
         ({"op_types": ["Add"]}, "op_types ['Add'] cannot be pruned; choose from MatMul, Gemm, Conv"),
         ({"block_size": 0}, "block_size must be >= 1; got 0"),
