@@ -92,12 +92,14 @@ def graphopt_tool(spec: str) -> Callable[[Path, Path, list[Feed], list[Feed], Ro
             row["float_nodes"] = len(result.report.fallback.get("float_nodes", []))
         speed = result.report.speed
         if speed is not None:
-            row["speed"] = {k: speed[k] for k in ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes")}
+            keys = ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes", "changed")
+            row["speed"] = {k: speed[k] for k in keys}
             if speed["dropped"]:
                 row["note"] = f"latency budget: int8 dropped ({speed['ratio_before']:.2f}× with it)"
             elif speed["tried"]:
+                options = "".join(f"{k}={v}, " for k, v in speed["changed"].items() if k != "outliers")
                 row["note"] = (
-                    f"latency budget: {len(speed['float_nodes'])} layers back to float "
+                    f"latency budget: {options}{len(speed['float_nodes'])} layers back to float "
                     f"({speed['ratio_before']:.2f}× → {speed['ratio_after']:.2f}×)"
                 )
 

@@ -102,12 +102,49 @@ def per_model(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def default_job(rows: list[Row]) -> str:
+    """Issue 14's goal per model: the default job meets the task goal and runs no slower than the fastest
+    valid ORT QDQ variant (or than fp32 where every ORT variant is slower); what the latency budget did."""
+    lines = [
+        "| model | metric (goal) | default: score | default: latency | fastest ORT QDQ (its score) | latency goal "
+        "| accuracy met | latency met | latency budget |",
+        "|---|---|---:|---:|---:|---:|:---:|:---:|---|",
+    ]
+    met_both = met_accuracy = met_latency = 0
+    models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "default"))
+    for model in models:
+        mine = {r["key"]: r for r in rows if r["model"] == model}
+        row = mine["default"]
+        ort = [mine[k] for k in ORT if k in mine and _ok(mine[k]) and mine[k].get("latency_ratio") is not None]
+        fastest = min(ort, key=lambda r: r["latency_ratio"], default=None)
+        goal = min(1.0, fastest["latency_ratio"]) if fastest else 1.0
+        if not _ok(row) or row.get("score") is None:
+            lines.append(f"| {model} | {row['metric']} ({row['goal']:g}) | ✗ {row.get('error', 'invalid')[:60]} |")
+            continue
+        accuracy = row["score"] >= row["goal"]
+        latency = row["latency_ratio"] <= goal
+        met_accuracy += accuracy
+        met_latency += latency
+        met_both += accuracy and latency
+        ort_text = f"{fastest['latency_ratio']:.2f}× ({fastest['score']:.3f})" if fastest else "none valid"
+        lines.append(
+            f"| {model} | {row['metric']} ({row['goal']:g}) | {row['score']:.4f} | {row['latency_ratio']:.2f}× "
+            f"| {ort_text} | ≤ {goal:.2f}× | {'✓' if accuracy else '✗'} | {'✓' if latency else '✗'} "
+            f"| {row.get('note', '')} |"
+        )
+    lines.append(
+        f"\nDefault job on {len(models)} models: task goal met on {met_accuracy}, latency goal met on {met_latency}, "
+        f"both on {met_both}."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="JSON written by bench_corpus.py --out")
     args = parser.parse_args(argv)
     rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
-    print(totals(rows) + "\n\n" + fold_parity(rows) + "\n\n" + per_model(rows))
+    print(totals(rows) + "\n\n" + fold_parity(rows) + "\n\n" + per_model(rows) + "\n\n" + default_job(rows))
     return 0
 
 

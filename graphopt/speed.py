@@ -11,7 +11,10 @@ between small ops). So the placement is measured, not assumed, against the input
 2. then one class of layers at a time (depthwise, grouped, pointwise and spatial
    convolutions, weight products, activation products, Gemm, embedding tables): a class
    stays in float when that makes the model measurably faster (:data:`MIN_GAIN`);
-3. when no placement meets the limit, the lossy step is dropped: the output is then the
+3. if that misses the limit, the pass's faster placement (quantize: every op quantized, as
+   ORT's quantizer does, so that ORT fuses more), re-calibrated and kept only within the
+   accuracy budget, searched the same way; it is second because it rounds more;
+4. when no placement meets the limit, the lossy step is dropped: the output is then the
    exact model, and the report says that int8 does not pay on this model here.
 
 Each trial is timed in alternation with the input model (medians of interleaved runs), so
@@ -182,36 +185,32 @@ def search(
     ``candidate`` is the pipeline's output as it stands (measured at ``current``), ``before``
     the model right before the step and ``statistics`` what its calibrator collected. With
     ``recalibrate`` (config -> statistics) and ``score`` (the accuracy budget's, <= 1 within),
-    the pass's faster alternatives (:meth:`registry.PassSpec.faster`) are timed first and one
-    within the accuracy budget that runs faster becomes the starting point.
+    when the recipe's placement misses the limit, the pass's faster alternatives
+    (:meth:`registry.PassSpec.faster`) are timed; one within the accuracy budget that runs
+    faster is searched the same way, and kept if it ends faster.
     Returns the search's record and the (config, statistics) to re-run the step with, or None
     when the step should be dropped (no int8 placement met the limit).
     """
     start = time.monotonic()
     result = SpeedResult(spec.name, limit, current)
     trials = _Trials(spec, config, before, statistics, ratio, result, start + max_seconds)
+    chosen: list[str] = []
     best = current
     try:
-        if recalibrate is not None and score is not None:
-            candidate, best = _faster_alternative(trials, candidate, best, score, recalibrate)
-        chosen: list[str] = []
-        layers = classes(before, spec, trials.config)
-        groups: list[tuple[str, list[str]]] = []
-        slow = (
-            [] if within(best, limit) else unfused(candidate, [n for v in layers.values() for n in v], device, threads)
-        )
-        if slow:
-            groups.append((UNFUSED, slow))
-        groups += [(kind, [n for n in names if n not in slow]) for kind, names in layers.items()]
-        for label, names in groups:
-            if within(best, limit):
-                break
-            if not names:
-                continue
-            value = trials.measure(f"in float: {label}", trials.build([*chosen, *names]), len(names))
-            if value < best * (1.0 - MIN_GAIN):
-                chosen, best = [*chosen, *names], value
-                result.tried[-1]["kept"] = True
+        # The recipe's placement first, layers back to float; a faster placement only if that misses the limit:
+        # quantizing every op fuses more but rounds more (the accuracy budget is checked, the task metric is not).
+        chosen, best = _float_classes(trials, candidate, current, limit, device, threads)
+        if not within(best, limit) and recalibrate is not None and score is not None:
+            found = _faster_alternative(trials, best, score, recalibrate)
+            if found is not None:
+                alternative, alt_statistics, model, value, changes = found
+                kept = (trials.config, trials.statistics)
+                trials.config, trials.statistics = alternative, alt_statistics
+                alt_chosen, alt_best = _float_classes(trials, model, value, limit, device, threads)
+                if alt_best < best:
+                    chosen, best, result.changed = alt_chosen, alt_best, changes
+                else:
+                    trials.config, trials.statistics = kept
     except TimeoutError:
         result.stopped = f"time limit of {max_seconds:g} s after {len(result.tried)} trials"
         logger.warning("latency search: stopped at its %s", result.stopped)
@@ -219,7 +218,8 @@ def search(
     result.seconds = time.monotonic() - start
     if within(best, limit) and best < current:
         result.passed = True
-        result.reason = f"{len(chosen)} layers of {spec.name} kept in float met the limit"
+        options = "".join(f"{k}={v}, " for k, v in result.changed.items())
+        result.reason = f"{spec.name} with {options}{len(chosen)} layers kept in float met the limit"
         return result, (spec.with_excluded(trials.config, chosen), trials.statistics)
     # No int8 placement meets the limit: the step is dropped.
     result.dropped = True
@@ -231,14 +231,35 @@ def search(
     return result, None
 
 
+def _float_classes(
+    trials: _Trials, candidate: ir.Model, best: float, limit: float, device: str, threads: int | None
+) -> tuple[list[str], float]:
+    """Put classes of layers back to float, one at a time, each kept only if the model gets faster."""
+    chosen: list[str] = []
+    if within(best, limit):
+        return chosen, best
+    layers = classes(trials.before, trials.spec, trials.config)
+    slow = unfused(candidate, [n for names in layers.values() for n in names], device, threads)
+    groups = [(UNFUSED, slow)] if slow else []
+    groups += [(kind, [n for n in names if n not in slow]) for kind, names in layers.items()]
+    for label, names in groups:
+        if within(best, limit):
+            break
+        if not names:
+            continue
+        value = trials.measure(f"in float: {label}", trials.build([*chosen, *names]), len(names))
+        if value < best * (1.0 - MIN_GAIN):
+            chosen, best = [*chosen, *names], value
+            trials.result.tried[-1]["kept"] = True
+    return chosen, best
+
+
 def _faster_alternative(
-    trials: _Trials,
-    candidate: ir.Model,
-    best: float,
-    score: Callable[[ir.Model], float],
-    recalibrate: Callable[[Any], Any],
-) -> tuple[ir.Model, float]:
-    """Time the pass's faster alternatives; the fastest within the accuracy budget becomes ``trials``' config."""
+    trials: _Trials, best: float, score: Callable[[ir.Model], float], recalibrate: Callable[[Any], Any]
+) -> tuple[Any, Any, ir.Model, float, dict[str, Any]] | None:
+    """The fastest of the pass's faster alternatives within the accuracy budget, if it beats ``best``:
+    (config, statistics, model, ratio, changed options)."""
+    found = None
     for alternative in trials.spec.faster(trials.config):
         try:
             statistics = recalibrate(alternative)
@@ -250,9 +271,8 @@ def _faster_alternative(
             for f in dataclasses.fields(alternative)
             if getattr(alternative, f.name) != getattr(trials.config, f.name)
         }
-        label = ", ".join(f"{k}={v}" for k, v in changes.items())
         model = trials.build([], alternative, statistics)
-        value = trials.measure(label, model, None)
+        value = trials.measure(", ".join(f"{k}={v}" for k, v in changes.items()), model, None)
         if value >= best * (1.0 - MIN_GAIN):
             continue
         accuracy = score(model)
@@ -260,10 +280,8 @@ def _faster_alternative(
         if accuracy > 1.0:  # over the accuracy budget: not a placement to keep
             continue
         trials.result.tried[-1]["kept"] = True
-        trials.result.changed = changes
-        trials.config, trials.statistics = alternative, statistics
-        candidate, best = model, value
-    return candidate, best
+        found, best = (alternative, statistics, model, value, changes), value
+    return found
 
 
 def _trial(entry: dict[str, Any]) -> str:
