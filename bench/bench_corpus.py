@@ -165,7 +165,8 @@ def report(rows: list[Row]) -> str:
     by_section = {s: [r for r in rows if r["section"] == s] for s in ("fold", "lossy", "ort")}
     parts = []
     if by_section["fold"]:
-        parts += ["## Fold parity (exact: rel L2 vs fp32, ORT graph rewrites off)", fold_table(by_section["fold"])]
+        title = "## Fold parity (exact: rel L2 vs fp32, ORT graph rewrites and weight pre-packing off)"
+        parts += [title, fold_table(by_section["fold"])]
     if by_section["lossy"]:
         parts += [
             "## graphopt lossy passes (task metric vs fp32 on eval samples)",

@@ -107,10 +107,10 @@ def default_job(rows: list[Row]) -> str:
     valid ORT QDQ variant (or than fp32 where every ORT variant is slower); what the latency budget did."""
     lines = [
         "| model | metric (goal) | default: score | default: latency | fastest ORT QDQ (its score) | latency goal "
-        "| accuracy met | latency met | latency budget |",
-        "|---|---|---:|---:|---:|---:|:---:|:---:|---|",
+        "| accuracy met | latency met | vs fastest ORT within its goal | latency budget |",
+        "|---|---|---:|---:|---:|---:|:---:|:---:|:---:|---|",
     ]
-    met_both = met_accuracy = met_latency = 0
+    met_both = met_accuracy = met_latency = met_fair = 0
     models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "default"))
     for model in models:
         mine = {r["key"]: r for r in rows if r["model"] == model}
@@ -123,18 +123,24 @@ def default_job(rows: list[Row]) -> str:
             continue
         accuracy = row["score"] >= row["goal"]
         latency = row["latency_ratio"] <= goal
+        # the same, against ORT variants that keep the task goal (an int8 model that breaks the task is no rival)
+        good = [r for r in ort if r.get("score") is not None and r["score"] >= r["goal"]]
+        fair_goal = min([1.0] + [r["latency_ratio"] for r in good])
+        fair = accuracy and row["latency_ratio"] <= fair_goal
         met_accuracy += accuracy
         met_latency += latency
         met_both += accuracy and latency
+        met_fair += fair
         ort_text = f"{fastest['latency_ratio']:.2f}× ({fastest['score']:.3f})" if fastest else "none valid"
         lines.append(
             f"| {model} | {row['metric']} ({row['goal']:g}) | {row['score']:.4f} | {row['latency_ratio']:.2f}× "
             f"| {ort_text} | ≤ {goal:.2f}× | {'✓' if accuracy else '✗'} | {'✓' if latency else '✗'} "
-            f"| {row.get('note', '')} |"
+            f"| {'✓' if fair else '✗'} (≤ {fair_goal:.2f}×) | {row.get('note', '')} |"
         )
     lines.append(
         f"\nDefault job on {len(models)} models: task goal met on {met_accuracy}, latency goal met on {met_latency}, "
-        f"both on {met_both}."
+        f"both on {met_both}; task goal and latency ≤ the fastest ORT variant that keeps the task goal (else fp32) on "
+        f"{met_fair}."
     )
     return "\n".join(lines)
 
