@@ -318,8 +318,8 @@ def _check_calibration(plan: recipe.Recipe, calibration: DataSpec | None) -> Non
             target = f" (target {plan.target})" if plan.target else ""
             raise DataError(
                 f"pass {step.name!r}{target} needs calibration data as configured (it reads data for "
-                f"{step.spec.data}); give --calib DATA.npz (an .npz or a folder of <input>.npy, sample axis first; "
-                "or a recipe `calibration: {data: ...}`)."
+                f"{step.spec.data}); give --calib DATA (an .npz, a folder of <input>.npy, or a folder of per-sample "
+                ".npz files), --calib-script FILE.py:FUNCTION, or a recipe `calibration: {data: ...}`."
             )
         if note := step.spec.without_data(step.config):
             logger.warning("no calibration data: %s.", note)
