@@ -86,9 +86,7 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
         passes=passes,
         calibration=base.calibration,
         verify=settings,
-        budget=base.budget
-        if args.max_latency_ratio is None
-        else dataclasses.replace(base.budget, max_latency_ratio=args.max_latency_ratio),
+        budget=dataclasses.replace(base.budget, max_latency_ratio=_latency_limit(args, base)),
         device=args.device or base.device,
         check=base.check or args.check,
         fallback=base.fallback,
@@ -96,9 +94,24 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
     )
 
 
+def _latency_limit(args: argparse.Namespace, base: recipe.Recipe) -> float | None:
+    """The latency budget: the flag's, else the recipe's; passes named by --pass alone get none unless asked.
+
+    The default job drops a lossy step whose output runs slower than its input; passes a user named
+    one by one (``--pass fp16`` on a CPU) are what they asked for, so they are timed and warned about, not dropped.
+    """
+    if args.max_latency_ratio is not None:
+        return float(args.max_latency_ratio)
+    if args.passes and not (args.recipe or args.target):
+        return None
+    return base.budget.max_latency_ratio
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     plan = _build_recipe(args)
     source = Path(args.model)
+    if args.output.endswith(("/", os.sep)) and not Path(args.output).exists():
+        Path(args.output).mkdir()  # -o NEW/: a folder, as written (its parent must exist)
     if Path(args.output).is_dir():  # -o FOLDER: <folder>/<stem>.<target>.onnx
         args.output = str(Path(args.output) / f"{source.stem}.{plan.target or 'opt'}.onnx")
     output = Path(args.output)
@@ -261,7 +274,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         f"{i}": runtime.create_session(m, args.device, threads=args.threads, spinning=False)
         for i, m in enumerate(models)
     }
-    timed = runtime.interleaved_latency(sessions, feeds, warmup=args.warmup, runs=args.runs)
+    warm = 0.2 if args.warmup else 0.0  # --warmup 0 means none
+    timed = runtime.interleaved_latency(sessions, feeds, warmup=args.warmup, runs=args.runs, warmup_seconds=warm)
     first = timed["0"].median_ms
     console.print(
         f"on {args.device}, threads={args.threads or 'default'}, inputs {shapes}, {args.runs} runs each in "

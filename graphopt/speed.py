@@ -34,7 +34,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import ort_view, registry
-from graphopt.errors import DataError
+from graphopt.errors import DataError, GraphoptError, PassError
 from graphopt.passes import edit
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class SpeedResult:
     # layers, the measured ratio, whether it stayed
     tried: list[dict[str, Any]] = field(default_factory=list)
     changed: dict[str, Any] = field(default_factory=dict)  # options of a faster alternative kept
-    dropped: bool = False  # no int8 placement met the limit: the step was dropped (exact output)
+    dropped: bool = False  # no placement met the limit: the step was dropped
     reason: str = ""
     stopped: str = ""  # why the search ended early (its time limit), or empty
     seconds: float = 0.0
@@ -153,7 +153,13 @@ class _Trials:
         model = self.before.clone()
         config = self.config if config is None else config
         statistics = self.statistics if statistics is None else statistics
-        self.spec.apply(model, self.spec.with_excluded(config, excluded), statistics)
+        try:
+            self.spec.apply(model, self.spec.with_excluded(config, excluded), statistics)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # the pass's fault, named like a pipeline step's failure
+            message = f"pass {self.spec.name!r} failed in a latency-budget trial: {type(exc).__name__}: {exc}"
+            raise PassError(message) from exc
         return model
 
     def measure(self, label: str, model: ir.Model, count: int | None) -> float:
@@ -189,7 +195,7 @@ def search(
     (:meth:`registry.PassSpec.faster`) are timed; one within the accuracy budget that runs
     faster is searched the same way, and kept if it ends faster.
     Returns the search's record and the (config, statistics) to re-run the step with, or None
-    when the step should be dropped (no int8 placement met the limit).
+    when the step should be dropped (no placement of its layers met the limit).
     """
     start = time.monotonic()
     result = SpeedResult(spec.name, limit, current)
@@ -212,6 +218,8 @@ def search(
                 else:
                     trials.config, trials.statistics = kept
     except TimeoutError:
+        result.stopped = "time limit"
+    if result.stopped:
         result.stopped = f"time limit of {max_seconds:g} s after {len(result.tried)} trials"
         logger.warning("latency search: stopped at its %s", result.stopped)
     result.float_nodes, result.ratio_after = chosen, best
@@ -221,12 +229,12 @@ def search(
         options = "".join(f"{k}={v}, " for k, v in result.changed.items())
         result.reason = f"{spec.name} with {options}{len(chosen)} layers kept in float met the limit"
         return result, (spec.with_excluded(trials.config, chosen), trials.statistics)
-    # No int8 placement meets the limit: the step is dropped.
+    # No placement meets the limit: the step is dropped.
     result.dropped = True
     result.float_nodes, result.changed = [], {}
     result.reason = (
-        f"no placement of {spec.name}'s int8 layers ran within {limit:g}× of the input "
-        f"(best measured {min(best, current):.2f}×): int8 does not pay on this model here"
+        f"no placement of {spec.name}'s layers ran within {limit:g}× of the input "
+        f"(best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
     )
     return result, None
 
@@ -247,7 +255,11 @@ def _float_classes(
             break
         if not names:
             continue
-        value = trials.measure(f"in float: {label}", trials.build([*chosen, *names]), len(names))
+        try:
+            value = trials.measure(f"in float: {label}", trials.build([*chosen, *names]), len(names))
+        except TimeoutError:  # keep what the trials so far found; the caller records the stop
+            trials.result.stopped = "time limit"
+            break
         if value < best * (1.0 - MIN_GAIN):
             chosen, best = [*chosen, *names], value
             trials.result.tried[-1]["kept"] = True
@@ -303,7 +315,7 @@ def summary(result: dict[str, Any]) -> str:
     else:
         options = "".join(f"{k}={v}, " for k, v in result["changed"].items())
         change = f"{result['pass_name']} with {options}{len(result['float_nodes'])} layers kept in float"
-    verdict = "met" if result["passed"] else "int8 dropped" if result["dropped"] else "MISSED"
+    verdict = "met" if result["passed"] else f"{result['pass_name']} dropped" if result["dropped"] else "MISSED"
     tried = "; ".join(_trial(t) for t in result["tried"])
     stopped = f"; search stopped at its {result['stopped']}" if result["stopped"] else ""
     return (

@@ -110,3 +110,23 @@ def test_a_generator_is_read_once_and_replayed(tmp_path: Path) -> None:
     first = [b["x"].shape for b in iter_batches(data, specs)]
     second = [b["x"].shape for b in iter_batches(data, specs)]
     assert len(first) == 5 and first == second
+
+
+def test_a_calibration_script_is_imported_as_python_runs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Dataclasses and imports of the script's own folder work, as with `python data.py`."""
+    model = _text_model(tmp_path / "m.onnx")
+    (tmp_path / "helpers.py").write_text("LENGTHS = range(3, 12)\n")
+    (tmp_path / "data.py").write_text(
+        "from __future__ import annotations\n"
+        "from dataclasses import dataclass\n"
+        "import numpy as np\n"
+        "from helpers import LENGTHS\n\n"
+        "@dataclass\nclass Sentence:\n    length: int\n\n"
+        "def feeds():\n"
+        "    rng = np.random.default_rng(4)\n"
+        "    for n in LENGTHS:\n"
+        "        s = Sentence(n)\n"
+        "        yield {'x': rng.normal(size=(1, s.length, 8)).astype(np.float32), 'gain': np.float32(1.0)}\n"
+    )
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:feeds")
+    assert code == 0, text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_no_placement_within_the_limit_drops_the_step_and_the_run_says_why() -> 
     want = runtime.create_session(folded).run(None, feeds)[0]
     np.testing.assert_array_equal(got, want)
     warnings = " ".join(render.outcome_warnings(result.report))
-    assert "nothing was compressed" in warnings and "int8 does not pay" in warnings
+    assert "nothing was compressed" in warnings and "quantize does not pay" in warnings
 
 
 def _quantized_digits() -> tuple[registry.PassSpec, QuantizeConfig, ir.Model, object, ir.Model]:
@@ -93,7 +94,7 @@ def test_the_search_puts_back_only_the_layer_class_that_pays_in_float() -> None:
 def test_the_search_drops_the_step_when_float_never_gains() -> None:
     spec, config, before, statistics, candidate = _quantized_digits()
     result, chosen = speed.search(spec, config, before, statistics, candidate, lambda m: 1.5, 1.5, 1.0)
-    assert chosen is None and result.dropped and "int8 does not pay" in result.reason
+    assert chosen is None and result.dropped and "quantize does not pay" in result.reason
     assert all(not t["kept"] for t in result.tried) and result.tried  # every class was timed
 
 
@@ -192,3 +193,42 @@ def test_a_faster_placement_is_kept_only_within_the_accuracy_budget(accuracy: fl
         assert "islands=False" in speed.summary(result.to_dict())
     else:
         assert not first["kept"] and "over the accuracy budget" in speed.summary(result.to_dict())
+
+
+def test_an_output_without_lossy_changes_is_reported_not_judged() -> None:
+    """fold alone has nothing to trade for speed: timing noise must not fail the run (exit 1)."""
+    recipe = {"passes": ["fold"], "verify": {"samples": 4, "latency_runs": 3}, "budget": {"max_latency_ratio": 0.01}}
+    result = optimize(DIGITS, recipe)  # would raise AccuracyBudgetError if judged
+    assert result.report.speed is not None and not result.report.speed["passed"]
+
+
+def test_passes_named_on_the_command_line_get_no_latency_budget_unless_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--pass fp16 on a CPU is what the user asked for: timed and warned about, not dropped."""
+    report = tmp_path / "r.json"
+    code = cli.main(
+        ["optimize", str(DIGITS), "-o", str(tmp_path / "o.onnx"), "--pass", "fp16", "--report", str(report)]
+    )
+    assert code == 0, capsys.readouterr().err
+    data = json.loads(report.read_text())
+    assert data["speed"] is None and data["passes"][0]["modified"]
+
+
+def test_a_rerun_takes_the_later_steps_snapshots_again() -> None:
+    """The accuracy fallback re-runs an earlier step; the latency search then builds later steps on its output."""
+    from graphopt import recipe as recipes
+    from graphopt.pipeline import Pipeline
+
+    model = optimize(DIGITS, {"passes": ["fold"], "verify": {"enabled": False}}).model
+    pipeline = Pipeline(recipes.parse_passes(["prune:sparsity=0.5", "quantize"]), keep_snapshots=True)
+    pipeline.run(model, calibration=_calib())
+    quantize, prune = pipeline.lossy_snapshots()
+    spec = prune.spec
+    everything = [n.name for n in prune.before.graph if n.op_type in ("Conv", "Gemm")]
+    pipeline.rerun(prune, spec.with_excluded(prune.step.config, everything), prune.statistics, _calib())
+    fresh = pipeline.lossy_snapshots()[0]
+    assert fresh is not quantize and fresh.index == quantize.index
+    output = pipeline.skip(fresh, "test", _calib())
+    zeros = sum(int(np.sum(v.const_value.numpy() == 0)) for v in output.graph.initializers.values() if v.const_value)
+    assert zeros < 100  # the dense weights of the re-run prune, not the first run's 50% zeros

@@ -74,3 +74,10 @@ def test_a_target_by_name_from_python() -> None:
     result = graphopt.optimize(DIGITS, "cpu-int4")
     assert result.report.target is not None and result.report.target["name"] == "cpu-int4"
     assert [p.name for p in result.report.passes] == ["fold", "weight_only", "fold"]
+
+
+def test_o_naming_a_new_folder_creates_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "new"
+    code = cli.main(["optimize", DIGITS, "-o", f"{out}/", "--pass", "fold", "--no-verify"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "digits_cnn.opt.onnx").is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import typing
 import zipfile
 import zlib
@@ -453,6 +454,10 @@ def load_script(spec: str) -> object:
     if module_spec is None or module_spec.loader is None:
         raise DataError(f"--calib-script: {path} cannot be imported as a Python module.")
     module = importlib.util.module_from_spec(module_spec)
+    # As `python data.py` would: the module is registered (dataclasses look it up) and its folder is importable.
+    sys.modules[module_spec.name] = module
+    if str(path.parent.resolve()) not in sys.path:
+        sys.path.insert(0, str(path.parent.resolve()))
     try:
         module_spec.loader.exec_module(module)
     except Exception as exc:  # the user's code: any error is theirs to fix, named with its line
