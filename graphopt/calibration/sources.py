@@ -95,9 +95,8 @@ def resolve_shape(spec: InputSpec, dims: Mapping[str, int], batch: int) -> tuple
         else:  # generated inputs only: real data brings its own sizes
             name = dim or f"{spec.name}:{axis}"
             _warn_once(
-                spec,
-                f"dim {name}",
-                f"input {spec.name!r}: dimension {axis} ({name!r}) has no value; generated inputs use "
+                ("dim", name),  # said once per dimension, however many inputs have it
+                f"dimension {name!r} (input {spec.name!r}, axis {axis}) has no value; generated inputs use "
                 f"{DEFAULT_DIM}. Give the size you deploy with: --dim {name}=N (recipe: verify.dims), or real data.",
             )
             shape.append(DEFAULT_DIM)
@@ -255,20 +254,19 @@ def iter_arrays(arrays: Mapping[str, np.ndarray], specs: list[InputSpec], batch_
         yield batch
 
 
-_WARNED: set[tuple[str, str]] = set()  # (input, what) warned about once per process
+_WARNED: set[tuple[str, str]] = set()  # (input or dimension, what) warned about once per process
 
 
-def _warn_once(spec: InputSpec, what: str, message: str) -> None:
-    if (spec.name, what) not in _WARNED:
-        _WARNED.add((spec.name, what))
+def _warn_once(key: tuple[str, str], message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
         logger.warning(message)
 
 
 def _check_array(array: np.ndarray, spec: InputSpec) -> None:
     if array.dtype == np.float64 and np.dtype(spec.dtype) == np.float32:
         _warn_once(
-            spec,
-            "float64",
+            (spec.name, "float64"),
             f"the data for input {spec.name!r} is float64 and the model takes float32: it is rounded to float32 "
             "(save it as float32 to feed exactly what the model will see).",
         )
