@@ -66,7 +66,7 @@ def _recipe_source(args: argparse.Namespace) -> tuple[Path | str, str]:
 
 def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
     source, target = _recipe_source(args)
-    base = recipe.load_recipe(source, known=args.known)
+    base = recipe.load_recipe(source, known=args.known, passes_given=bool(args.passes))
     # --pass with a recipe: the recipe's settings (verification, budget, device), the flags' passes.
     passes = tuple(recipe.parse_pass_arg(p, known=args.known) for p in args.passes) if args.passes else base.passes
     data = base.verify.data

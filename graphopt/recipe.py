@@ -98,8 +98,13 @@ _DATA_KEYS = ("data", "samples", "batch_size", "seed", "dims")
 _VERIFY_KEYS = (*_DATA_KEYS, "enabled", "report_only", "latency_runs", "threads", "layerwise")
 
 
-def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = registry.REGISTRY) -> Recipe:
-    """Read and validate a recipe file (.yaml, .yml or .json)."""
+def load_recipe(
+    path: str | os.PathLike[str], *, known: registry.Registry = registry.REGISTRY, passes_given: bool = False
+) -> Recipe:
+    """Read and validate a recipe file (.yaml, .yml or .json).
+
+    ``passes_given``: the passes come from elsewhere (``--pass``), so the file may hold settings only.
+    """
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "no such recipe file"
@@ -111,7 +116,8 @@ def load_recipe(path: str | os.PathLike[str], *, known: registry.Registry = regi
         raise RecipeError(f"{path}: is not UTF-8 text ({exc.reason} at byte {exc.start}). Save it as UTF-8.") from exc
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
-        return parse_recipe(data if data is not None else {}, base_dir=path.parent, where=str(path), known=known)
+        data = data if data is not None else {}
+        return parse_recipe(data, base_dir=path.parent, where=str(path), known=known, passes_given=passes_given)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: not valid {kind}: {exc}") from exc
     except RecursionError as exc:
@@ -125,6 +131,7 @@ def parse_recipe(
     base_dir: Path | None = None,
     where: str = "recipe",
     known: registry.Registry = registry.REGISTRY,
+    passes_given: bool = False,
 ) -> Recipe:
     """Validate a recipe given as a mapping; relative data paths resolve against ``base_dir``.
 
@@ -134,9 +141,9 @@ def parse_recipe(
     if not isinstance(data, Mapping):
         raise RecipeError(f"{where}: must be a mapping with keys {', '.join(_TOP_KEYS)}; got {type(data).__name__}.")
     _check_keys(data, _TOP_KEYS, where)
-    if "passes" not in data:
-        raise RecipeError(f"{where}: has no 'passes' list. Add e.g. `passes: [fold]`.")
-    passes = parse_passes(data["passes"], where=f"{where}: passes", known=known)
+    if "passes" not in data and not passes_given:
+        raise RecipeError(f"{where}: has no 'passes' list. Add e.g. `passes: [fold]`, or give the passes with --pass.")
+    passes = parse_passes(data["passes"], where=f"{where}: passes", known=known) if "passes" in data else ()
     device = data.get("device", "cpu")
     if device not in DEVICES:
         raise RecipeError(f"{where}: device {device!r} is not one of {', '.join(DEVICES)}.")

@@ -66,6 +66,9 @@ def test_recipe_settings_with_passes_from_the_flags(tmp_path: Path, capsys: pyte
     code = cli.main(["optimize", DIGITS, "-o", str(out), "--recipe", str(tmp_path / "r.yaml"), "--pass", "fold"])
     text = " ".join(capsys.readouterr().out.split())
     assert code == 0 and "max abs error <= 0" in text and "quantize" not in text  # fold alone, the recipe's budget
+    (tmp_path / "settings.yaml").write_text("verify: {samples: 4}\nbudget: {max_abs: 0.0}\n")  # settings only
+    code = cli.main(["optimize", DIGITS, "-o", str(out), "--recipe", str(tmp_path / "settings.yaml"), "--pass", "fold"])
+    assert code == 0 and "max abs error <= 0" in " ".join(capsys.readouterr().out.split())
     code = cli.main(["optimize", DIGITS, "-o", str(out), "--recipe", "cpu", "--target", "cpu"])
     assert code == 2 and "either --target or --recipe" in capsys.readouterr().err
 
