@@ -90,10 +90,14 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def graphopt_int4(src: Path, dst: Path, block: int) -> None:
+def graphopt_int4(src: Path, dst: Path, block: int, tied: bool = False) -> None:
     argv = [sys.executable, "-m", "graphopt.cli", "optimize", str(src), "-o", str(dst), "--external-data"]
-    argv += ["--pass", f"weight_only:bits=4,block_size={block}", "--no-verify"]
+    argv += ["--pass", f"weight_only:bits=4,block_size={block},tied={str(tied).lower()}", "--no-verify"]
     subprocess.run(argv, check=True, capture_output=True)
+
+
+def graphopt_int4_tied(src: Path, dst: Path, block: int) -> None:
+    graphopt_int4(src, dst, block, tied=True)
 
 
 def ort_int4(src: Path, dst: Path, block: int) -> None:
@@ -123,9 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl, _, reference = evaluate(args.model, texts, None)
     rows = [{"variant": "fp32 (builder export)", "ppl": base_ppl, "top1": 1.0, "bytes": size(args.model), "s": 0.0}]
     with tempfile.TemporaryDirectory() as tmp:
-        for tool, make in (("graphopt weight_only rtn", graphopt_int4), ("ORT MatMulNBitsQuantizer rtn", ort_int4)):
+        tools = (
+            ("graphopt weight_only rtn", graphopt_int4),
+            ("graphopt weight_only rtn tied=true", graphopt_int4_tied),
+            ("ORT MatMulNBitsQuantizer rtn", ort_int4),
+        )
+        for tool, make in tools:
             for block in (32, 128):
-                dst = Path(tmp) / f"{tool.split()[0]}-{block}" / "model.onnx"
+                dst = Path(tmp) / f"{tool.replace(' ', '-').replace('=', '')}-{block}" / "model.onnx"
                 dst.parent.mkdir()
                 start = time.perf_counter()
                 make(args.model, dst, block)

@@ -68,6 +68,14 @@ class WeightOnlyConfig:
         default=(), metadata={"help": "Node or weight names to leave in float; shell patterns like 'fc*' work."}
     )
     exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
+    tied: bool = field(
+        default=False,
+        metadata={
+            "help": "Quantize a weight that is both an embedding table (Gather of its Transpose) and a MatMul's "
+            "(a tied LM head) once, for both readers; off by default: on SmolLM2 the int4 table raised perplexity "
+            "more than it saved (bench/bench_llm.py)."
+        },
+    )
 
     def __post_init__(self) -> None:
         size = self.block_size

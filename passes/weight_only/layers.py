@@ -31,6 +31,7 @@ class Layer:
     n: int
     transposed: bool
     activation: ir.Value | None
+    via: ir.Node | None = None  # a Transpose between the weight and an embedding Gather (a tied LM head's table)
 
 
 def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer], dict[str, int]]:
@@ -54,6 +55,8 @@ def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer],
     readers: dict[str, set[int]] = {}
     for layer in layers:
         readers.setdefault(layer.weight.name, set()).add(id(layer.node))
+        if layer.via is not None:  # the Transpose reads the weight for this Gather alone (checked in _match)
+            readers[layer.weight.name].add(id(layer.via))
     kept = []
     for layer in layers:
         value = layer.weight
@@ -74,11 +77,31 @@ def _constant_float_matrix(value: ir.Value | None) -> bool:
     )
 
 
+def _transposed_weight(table: ir.Value | None) -> ir.Node | None:
+    """The Transpose that makes ``table`` from a constant float matrix (ORT GenAI's tied embeddings read the
+    LM head's [D, V] weight through one), when that Gather is its only reader."""
+    node = table.producer() if table is not None else None
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    if tuple(node.attributes.get_ints("perm", (1, 0))) != (1, 0) or not _constant_float_matrix(node.inputs[0]):
+        return None
+    uses = list(table.uses())  # type: ignore[union-attr]
+    if table.is_graph_output() or len(uses) != 1:  # type: ignore[union-attr]
+        return None
+    return node
+
+
 def _match(node: ir.Node, config: WeightOnlyConfig) -> tuple[Layer | None, str | None]:
     inputs = list(node.inputs)
     if node.op_type == "Gather":
         table = inputs[0] if inputs else None
-        if not _constant_float_matrix(table) or node.attributes.get_int("axis", 0) != 0:
+        if node.attributes.get_int("axis", 0) != 0:
+            return None, None  # not an embedding lookup
+        tied = _transposed_weight(table) if config.tied else None
+        if tied is not None:  # Gather(Transpose(W)): the table of a tied LM head, W [D, V]
+            d, v = tied.inputs[0].const_value.shape  # type: ignore[union-attr]
+            return Layer(node, tied.inputs[0], "gather", d, v, False, None, via=tied), None  # type: ignore[arg-type]
+        if not _constant_float_matrix(table):
             return None, None  # not an embedding lookup
         v, d = table.const_value.shape  # type: ignore[union-attr]
         return Layer(node, table, "gather", d, v, True, None), None  # type: ignore[arg-type]

@@ -73,12 +73,12 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         lowering = Lowering(model.graph, self.config)
         tally = _Tally()
         cache: dict[str, IntBlocks | Bnb4Blocks] = {}
-        pending = Counter(_cache_key(layer) for layer in layers)
+        pending = Counter(self._cache_key(layer) for layer in layers)
         for layer in layers:
             self._lower(layer, lowering, cache, tally)
-            pending[_cache_key(layer)] -= 1
-            if not pending[_cache_key(layer)]:
-                cache.pop(_cache_key(layer), None)  # codes of a weight no other layer reads: free them now
+            pending[self._cache_key(layer)] -= 1
+            if not pending[self._cache_key(layer)]:
+                cache.pop(self._cache_key(layer), None)  # codes of a weight no other layer reads: free them now
         if any(n.domain == MS_DOMAIN for n in ir.traversal.RecursiveGraphIterator(model.graph)):
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if lowering.needs_ir10 or opset_from is not None:
@@ -86,9 +86,12 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.details = self._summary(model, lowering, tally, skipped, opset_from)
         return ir.passes.PassResult(model, modified=True)
 
+    def _cache_key(self, layer: Layer) -> str:
+        return _cache_key(layer, self.config)
+
     def _lower(self, layer: Layer, lowering: Lowering, cache: dict[str, IntBlocks | Bnb4Blocks], tally: _Tally) -> None:
         # Layers sharing a weight share its quantization (same orientation) and its initializers (same form).
-        key = _cache_key(layer)
+        key = self._cache_key(layer)
         emit = layer.weight.name + ("_gather" if layer.kind == "gather" else "_T" if layer.transposed else "")
         group = "embedding" if layer.kind == "gather" else "matmul"
         if key not in cache:
@@ -103,6 +106,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         else:
             lowering.matmul(layer, blocks, emit)
         tally.bytes_after[group] += lowering.bytes_after - written
+        if layer.via is not None and not layer.via.outputs[0].uses():  # the tied table's Transpose now reads for no one
+            layer.via.graph.remove(layer.via, safe=True)  # type: ignore[union-attr]
         owner = layer.weight.graph
         edit.drop_if_unused(owner if isinstance(owner, ir.Graph) else lowering.graph, layer.weight)
 
@@ -179,8 +184,11 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         }
 
 
-def _cache_key(layer: Layer) -> str:
-    return f"{layer.weight.name}|{'T' if layer.transposed else 'N'}"
+def _cache_key(layer: Layer, config: WeightOnlyConfig) -> str:
+    """Layers with the same key share one quantization: same weight, orientation and number format
+    (an embedding stays integer where MatMuls take NF4/FP4)."""
+    separate = layer.kind == "gather" and config.format in FLOAT_FORMATS
+    return f"{layer.weight.name}|{'T' if layer.transposed else 'N'}{'|gather' if separate else ''}"
 
 
 def _oriented(layer: Layer) -> np.ndarray:

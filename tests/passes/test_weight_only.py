@@ -440,3 +440,46 @@ def test_fallback_tries_gptq_before_float_layers(tmp_path: Path) -> None:
     # Without calibration data GPTQ cannot run: the layer is kept in float instead.
     fallback = run("rtn", {"max_rel_l2": (rtn + gptq) / 2}, calibrated=False).report.fallback
     assert fallback["alternatives"] == {} and fallback["float_nodes"] == ["fc"]
+
+
+def _tied(d: int = 64, v: int = 96) -> onnx.ModelProto:
+    """ORT GenAI's tied embeddings: ids -> Gather(Transpose(W)) -> ... -> MatMul(h, W), W [D, V] read by both."""
+    w = np.random.default_rng(11).standard_normal((d, v)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["W"], ["table"], name="embed_transpose", perm=[1, 0]),
+            helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "W"], ["logits"], name="lm_head"),
+        ],
+        "tied",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", v])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return toy._model(graph)
+
+
+def test_tied_embedding_and_lm_head_are_quantized_with_one_set_of_codes(tmp_path: Path) -> None:
+    """The table and the LM head are one weight: both are quantized from the same blocks, none left in float."""
+    untouched = _load(_tied(), tmp_path, "default.onnx")
+    by_default = WeightOnlyQuantizePass(WeightOnlyConfig(bits=4))
+    assert not by_default(untouched).modified  # off by default: the table and the LM head stay float
+    assert by_default.details["skipped"] == {"weight also read by other ops": 1}
+    model = _load(_tied(), tmp_path)
+    w = model.graph.initializers["W"].const_value.numpy().copy()
+    quantize = WeightOnlyQuantizePass(WeightOnlyConfig(bits=4, tied=True))
+    assert quantize(model).modified
+    ops = [n.op_type for n in model.graph]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops and "Transpose" not in ops
+    assert "W" not in model.graph.initializers
+    assert all(
+        v.const_value.dtype != ir.DataType.FLOAT or v.const_value.size < 100 for v in model.graph.initializers.values()
+    )
+    blocks = quant_blocks.quantize_int_blocks(
+        w, 4, 32, symmetric=True, clip_ratios=WeightOnlyConfig().clip_ratios(), scale_type="float16"
+    ).dequantize()  # [D, V], blocks along D: what both readers use
+    ids = np.random.default_rng(12).integers(0, 96, (2, 5)).astype(np.int64)
+    got = runtime.run(runtime.create_session(model), {"ids": ids})["logits"]
+    expected = np.maximum(blocks.T[ids], 0) @ blocks
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
