@@ -90,14 +90,26 @@ def size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
-def graphopt_int4(src: Path, dst: Path, block: int, tied: bool = False) -> None:
+def graphopt_int4(src: Path, dst: Path, block: int, options: str = "") -> None:
     argv = [sys.executable, "-m", "graphopt.cli", "optimize", str(src), "-o", str(dst), "--external-data"]
-    argv += ["--pass", f"weight_only:bits=4,block_size={block},tied={str(tied).lower()}", "--no-verify"]
+    argv += ["--pass", f"weight_only:bits=4,block_size={block}{options}", "--no-verify"]
     subprocess.run(argv, check=True, capture_output=True)
 
 
 def graphopt_int4_tied(src: Path, dst: Path, block: int) -> None:
-    graphopt_int4(src, dst, block, tied=True)
+    graphopt_int4(src, dst, block, ",tied=true")
+
+
+def graphopt_int4_tied_int8_table(src: Path, dst: Path, block: int) -> None:
+    graphopt_int4(src, dst, block, ",tied=true,embedding_bits=8")
+
+
+def graphopt_int4_asymmetric(src: Path, dst: Path, block: int) -> None:
+    graphopt_int4(src, dst, block, ",symmetric=false")
+
+
+def graphopt_int4_tied_asymmetric(src: Path, dst: Path, block: int) -> None:
+    graphopt_int4(src, dst, block, ",tied=true,symmetric=false")
 
 
 def ort_int4(src: Path, dst: Path, block: int) -> None:
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         tools = (
             ("graphopt weight_only rtn", graphopt_int4),
             ("graphopt weight_only rtn tied=true", graphopt_int4_tied),
+            ("graphopt weight_only rtn tied=true embedding_bits=8", graphopt_int4_tied_int8_table),
+            ("graphopt weight_only rtn symmetric=false", graphopt_int4_asymmetric),
+            ("graphopt weight_only rtn tied=true symmetric=false", graphopt_int4_tied_asymmetric),
             ("ORT MatMulNBitsQuantizer rtn", ort_int4),
         )
         for tool, make in tools:

@@ -68,6 +68,12 @@ class WeightOnlyConfig:
         default=(), metadata={"help": "Node or weight names to leave in float; shell patterns like 'fc*' work."}
     )
     exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
+    embedding_bits: Literal[4, 8] | None = field(
+        default=None,
+        metadata={
+            "help": "Bits of embedding tables (Gather), when not those of the MatMuls (bits); 8 keeps them closer."
+        },
+    )
     tied: bool = field(
         default=False,
         metadata={

@@ -142,9 +142,10 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 clip_ratios=config.clip_ratios(),
                 importance=importance,
             )
+        bits = config.embedding_bits if layer.kind == "gather" and config.embedding_bits else config.bits
         return quantize_int_blocks(
             w,
-            config.bits,
+            bits,
             block,
             symmetric=config.symmetric,
             clip_ratios=config.clip_ratios(),
@@ -186,8 +187,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
 def _cache_key(layer: Layer, config: WeightOnlyConfig) -> str:
     """Layers with the same key share one quantization: same weight, orientation and number format
-    (an embedding stays integer where MatMuls take NF4/FP4)."""
-    separate = layer.kind == "gather" and config.format in FLOAT_FORMATS
+    (an embedding stays integer where MatMuls take NF4/FP4, and takes ``embedding_bits`` when set)."""
+    own_bits = config.embedding_bits not in (None, config.bits)
+    separate = layer.kind == "gather" and (config.format in FLOAT_FORMATS or own_bits)
     return f"{layer.weight.name}|{'T' if layer.transposed else 'N'}{'|gather' if separate else ''}"
 
 

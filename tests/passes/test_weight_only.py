@@ -483,3 +483,22 @@ def test_tied_embedding_and_lm_head_are_quantized_with_one_set_of_codes(tmp_path
     got = runtime.run(runtime.create_session(model), {"ids": ids})["logits"]
     expected = np.maximum(blocks.T[ids], 0) @ blocks
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_embedding_bits_give_the_table_its_own_width(tmp_path: Path) -> None:
+    """A tied weight with embedding_bits=8: an 8-bit table beside a 4-bit LM head, each from its own blocks."""
+    model = _load(_tied(), tmp_path)
+    w = model.graph.initializers["W"].const_value.numpy().copy()
+    assert WeightOnlyQuantizePass(WeightOnlyConfig(bits=4, embedding_bits=8, tied=True))(model).modified
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert gather.attributes.get_int("bits") == 8 and head.attributes.get_int("bits") == 4
+
+    def dequantized(bits: int) -> np.ndarray:
+        clips = WeightOnlyConfig().clip_ratios()
+        return quant_blocks.quantize_int_blocks(w, bits, 32, symmetric=True, clip_ratios=clips, scale_type="float16")
+
+    table, lm_head = dequantized(8).dequantize(), dequantized(4).dequantize()
+    ids = np.random.default_rng(13).integers(0, 96, (2, 5)).astype(np.int64)
+    got = runtime.run(runtime.create_session(model), {"ids": ids})["logits"]
+    np.testing.assert_allclose(got, np.maximum(table.T[ids], 0) @ lm_head, rtol=1e-3, atol=1e-3)
