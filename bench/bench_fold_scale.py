@@ -27,7 +27,8 @@ TOOLS = {
     "'--no-verify'])",
     "onnxslim": "import onnxslim; onnxslim.slim(src, dst); code = 0",
 }
-# The child reports its own peak RSS (KiB on Linux) as its last stderr line.
+# The child reports its own peak RSS (KiB on Linux) as its last stderr line. graphopt's crash-probe grandchild
+# (an ORT load of the output at save) is not in it: the figure undercounts graphopt.
 _CHILD = """
 import resource, sys
 src, dst = sys.argv[1], sys.argv[2]

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -96,20 +98,8 @@ def graphopt_int4(src: Path, dst: Path, block: int, options: str = "") -> None:
     subprocess.run(argv, check=True, capture_output=True)
 
 
-def graphopt_int4_tied(src: Path, dst: Path, block: int) -> None:
-    graphopt_int4(src, dst, block, ",tied=true")
-
-
-def graphopt_int4_tied_int8_table(src: Path, dst: Path, block: int) -> None:
-    graphopt_int4(src, dst, block, ",tied=true,embedding_bits=8")
-
-
-def graphopt_int4_asymmetric(src: Path, dst: Path, block: int) -> None:
-    graphopt_int4(src, dst, block, ",symmetric=false")
-
-
-def graphopt_int4_tied_asymmetric(src: Path, dst: Path, block: int) -> None:
-    graphopt_int4(src, dst, block, ",tied=true,symmetric=false")
+# graphopt's variants: extra weight_only options, "" for the defaults
+GRAPHOPT_OPTIONS = ("", "tied=true", "tied=true,embedding_bits=8", "symmetric=false", "tied=true,symmetric=false")
 
 
 def ort_int4(src: Path, dst: Path, block: int) -> None:
@@ -139,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     base_ppl, _, reference = evaluate(args.model, texts, None)
     rows = [{"variant": "fp32 (builder export)", "ppl": base_ppl, "top1": 1.0, "bytes": size(args.model), "s": 0.0}]
     with tempfile.TemporaryDirectory() as tmp:
-        tools = (
-            ("graphopt weight_only rtn", graphopt_int4),
-            ("graphopt weight_only rtn tied=true", graphopt_int4_tied),
-            ("graphopt weight_only rtn tied=true embedding_bits=8", graphopt_int4_tied_int8_table),
-            ("graphopt weight_only rtn symmetric=false", graphopt_int4_asymmetric),
-            ("graphopt weight_only rtn tied=true symmetric=false", graphopt_int4_tied_asymmetric),
-            ("ORT MatMulNBitsQuantizer rtn", ort_int4),
-        )
+        tools: list[tuple[str, Callable[[Path, Path, int], None]]] = [
+            (
+                f"graphopt weight_only rtn {o.replace(',', ' ')}".rstrip(),
+                partial(graphopt_int4, options=f",{o}" * bool(o)),
+            )
+            for o in GRAPHOPT_OPTIONS
+        ]
+        tools.append(("ORT MatMulNBitsQuantizer rtn", ort_int4))
         for tool, make in tools:
             for block in (32, 128):
                 dst = Path(tmp) / f"{tool.replace(' ', '-').replace('=', '')}-{block}" / "model.onnx"

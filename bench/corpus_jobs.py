@@ -195,18 +195,10 @@ def _session(path: Path, optimization: str) -> Any:
     it is a constant, and the packed kernel rounds differently (rel L2 2.6e-7 on one 256x768 MatMul).
     A tool that turns a loop-carried weight into a constant would otherwise be charged with ORT's rounding.
     """
-    import onnxruntime as ort
-
     from graphopt import runtime
 
-    if optimization != "disable":
-        return runtime.create_session(str(path), threads=1, optimization=optimization)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    exact = optimization == "disable"
+    return runtime.create_session(str(path), threads=1, optimization=optimization, prepacking=not exact)
 
 
 def _run_all(session: Any, feeds: list[Feed], names: list[str]) -> list[list[np.ndarray]]:

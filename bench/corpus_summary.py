@@ -21,6 +21,11 @@ def _ok(row: Row) -> bool:
     return "error" not in row and bool(row.get("valid"))
 
 
+def _exact(row: Row) -> bool:
+    """Valid and measured equal to fp32; a row without a measured rel L2 is not counted as exact."""
+    return _ok(row) and row.get("rel_l2") is not None and row["rel_l2"] <= EXACT_REL_L2
+
+
 def totals(rows: list[Row]) -> str:
     """Per job: how many models loaded, ran and came out valid; exactness or goals met."""
     lines = [
@@ -30,7 +35,7 @@ def totals(rows: list[Row]) -> str:
     for key in dict.fromkeys(r["key"] for r in rows):
         group = [r for r in rows if r["key"] == key]
         if group[0]["section"] == "fold":
-            good = sum(1 for r in group if _ok(r) and (r.get("rel_l2") or 0.0) <= EXACT_REL_L2)
+            good = sum(1 for r in group if _exact(r))
         else:
             good = sum(1 for r in group if _ok(r) and r.get("score") is not None and r["score"] >= r["goal"])
         fast = sum(1 for r in group if _ok(r) and r.get("latency_ratio") is not None and r["latency_ratio"] <= 1.0)
@@ -51,7 +56,7 @@ def fold_parity(rows: list[Row]) -> str:
         peers = [by[(model, k)] for k in ("onnxslim", "onnxsim") if (model, k) in by and _ok(by[(model, k)])]
         if fold is None or not _ok(fold):
             continue
-        exact += (fold.get("rel_l2") or 0.0) <= EXACT_REL_L2
+        exact += _exact(fold)
         if peers:
             best = min(p["nodes_out"] for p in peers)
             nodes += fold["nodes_out"] <= best

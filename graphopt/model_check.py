@@ -18,6 +18,7 @@ import onnx_ir as ir
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from graphopt.errors import ModelLoadError
+from graphopt.passes.edit import all_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +40,9 @@ def known_ops() -> frozenset[tuple[str, str]]:
     return frozenset(ops)
 
 
-def _nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for function in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return nodes
-
-
 def _check_ops(model: ir.Model, path: Path) -> None:
     local = {(domain, name) for domain, name, _ in model.functions}
-    for node in _nodes(model):
+    for node in all_nodes(model):
         domain = "" if node.domain == "ai.onnx" else node.domain
         if (domain, node.op_type) not in known_ops() and (node.domain, node.op_type) not in local:
             where = f"node {node.name!r}" if node.name else "a node"

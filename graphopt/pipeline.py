@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -348,11 +348,7 @@ def _check_data(plan: recipe.Recipe, calibration: DataSpec | None, specs: list[A
     if data.source is None and calibration is not None and calibration.source is not None:
         data = replace(data, source=calibration.source)
         held_out = replace(data, skip=calibration.samples)
-        if (
-            specs is not None
-            and not isinstance(calibration.source, Iterator)
-            and next(iter_batches(held_out, specs), None)
-        ):
+        if specs is not None and next(iter_batches(held_out, specs), None):
             return held_out
     return data
 

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt import speed
-from graphopt.report import Report
+from graphopt.report import Report, outcome_warnings
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
 
@@ -77,65 +77,6 @@ def render_report(console: Console, report: Report) -> None:
         render_verification(console, report.verification)
     for warning in outcome_warnings(report):
         console.print(f"[bold yellow]warning[/bold yellow]: {warning}", soft_wrap=True)
-
-
-# A candidate measured this much slower than its input is reported as slower (interleaved medians
-# of sub-millisecond models vary by a few percent between identical runs).
-_SLOWER = 1.05
-# Lossy passes that leave more than this share of the weight bytes compressed little.
-_LITTLE = 0.9
-
-
-def _reason(skipped: object) -> str:
-    """A pass's skip reason: a sentence, or reasons with how many nodes each left alone."""
-    if isinstance(skipped, dict):
-        return ", ".join(f"{reason} ({count})" for reason, count in skipped.items())
-    return str(skipped)
-
-
-def outcome_warnings(report: Report) -> list[str]:
-    """What a run that exits 0 did not achieve: nothing compressed, or an output slower than its input."""
-    warnings = []
-    lossy = [p for p in report.passes if not p.exact]
-    if lossy and not any(p.modified for p in lossy):
-        reasons = "; ".join(f"{p.name}: {_reason(p.details['skipped'])}" for p in lossy if p.details.get("skipped"))
-        warnings.append(
-            f"nothing was compressed: no lossy pass ({', '.join(p.name for p in lossy)}) changed the model"
-            + (f" ({reasons})" if reasons else "")
-            + "; the output computes what the input does."
-        )
-    elif (
-        lossy
-        and report.before.bytes
-        and report.after.bytes > _LITTLE * report.before.bytes
-        and (report.after.sparsity or 0.0) <= (report.before.sparsity or 0.0) + 0.05  # pruning keeps bytes, adds zeros
-    ):
-        dynamic = [p.name for p in lossy if p.details.get("mode") == "dynamic"]
-        warnings.append(
-            f"little was compressed: weights {report.before.bytes:,} B → {report.after.bytes:,} B "
-            f"({1 - report.after.bytes / report.before.bytes:.0%} smaller)"
-            + (
-                f"; {', '.join(dynamic)} ran in dynamic mode (no calibration data), which takes MatMuls only: "
-                "give --calib DATA for the convolutions"
-                if dynamic
-                else ""
-            )
-            + "."
-        )
-    fallback = report.fallback
-    if fallback and fallback.get("float_nodes") and lossy and report.after.bytes >= report.before.bytes:
-        warnings.append(
-            f"the accuracy fallback left {len(fallback['float_nodes'])} nodes {fallback.get('kept', 'in float')} "
-            "and the weights are no smaller than the input's: loosen the budget or try another pass."
-        )
-    if report.latency and any(p.modified for p in report.passes):  # an unchanged model differs only by noise
-        ratio = report.latency["optimized"].median_ms / report.latency["reference"].median_ms
-        if ratio > _SLOWER:
-            warnings.append(
-                f"the output runs {ratio:.2f}× slower than the input on {report.device} (median of interleaved runs);"
-                " see the ONNX Runtime line above for kernels that did not fuse."
-            )
-    return warnings
 
 
 def render_verification(console: Console, result: VerifyResult) -> None:

@@ -82,6 +82,7 @@ class Report:
             "speed": self.speed,
             "target": self.target,
             "data": self.data,
+            "warnings": outcome_warnings(self),
             "runtime": self.runtime,
             "layers": self.layers,
             "opset": self.opset,
@@ -157,7 +158,12 @@ class Report:
             lines.append("")
         if self.verification:
             v = self.verification
-            lines += [f"Verification on {v.device}, {v.samples} samples: {'PASSED' if v.passed else 'FAILED'}", ""]
+            verdict = (
+                ("PASSED" if v.passed else "FAILED") + f" (budget: {v.budget})"
+                if v.budget
+                else "NOT CHECKED (no budget)"
+            )
+            lines += [f"Verification on {v.device}, {v.samples} samples: {verdict}", ""]
             lines += [
                 "| output | max abs | rel L2 | cosine mean | cosine min | top-1 |",
                 "|---|---:|---:|---:|---:|---:|",
@@ -169,6 +175,9 @@ class Report:
                     f"| {o.cosine_min:.6f} | {top1} |"
                 )
             lines += [f"- {violation}" for violation in v.violations]
+        warnings = outcome_warnings(self)
+        if warnings:
+            lines += ["", "Warnings:", "", *[f"- {w}" for w in warnings]]
         return "\n".join(lines) + "\n"
 
 
@@ -181,3 +190,66 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(item) for item in value]
     return value
+
+
+# A candidate measured this much slower than its input is reported as slower (interleaved medians
+# of sub-millisecond models vary by a few percent between identical runs).
+_SLOWER = 1.05
+# Lossy passes that leave more than this share of the weight bytes compressed little.
+_LITTLE = 0.9
+
+
+def _reason(skipped: object) -> str:
+    """A pass's skip reason: a sentence, or reasons with how many nodes each left alone."""
+    if isinstance(skipped, dict):
+        return ", ".join(f"{reason} ({count})" for reason, count in skipped.items())
+    return str(skipped)
+
+
+def outcome_warnings(report: Report) -> list[str]:
+    """What a run that exits 0 did not achieve: nothing compressed, or an output slower than its input.
+
+    Printed by the CLI and written into the JSON and Markdown reports, so a pipeline that reads
+    only the files sees them too.
+    """
+    warnings = []
+    lossy = [p for p in report.passes if not p.exact]
+    if lossy and not any(p.modified for p in lossy):
+        reasons = "; ".join(f"{p.name}: {_reason(p.details['skipped'])}" for p in lossy if p.details.get("skipped"))
+        warnings.append(
+            f"nothing was compressed: no lossy pass ({', '.join(p.name for p in lossy)}) changed the model"
+            + (f" ({reasons})" if reasons else "")
+            + "; the output computes what the input does."
+        )
+    elif (
+        lossy
+        and report.before.bytes
+        and report.after.bytes > _LITTLE * report.before.bytes
+        and (report.after.sparsity or 0.0) <= (report.before.sparsity or 0.0) + 0.05  # pruning keeps bytes, adds zeros
+    ):
+        dynamic = [p.name for p in lossy if p.details.get("mode") == "dynamic"]
+        warnings.append(
+            f"little was compressed: weights {report.before.bytes:,} B → {report.after.bytes:,} B "
+            f"({1 - report.after.bytes / report.before.bytes:.0%} smaller)"
+            + (
+                f"; {', '.join(dynamic)} ran in dynamic mode (no calibration data), which takes MatMuls only: "
+                "give --calib DATA for the convolutions"
+                if dynamic
+                else ""
+            )
+            + "."
+        )
+    fallback = report.fallback
+    if fallback and fallback.get("float_nodes") and lossy and report.after.bytes >= report.before.bytes:
+        warnings.append(
+            f"the accuracy fallback left {len(fallback['float_nodes'])} nodes {fallback.get('kept', 'in float')} "
+            "and the weights are no smaller than the input's: loosen the budget or try another pass."
+        )
+    if report.latency and any(p.modified for p in report.passes):  # an unchanged model differs only by noise
+        ratio = report.latency["optimized"].median_ms / report.latency["reference"].median_ms
+        if ratio > _SLOWER:
+            warnings.append(
+                f"the output runs {ratio:.2f}× slower than the input on {report.device} (median of interleaved runs);"
+                " see the ONNX Runtime line above for kernels that did not fuse."
+            )
+    return warnings

@@ -77,10 +77,13 @@ def _session_options(
     optimization: str,
     optimized_model_path: str | os.PathLike[str] | None = None,
     spinning: bool = True,
+    prepacking: bool = True,
 ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepacking:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = _OPT_LEVELS[optimization]
     options.log_severity_level = 3
     if threads is not None:
@@ -111,15 +114,17 @@ def create_session(
     optimization: str = "all",
     optimized_model_path: str | os.PathLike[str] | None = None,
     spinning: bool = True,
+    prepacking: bool = True,
 ) -> ort.InferenceSession:
     """Open an ONNX Runtime session on ``device``; raise if CUDA silently fell back to CPU.
 
     ``spinning=False`` stops idle intra-op threads from spin-waiting: sessions timed in
     alternation then do not steal each other's cores (with 2 threads on 2 cores, spinning moved
-    the same ratio between 0.47 and 0.69 from one measurement to the next).
+    the same ratio between 0.47 and 0.69 from one measurement to the next). ``prepacking=False`` keeps
+    ORT from pre-packing constant MatMul weights, a kernel choice that rounds differently.
     """
     check_device(device)
-    options = _session_options(threads, optimization, optimized_model_path, spinning)
+    options = _session_options(threads, optimization, optimized_model_path, spinning, prepacking)
     if isinstance(model, ir.Model):
         model = serialize.to_bytes(model, ir_version=min(model.ir_version, ir_ceiling(model.ir_version)))
     elif not isinstance(model, bytes):
@@ -233,15 +238,15 @@ def interleaved_latency(
     return {name: _summarize(samples) for name, samples in times.items()}
 
 
-def latency_ratio(
+def sized_latency(
     reference: ort.InferenceSession,
     candidate: ort.InferenceSession,
     feeds: Mapping[str, np.ndarray],
     *,
     min_runs: int = 20,
     seconds: float = 1.0,
-) -> float:
-    """Median latency of ``candidate`` over ``reference``'s, timed interleaved.
+) -> dict[str, Latency]:
+    """``reference`` and ``candidate`` ("optimized") timed interleaved, as long as the model's speed needs.
 
     A fresh session runs its first calls slower (allocations, pre-packing) than a warm one, so the
     warm-up and the number of runs grow with how fast the model is: about 0.2 s of warm-up and
@@ -255,8 +260,7 @@ def latency_ratio(
         once = max(time.perf_counter() - start, 1e-6)
     warmup = max(3, min(50, int(0.2 / once)))
     runs = max(min_runs, min(300, int(seconds / once)))
-    timed = interleaved_latency({"reference": reference, "candidate": candidate}, feeds, warmup=warmup, runs=runs)
-    return timed["candidate"].median_ms / timed["reference"].median_ms
+    return interleaved_latency({"reference": reference, "optimized": candidate}, feeds, warmup=warmup, runs=runs)
 
 
 def _summarize(samples: list[float]) -> Latency:

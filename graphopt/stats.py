@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.passes.edit import all_nodes
+
 
 @dataclass
 class ModelStats:
@@ -35,16 +37,9 @@ class ModelStats:
         return dict(self.__dict__)
 
 
-def _all_nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for function in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return nodes
-
-
 def model_stats(model: ir.Model, *, sparsity: bool = False) -> ModelStats:
     """Collect :class:`ModelStats`; ``sparsity=True`` also reads float weights to count zeros."""
-    nodes = _all_nodes(model)
+    nodes = all_nodes(model)
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in nodes)
     stats = ModelStats(
         nodes=len(nodes),
@@ -94,7 +89,7 @@ def _tensors(model: ir.Model) -> list[ir.TensorProtocol]:
     tensors = []
     for graph in model.graphs():
         tensors.extend(v.const_value for v in graph.initializers.values() if v.const_value is not None)
-    for node in _all_nodes(model):
+    for node in all_nodes(model):
         if node.op_type == "Constant" and node.domain == "":
             attr = node.attributes.get("value")
             if attr is not None and attr.type == ir.AttributeType.TENSOR:

@@ -22,6 +22,14 @@ NON_TENSOR_PRODUCERS = frozenset(
 )  # fmt: skip
 
 
+def all_nodes(model: ir.Model) -> list[ir.Node]:
+    """Every node of the model: the main graph, its If/Loop/Scan bodies and its local functions."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    for function in model.functions.values():
+        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
+    return nodes
+
+
 def infer_types(model: ir.Model) -> None:
     """Fill in missing tensor types and shapes of main-graph values (exporters do not always write value_info).
 

@@ -68,23 +68,6 @@ def test_a_folder_of_per_sample_npz_files_of_different_lengths(
     assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "o.onnx").graph.node) >= 2
 
 
-def test_a_calibration_script_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model = _text_model(tmp_path / "m.onnx")
-    (tmp_path / "data.py").write_text(
-        "import numpy as np\n"
-        "def feeds():\n"
-        "    rng = np.random.default_rng(2)\n"
-        "    for n in range(3, 15):\n"
-        "        yield {'x': rng.normal(size=(1, n, 8)).astype(np.float32), 'gain': np.float32(2.0)}\n"
-    )
-    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:feeds")
-    assert code == 0, text
-    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:nope")
-    assert code == 2 and "has no function 'nope'" in text
-    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", str(tmp_path / "data.py"))
-    assert code == 2 and "expected FILE.py:FUNCTION" in text
-
-
 def test_an_onnx_runtime_calibration_data_reader_as_it_is(tmp_path: Path) -> None:
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -113,7 +96,8 @@ def test_a_generator_is_read_once_and_replayed(tmp_path: Path) -> None:
 
 
 def test_a_calibration_script_is_imported_as_python_runs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Dataclasses and imports of the script's own folder work, as with `python data.py`."""
+    """A generator of feeds from the user's script; dataclasses and imports of its own folder work, as with
+    `python data.py`; a wrong FILE.py:FUNCTION is a user error."""
     model = _text_model(tmp_path / "m.onnx")
     (tmp_path / "helpers.py").write_text("LENGTHS = range(3, 12)\n")
     (tmp_path / "data.py").write_text(
@@ -128,5 +112,10 @@ def test_a_calibration_script_is_imported_as_python_runs_it(tmp_path: Path, caps
         "        s = Sentence(n)\n"
         "        yield {'x': rng.normal(size=(1, s.length, 8)).astype(np.float32), 'gain': np.float32(1.0)}\n"
     )
-    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'data.py'}:feeds")
+    script = tmp_path / "data.py"
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{script}:feeds")
     assert code == 0, text
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{script}:nope")
+    assert code == 2 and "has no function 'nope'" in text
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", str(script))
+    assert code == 2 and "expected FILE.py:FUNCTION" in text

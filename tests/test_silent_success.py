@@ -32,6 +32,23 @@ def test_a_lossy_pass_that_changed_nothing_says_so_and_why(tmp_path: Path, capsy
     assert "warning: nothing was compressed" in text and "--calib" in text
 
 
+def test_the_report_files_carry_the_warnings_and_say_not_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pipeline that reads only the report files sees what the console said."""
+    args = ["optimize", str(DATA / "digits_cnn.onnx"), "-o", str(tmp_path / "o.onnx"), "--pass", "quantize"]
+    args += ["--report", str(tmp_path / "r.json"), "--report-md", str(tmp_path / "r.md")]
+    assert cli.main(args) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert any(w.startswith("nothing was compressed") for w in data["warnings"])
+    markdown = (tmp_path / "r.md").read_text()
+    assert "- nothing was compressed" in markdown and "PASSED (budget: min cosine >= 0.9)" in markdown
+    (tmp_path / "none.yaml").write_text("passes: [fold]\n")  # no budget: nothing is judged
+    args = ["optimize", str(DATA / "digits_cnn.onnx"), "-o", str(tmp_path / "f.onnx"), "--recipe"]
+    assert cli.main([*args, str(tmp_path / "none.yaml"), "--report-md", str(tmp_path / "f.md")]) == 0
+    assert "NOT CHECKED (no budget)" in (tmp_path / "f.md").read_text()
+
+
 def test_verify_without_limits_judges_by_the_default_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = str(DATA / "digits_cnn.onnx")
     code, text = _run(capsys, "verify", model, model)

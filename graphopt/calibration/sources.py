@@ -193,11 +193,23 @@ def _load_npz(path: Path, samples: int | None = None) -> dict[str, np.ndarray]:
                 else:
                     read = kept
                 count = int(np.prod(read, dtype=np.int64))
-                data = handle.read(count * dtype.itemsize)  # decompresses only these bytes
-                array = np.frombuffer(bytearray(data), dtype=dtype, count=count)
+                array = _read_into(handle, np.empty(count, dtype=dtype))  # decompresses only these bytes
                 array = array.reshape(read, order="F" if fortran else "C")
                 arrays[name] = array[:rows] if shape else array
     return arrays
+
+
+def _read_into(handle: typing.BinaryIO, array: np.ndarray, chunk: int = 64 * 2**20) -> np.ndarray:
+    """Fill ``array`` from ``handle`` in chunks: the peak is the array, not the array and a bytes copy of it."""
+    view = memoryview(array).cast("B")
+    done = 0
+    while done < len(view):
+        data = handle.read(min(chunk, len(view) - done))
+        if not data:
+            raise ValueError(f"the member ends after {done} of {len(view)} bytes")
+        view[done : done + len(data)] = data
+        done += len(data)
+    return array
 
 
 def _read_header(handle: typing.BinaryIO, name: str, *, with_order: bool = False) -> typing.Any:
@@ -294,8 +306,8 @@ def _shape_text(shape: tuple[int | str | None, ...]) -> str:
 
 def _cut(array: np.ndarray, spec: InputSpec, start: int, size: int) -> np.ndarray:
     part = array if array.ndim == 0 else array[start : start + size]
-    integral = not np.issubdtype(part.dtype, np.floating) or np.array_equal(part, np.round(part))
-    if np.issubdtype(spec.dtype, np.integer) and not integral:
+    integer_input = np.issubdtype(spec.dtype, np.integer)
+    if integer_input and np.issubdtype(part.dtype, np.floating) and not np.array_equal(part, np.round(part)):
         raise DataError(
             f"array {spec.name!r} holds fractional values but input {spec.name!r} takes {spec.dtype}; "
             "give whole numbers (e.g. token ids as integers)."

@@ -150,7 +150,7 @@ def _shielded(model: ir.Model) -> Iterator[None]:
     Only default-domain nodes are shielded, so restoring means the default domain again;
     copies made by function inlining are restored too.
     """
-    nodes = [n for n in _all_nodes(model) if _needs_shield(n)]
+    nodes = [n for n in edit.all_nodes(model) if _needs_shield(n)]
     if not nodes:
         yield
         return
@@ -160,17 +160,10 @@ def _shielded(model: ir.Model) -> Iterator[None]:
     try:
         yield
     finally:
-        for node in _all_nodes(model):
+        for node in edit.all_nodes(model):
             if node.domain == _SHIELD_DOMAIN:
                 node.domain = ""
         model.opset_imports.pop(_SHIELD_DOMAIN, None)
-
-
-def _all_nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for function in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return nodes
 
 
 def _fully_typed(model: ir.Model) -> bool:

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.numerics.blocks import IntBlocks, fits_float16, matmul_nbits_layout, pack_nibbles
 from graphopt.numerics.nf4 import Bnb4Blocks, DoubleQuant, matmul_bnb4_layout
-from graphopt.passes.edit import replace_node, unique_name
+from graphopt.passes.edit import all_nodes, replace_node, unique_name
 from graphopt.passes.weight_only.config import WeightOnlyConfig
 from graphopt.passes.weight_only.layers import Layer
 
@@ -276,10 +276,7 @@ def _graph_of(node: ir.Node) -> ir.Graph:
 
 
 def _default_domain_nodes(model: ir.Model) -> list[ir.Node]:
-    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
-    for function in model.functions.values():
-        nodes.extend(ir.traversal.RecursiveGraphIterator(function))
-    return [n for n in nodes if n.domain in ("", "ai.onnx")]
+    return [n for n in all_nodes(model) if n.domain in ("", "ai.onnx")]
 
 
 def _schema_problem(node: ir.Node, current: int, target: int) -> str | None:
