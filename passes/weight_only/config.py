@@ -46,6 +46,13 @@ class WeightOnlyConfig:
     clip_min: float = field(default=0.8, metadata={"help": "Smallest range shrink factor the clip search tries."})
     clip_steps: int = field(default=8, metadata={"help": "Shrink factors tried between 1.0 and clip_min."})
     gptq_damp: float = field(default=0.01, metadata={"help": "GPTQ dampening: fraction of mean(diag H) added to H."})
+    act_order: bool = field(
+        default=True,
+        metadata={
+            "help": "GPTQ: quantize input rows by decreasing activation energy (diag H) instead of in storage "
+            "order; block scales stay where they are."
+        },
+    )
     double_quant: bool = field(
         default=True, metadata={"help": "nf4/fp4: store block absmax in 8 bits, groups of 256 (QLoRA)."}
     )

@@ -4,7 +4,9 @@ GPTQ (Frantar et al., 2022) quantizes a layer's input rows one at a time and spr
 row's rounding error over the rows not yet quantized, weighted by the inverse Hessian of
 the layer's reconstruction error ``H = X^T X / n``. Here the block scales are fixed before
 the update (computed by round-to-nearest with clip search, as GPTQ's ``static_groups``),
-which keeps every format's layout (NF4 double quantization included) unchanged.
+which keeps every format's layout (NF4 double quantization included) unchanged. Rows go in
+act-order (decreasing ``diag(H)``) by default: fixed scales make that free, and on a real decoder
+(SmolLM2-135M, int4 block 128) it took the perplexity increase from +17.7% to +6.2%.
 
 The Hessians are accumulated while calibration batches stream through ONNX Runtime: memory
 is one batch plus one ``K x K`` float64 matrix per distinct layer input (Q, K and V of an
@@ -82,9 +84,19 @@ def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray | None:
     return None
 
 
-def gptq(w: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
-    """GPTQ-quantize ``w [K, N]`` onto ``grid`` given ``U`` of :func:`inverse_cholesky`; the rounded weight."""
-    work = np.array(w, dtype=np.float32)
+def act_order(hessian: np.ndarray) -> np.ndarray:
+    """Rows by decreasing ``diag(H)`` (GPTQ's act-order): the inputs that carry the most energy go first, while
+    the most rows are left to absorb their error."""
+    return np.argsort(-np.diag(hessian), kind="stable")
+
+
+def gptq(w: np.ndarray, u: np.ndarray, grid: Grid, order: np.ndarray | None = None) -> np.ndarray:
+    """GPTQ-quantize ``w [K, N]`` onto ``grid`` given ``U`` of :func:`inverse_cholesky`; the rounded weight.
+
+    With ``order`` (a permutation of the rows), rows are quantized in that order and ``u`` must come from the
+    Hessian permuted the same way; each row still snaps onto its own block's scale (static groups)."""
+    work = np.array(w if order is None else w[order], dtype=np.float32)
+    rows_of = np.arange(len(work)) if order is None else order
     rounded = np.empty_like(work)
     k = len(work)
     for start in range(0, k, _LAZY_BATCH):
@@ -93,12 +105,16 @@ def gptq(w: np.ndarray, u: np.ndarray, grid: Grid) -> np.ndarray:
         errors = np.empty_like(rows)
         for i in range(end - start):
             row = start + i
-            rounded[row] = grid.snap(row, rows[i])
+            rounded[row] = grid.snap(int(rows_of[row]), rows[i])
             errors[i] = (rows[i] - rounded[row]) / u[row, row]
             rows[i + 1 :] -= np.outer(u[row, row + 1 : end], errors[i])
         # Rows after this lazy batch receive its accumulated update in one product.
         work[end:] -= u[start:end, end:].T @ errors
-    return rounded
+    if order is None:
+        return rounded
+    unpermuted = np.empty_like(rounded)
+    unpermuted[order] = rounded
+    return unpermuted
 
 
 def output_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
@@ -107,12 +123,21 @@ def output_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> floa
     return float(np.einsum("kn,kn->", hessian @ d, d, dtype=np.float64))
 
 
-def refine(w: np.ndarray, hessian: np.ndarray, u: np.ndarray | None, grid: Grid) -> tuple[Grid, dict[str, float]]:
+def prepare(hessian: np.ndarray, damp: float, ordered: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The row order (None: as stored) and the matching ``U`` of :func:`inverse_cholesky` for one layer input."""
+    order = act_order(hessian) if ordered else None
+    permuted = hessian if order is None else hessian[np.ix_(order, order)]
+    return order, inverse_cholesky(permuted, damp)
+
+
+def refine(
+    w: np.ndarray, hessian: np.ndarray, u: np.ndarray | None, grid: Grid, order: np.ndarray | None = None
+) -> tuple[Grid, dict[str, float]]:
     """``grid`` re-rounded by GPTQ, kept only if its output error beats round-to-nearest's."""
     before = output_error(w, grid.dequantize(), hessian)
     if u is None:
         logger.info("weight_only: Hessian is singular even after dampening; kept round-to-nearest")
         return grid, {"rtn_error": before, "gptq_error": before}
-    refined = grid.encode(gptq(w, u, grid))
+    refined = grid.encode(gptq(w, u, grid, order))
     after = output_error(w, refined.dequantize(), hessian)
     return (refined if after < before else grid), {"rtn_error": before, "gptq_error": min(after, before)}

@@ -59,7 +59,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.config = config
         self.hessians = dict(hessians or {})
         self.details: dict[str, object] = {}
-        self._inverses: dict[str, np.ndarray | None] = {}
+        self._inverses: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._inverses = {}
@@ -121,8 +121,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         if hessian is not None and self.config.method == "gptq":
             name = layer.activation.name  # type: ignore[union-attr]
             if name not in self._inverses:  # Q, K and V read one input: one inverse for all three
-                self._inverses[name] = gptq_module.inverse_cholesky(hessian, self.config.gptq_damp)
-            blocks, errors = gptq_module.refine(w, hessian, self._inverses[name], blocks)  # type: ignore[assignment]
+                self._inverses[name] = gptq_module.prepare(hessian, self.config.gptq_damp, self.config.act_order)
+            order, u = self._inverses[name]
+            blocks, errors = gptq_module.refine(w, hessian, u, blocks, order)  # type: ignore[assignment]
             record.update({key: round(value, 8) for key, value in errors.items()})
         record["relative_error"] = _relative_error(w, blocks)
         tally.errors.append(record)

@@ -290,6 +290,31 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(fmt: str, tmp_path: Pat
     assert errors["gptq"] < 0.5 * errors["rtn"]
 
 
+def test_gptq_act_order_is_a_permutation_and_helps_where_energy_is_uneven() -> None:
+    """Identity order reproduces plain GPTQ; inputs whose energy varies by orders of magnitude (an LLM's outlier
+    channels) gain from going first, while every row still snaps onto its own block's scale."""
+    from graphopt.passes.weight_only import gptq as gptq_module
+
+    rng = np.random.default_rng(3)
+    k, n = 128, 96
+    gain = np.exp(rng.uniform(-3, 3, k)).astype(np.float32)  # per-input scale spread ~400x
+    x = (rng.standard_normal((2048, 16)) @ rng.standard_normal((16, k)) + rng.standard_normal((2048, k))) * gain
+    hessian = (x.T @ x / len(x)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    grid = quant_blocks.quantize_int_blocks(w, 4, 32, symmetric=True, clip_ratios=(1.0,))
+    _, u = gptq_module.prepare(hessian, 0.01, ordered=False)
+    plain = gptq_module.gptq(w, u, grid)
+    same = gptq_module.gptq(w, u, grid, np.arange(k))
+    np.testing.assert_array_equal(plain, same)
+    order, u_ordered = gptq_module.prepare(hessian, 0.01, ordered=True)
+    assert order is not None and sorted(order) == list(range(k)) and not np.array_equal(order, np.arange(k))
+    ordered = gptq_module.gptq(w, u_ordered, grid, order)
+    np.testing.assert_array_equal(grid.encode(ordered).dequantize(), ordered)  # on the grid, scales unchanged
+    errors = {name: gptq_module.output_error(w, approx, hessian) for name, approx in
+              (("rtn", grid.dequantize()), ("plain", plain), ("ordered", ordered))}  # fmt: skip
+    assert errors["ordered"] < errors["plain"] < errors["rtn"]
+
+
 def test_gptq_calibration_streams_hessians_and_needs_data(tmp_path: Path) -> None:
     model = _load(_mlp(), tmp_path)
     assert collect_hessians(model, None, WeightOnlyConfig()) is None  # rtn needs no data
