@@ -33,6 +33,11 @@ class Layer:
     activation: ir.Value | None
     via: ir.Node | None = None  # a Transpose between the weight and an embedding Gather (a tied LM head's table)
 
+    @property
+    def dtype(self) -> ir.DataType:
+        """The weight's element type (FLOAT or FLOAT16): the type its scales and outputs keep."""
+        return self.weight.const_value.dtype  # type: ignore[union-attr]
+
 
 def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer], dict[str, int]]:
     """Layers the pass will quantize, in the graph and its If/Loop/Scan bodies, and why others were skipped."""
@@ -68,11 +73,14 @@ def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer],
     return kept, dict(skipped)
 
 
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16})
+
+
 def _constant_float_matrix(value: ir.Value | None) -> bool:
     return (
         value is not None
         and value.const_value is not None
-        and value.const_value.dtype == ir.DataType.FLOAT
+        and value.const_value.dtype in FLOAT_TYPES
         and len(value.const_value.shape) == 2
     )
 
@@ -108,7 +116,7 @@ def _match(node: ir.Node, config: WeightOnlyConfig) -> tuple[Layer | None, str |
     weight = inputs[1] if len(inputs) > 1 else None
     activation = inputs[0] if inputs else None
     if not _constant_float_matrix(weight):
-        return None, "weight is not a constant float32 matrix"
+        return None, "weight is not a constant float32/float16 matrix"
     if activation is None or activation.const_value is not None or (activation.shape and len(activation.shape) < 2):
         return None, "input A is constant or not a matrix"
     if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):

@@ -91,7 +91,9 @@ class Lowering:
             self.graph.insert_before(next(iter(self.graph)), node)
         return out
 
-    def _scales(self, base: str, scales: np.ndarray) -> ir.Value:
+    def _scales(self, base: str, scales: np.ndarray, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
+        if dtype == ir.DataType.FLOAT16:  # the layer computes in float16: its scales are float16 too
+            return self._initializer(f"{base}_scales", scales.astype(np.float16))
         # In an If/Loop body, ONNX Runtime 1.31's MatMulNBits returns zeros when its scales come
         # from a node (this Cast) and graph optimizations are off: there they stay float32.
         in_body = self._anchor is not None and _graph_of(self._anchor) is not self.graph
@@ -122,7 +124,7 @@ class Lowering:
     def _nbits(self, layer: Layer, blocks: IntBlocks, key: str) -> ir.Node:
         if key not in self._shared:
             data, scales, zero_points = matmul_nbits_layout(blocks)
-            values = [self._initializer(f"{key}_Q{blocks.bits}", data), self._scales(key, scales)]
+            values = [self._initializer(f"{key}_Q{blocks.bits}", data), self._scales(key, scales, layer.dtype)]
             if zero_points is not None:
                 values.append(self._initializer(f"{key}_zero_points", zero_points))
             self._shared[key] = values
@@ -136,9 +138,9 @@ class Lowering:
             data, absmax = matmul_bnb4_layout(blocks)
             stored = self._initializer(f"{key}_{blocks.quant_type}", data)
             scale = (
-                self._double_dequant(key, blocks.double)
+                self._double_dequant(key, blocks.double, layer.dtype)
                 if blocks.double
-                else self._initializer(f"{key}_absmax", absmax)
+                else self._initializer(f"{key}_absmax", absmax.astype(layer.dtype.numpy()))
             )
             self._shared[key] = [stored, scale]
         attributes = {
@@ -149,8 +151,8 @@ class Lowering:
         }
         return self._node("MatMulBnb4", [layer.node.inputs[0], *self._shared[key]], attributes, layer, MS_DOMAIN)
 
-    def _double_dequant(self, key: str, double: DoubleQuant) -> ir.Value:
-        """absmax = Cast(codes) * repeat(scales, 256)[:n] + offset, in standard ONNX ops."""
+    def _double_dequant(self, key: str, double: DoubleQuant, dtype: ir.DataType) -> ir.Value:
+        """absmax = Cast(codes) * repeat(scales, 256)[:n] + offset, in standard ONNX ops (then Cast to ``dtype``)."""
         n, groups = len(double.codes), len(double.scales)
         codes = self._initializer(f"{key}_absmax_int8", double.codes)
         scales = self._initializer(f"{key}_absmax_scales", double.scales.reshape(groups, 1))
@@ -163,12 +165,15 @@ class Lowering:
         scaled = self._prepend("Mul", [as_float, flat], f"{key}_absmax_scaled")
         absmax = self._prepend("Add", [scaled, offset], f"{key}_absmax")
         absmax.type, absmax.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape((n,))
+        if dtype != ir.DataType.FLOAT:
+            absmax = self._prepend("Cast", [absmax], f"{key}_absmax_{dtype.name.lower()}", to=dtype)
+            absmax.type, absmax.shape = ir.TensorType(dtype), ir.Shape((n,))
         return absmax
 
     def _qdq(self, layer: Layer, blocks: IntBlocks, key: str) -> None:
         if key not in self._shared:
             inputs = [self._int_tensor(f"{key}_quantized", blocks.codes, blocks.bits, blocks.symmetric)]
-            inputs.append(self._scales(key, blocks.scales))
+            inputs.append(self._scales(key, blocks.scales, layer.dtype))
             if blocks.zero_points is not None:
                 inputs.append(self._int_tensor(f"{key}_zero_point", blocks.zero_points, blocks.bits, False))
             self._shared[key] = inputs
@@ -176,7 +181,7 @@ class Lowering:
         out = ir.Value(
             name=unique_name(self.graph, f"{key}_DequantizeLinear", self.taken),
             shape=ir.Shape((layer.k, layer.n)),
-            type=ir.TensorType(ir.DataType.FLOAT),
+            type=ir.TensorType(layer.dtype),
         )
         attributes = {"axis": 0, "block_size": blocks.block_size}
         dq = ir.node("DequantizeLinear", self._shared[key], attributes, outputs=[out], name=out.name)
@@ -209,10 +214,10 @@ class Lowering:
             return []
         beta = node.attributes.get_float("beta", 1.0)
         if beta != 1.0 and bias.const_value is not None:
-            scaled = (bias.const_value.numpy() * beta).astype(np.float32)
+            scaled = (bias.const_value.numpy() * beta).astype(bias.const_value.numpy().dtype)
             bias = self._initializer(f"{bias.name}_beta", scaled, weight=False)
         elif beta != 1.0:
-            factor = self._initializer(f"{node.name}_beta", np.array(beta, np.float32), weight=False)
+            factor = self._initializer(f"{node.name}_beta", np.array(beta, layer.dtype.numpy()), weight=False)
             scaled = self._node("Mul", [bias, factor], {}, layer)
             return [scaled, self._node("Add", [product, scaled.outputs[0]], {}, layer)]
         return [self._node("Add", [product, bias], {}, layer)]
@@ -228,7 +233,7 @@ class Lowering:
                 data = self._initializer(f"{key}_quantized", (codes.astype(np.int16) + 128).astype(np.uint8))
             else:
                 data = self._int_tensor(f"{key}_quantized", codes, blocks.bits, blocks.symmetric and blocks.bits == 4)
-            inputs = [data, self._scales(key, np.ascontiguousarray(blocks.scales.T))]
+            inputs = [data, self._scales(key, np.ascontiguousarray(blocks.scales.T), layer.dtype)]
             if blocks.zero_points is not None:
                 zero = np.ascontiguousarray(blocks.zero_points.T)
                 inputs.append(self._int_tensor(f"{key}_zero_point", zero, blocks.bits, False))

@@ -43,7 +43,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     checking every op) or com.microsoft.MatMulBnb4; embedding tables become
     com.microsoft.GatherBlockQuantized. Gemm becomes the MatMul form plus an Add of its
     bias. Graph inputs/outputs keep their names, shapes and types; weights that are not
-    constant float32 matrices (already quantized ones included) are left alone. Layers in
+    constant float32/float16 matrices (already quantized ones included) are left alone; float16
+    weights keep float16 scales and outputs. Layers in
     If/Loop/Scan bodies are rewritten too (their quantized weights are main-graph
     initializers the body reads from the outer scope; GPTQ has no Hessian there and rounds
     to nearest); functions are left alone. Weights held in external data are read and
@@ -151,7 +152,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             symmetric=config.symmetric,
             clip_ratios=config.clip_ratios(),
             importance=importance,
-            scale_type=config.scale_type,
+            # a float16 layer's kernels read float16 scales (MatMulNBits' T1 is A's type)
+            scale_type="float16" if layer.dtype == ir.DataType.FLOAT16 else config.scale_type,
         )
 
     def _summary(

@@ -104,6 +104,64 @@ def test_formats_compute_the_quantized_weights_in_onnxruntime(fmt: str, bits: in
     assert quantize.details["layers"] == 3 and quantize.details["skipped"] == {}
 
 
+QUANTIZED_READERS = ("MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "DequantizeLinear")
+
+
+def _half_model(dtype: type = np.float16) -> onnx.ModelProto:
+    """A float16 model as fp16 exports are: embedding Gather -> MatMul -> Gemm(transB, bias), float16 throughout
+    (``dtype`` float32: the same float16 values in float32)."""
+    rng = np.random.default_rng(5)
+    half = {
+        "table": rng.standard_normal((100, 64)),
+        "W1": rng.standard_normal((64, 128)) / 8,
+        "W2": rng.standard_normal((32, 128)) / 8,
+        "b2": rng.standard_normal(32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "W1"], ["h"], name="fc1"),
+            helper.make_node("Gemm", ["h2", "W2", "b2"], ["y"], name="head", transB=1, beta=0.5),
+            helper.make_node("Reshape", ["h", "flat"], ["h2"], name="flatten"),
+        ],
+        "half",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 1])],
+        [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), ["batch", 32])],
+        [numpy_helper.from_array(v.astype(np.float16).astype(dtype), k) for k, v in half.items()]
+        + [numpy_helper.from_array(np.array([-1, 128], np.int64), "flat")],
+    )
+    graph.node.insert(2, graph.node.pop(3))
+    return toy._model(graph)
+
+
+@pytest.mark.parametrize(("fmt", "bits"), FORMATS)
+def test_float16_weights_keep_float16_scales_and_outputs(fmt: str, bits: int, tmp_path: Path) -> None:
+    """fp16 exports (ORT GenAI's builder -p fp16): same kernels, with float16 scales, no Cast to float32."""
+    config = WeightOnlyConfig(format=fmt, bits=bits, accuracy_level=0)  # type: ignore[arg-type]
+    ids = np.random.default_rng(6).integers(0, 100, (4, 1)).astype(np.int64)
+    outputs = {}
+    for dtype in (np.float16, np.float32):
+        model = _load(_half_model(dtype), tmp_path, f"{np.dtype(dtype).name}.onnx")
+        quantize = WeightOnlyQuantizePass(config)
+        assert quantize(model).modified
+        serialize.check_model(model)
+        assert quantize.details["layers"] == 2 and quantize.details["embeddings"] == 1
+        assert quantize.details["skipped"] == {}
+        outputs[dtype] = runtime.run(runtime.create_session(model, optimization="disable"), {"ids": ids})["y"]
+        if dtype == np.float16:
+            readers = [n for n in model.graph if n.op_type in QUANTIZED_READERS]
+            assert len(readers) == 3
+            floats = {v.dtype for n in readers for v in n.inputs if v is not None and v.dtype}
+            assert {t for t in floats if t.is_floating_point()} == {ir.DataType.FLOAT16}  # activations, scales
+            # no float32 scales cast at load (NF4's double-quantized absmax is computed in float32, then cast)
+            casts = [n for n in model.graph if n.op_type == "Cast" and n.attributes.get_int("to") == 1]
+            assert not casts or fmt in ("nf4", "fp4")
+    # The same codes and scales: the float16 model computes what the float32 one does, up to float16 arithmetic.
+    assert outputs[np.float16].dtype == np.float16
+    got, expected = outputs[np.float16].astype(np.float32), outputs[np.float32]
+    np.testing.assert_allclose(got, expected, atol=5e-3 * np.abs(expected).max())
+
+
 def test_kernels_and_traps_are_reported_as_onnxruntime_runs_them(tmp_path: Path) -> None:
     model = _load(_mlp(), tmp_path)
     quantize = WeightOnlyQuantizePass(WeightOnlyConfig(format="qdq"))
@@ -159,12 +217,12 @@ def test_unsupported_patterns_are_left_alone(tmp_path: Path) -> None:
     w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [16, 8])
     cases = {
         "dynamic weight": _single(helper.make_node("MatMul", ["x", "w"], ["y"]), [], [x, w], ["batch", 8]),
-        "float16 weight": _single(
+        "float64 weight": _single(
             helper.make_node("MatMul", ["x", "h"], ["y"]),
-            [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float16), "h")],
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 16])],
+            [numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float64), "h")],
+            [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", 16])],
             ["batch", 8],
-            TensorProto.FLOAT16,
+            TensorProto.DOUBLE,
         ),
         "constant A": _single(
             helper.make_node("MatMul", ["c", "x"], ["y"]),
@@ -231,7 +289,7 @@ def test_shared_weights_are_quantized_once(tmp_path: Path) -> None:
     assert not quantize(model).modified
     assert quantize.details["skipped"] == {
         "weight also read by other ops": 1,
-        "weight is not a constant float32 matrix": 1,  # the MatMul reading Transpose(W)
+        "weight is not a constant float32/float16 matrix": 1,  # the MatMul reading Transpose(W)
     }
     two = _load(_two_readers(), tmp_path, "two.onnx")
     quantize = WeightOnlyQuantizePass(WeightOnlyConfig())
