@@ -21,6 +21,11 @@ class Budget:
         min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
         min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
         min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
+        max_perplexity_increase: Largest allowed relative rise of a language model's perplexity on
+            the verification tokens (0.1: +10%), for logits ``[batch, sequence, vocabulary]`` of a
+            model fed token ids (see :mod:`graphopt.verify`).
+        min_token_top1: Smallest allowed share of positions whose next-token arg-max agrees (the same
+            outputs).
         outputs: Outputs the budget applies to; empty means all.
         max_latency_ratio: Largest allowed median latency of the output over the input's, timed
             interleaved on the verification device (a whole-model limit: :mod:`graphopt.speed`).
@@ -31,6 +36,8 @@ class Budget:
     min_cosine: float | None = None
     min_cosine_mean: float | None = None
     min_top1: float | None = None
+    max_perplexity_increase: float | None = None
+    min_token_top1: float | None = None
     outputs: tuple[str, ...] = ()
     max_latency_ratio: float | None = None
 
@@ -50,6 +57,8 @@ BOUNDS = {
     "min_cosine": (-1.0, 1.0),
     "min_cosine_mean": (-1.0, 1.0),
     "min_top1": (0.0, 1.0),
+    "max_perplexity_increase": (0.0, math.inf),
+    "min_token_top1": (0.0, 1.0),
     "max_latency_ratio": (0.01, 100.0),
 }
 
@@ -65,6 +74,18 @@ class OutputMetrics:
     cosine_min: float = 1.0
     top1: float | None = None
     reference_max_abs: float = 0.0
+    # language-model logits only: perplexity of the tokens that follow, and next-token agreement
+    tokens: int | None = None
+    perplexity: float | None = None
+    reference_perplexity: float | None = None
+    token_top1: float | None = None
+
+    @property
+    def perplexity_increase(self) -> float | None:
+        """Relative rise of the perplexity over the reference's (0.05: +5%)."""
+        if self.perplexity is None or not self.reference_perplexity:
+            return None
+        return self.perplexity / self.reference_perplexity - 1.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,8 @@ LIMITS = (
     Limit("min_cosine", "cosine_min", False, "min cosine", ".6f"),
     Limit("min_cosine_mean", "cosine_mean", False, "mean cosine", ".6f"),
     Limit("min_top1", "top1", False, "top-1 agreement", ".4f"),
+    Limit("max_perplexity_increase", "perplexity_increase", True, "perplexity increase", "+.2%"),
+    Limit("min_token_top1", "token_top1", False, "next-token top-1 agreement", ".4f"),
 )
 
 
@@ -118,6 +141,17 @@ def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
             bound_text = f"{bound:{limit.digits}}" if limit.upper else f"{bound}"
             found.append(f"output {metrics.name!r}: {limit.label} {value:{limit.digits}} {sign} budget {bound_text}")
     return found
+
+
+def token_summary(metrics: OutputMetrics) -> str | None:
+    """One line on a language model's logits: perplexity on the verification tokens and next-token agreement."""
+    if not metrics.tokens or metrics.perplexity is None or metrics.reference_perplexity is None:
+        return None
+    return (
+        f"output {metrics.name!r}: perplexity {metrics.perplexity:.4g} vs {metrics.reference_perplexity:.4g} "
+        f"({metrics.perplexity_increase:+.2%}) on {metrics.tokens} next tokens; next-token top-1 agreement "
+        f"{metrics.token_top1:.4f}"
+    )
 
 
 def describe(budget: Budget) -> str:

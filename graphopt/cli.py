@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             p.add_argument("reference")
             p.add_argument("candidate")
-            for flag in ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1"):
+            limits = ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1", "--max-perplexity-increase")
+            for flag in (*limits, "--min-token-top1"):
                 p.add_argument(
                     flag,
                     type=_limit(flag[2:].replace("-", "_")),

@@ -243,7 +243,12 @@ def _data_from_args(args: argparse.Namespace, default_samples: int) -> DataSpec:
 def cmd_verify(args: argparse.Namespace) -> int:
     reference, candidate = io.load_model(args.reference), io.load_model(args.candidate)
     budget = budget_rules.Budget(
-        max_abs=args.max_abs, max_rel_l2=args.max_rel_l2, min_cosine=args.min_cosine, min_top1=args.min_top1
+        max_abs=args.max_abs,
+        max_rel_l2=args.max_rel_l2,
+        min_cosine=args.min_cosine,
+        min_top1=args.min_top1,
+        max_perplexity_increase=args.max_perplexity_increase,
+        min_token_top1=args.min_token_top1,
     )
     if not budget_rules.describe(budget):  # no limit given: judge by the default recipe's, never pass silently
         budget = recipe.load_recipe(_default_recipe(), known=args.known).budget

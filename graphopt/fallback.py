@@ -314,5 +314,3 @@ def _candidates(before: ir.Model, spec: registry.PassSpec, config: Any, suspects
     tensors = [s for s in rank if s.startswith("tensor:") and lossy.tensors]
     weighted = [n.name for n in nodes if n.op_type in CANDIDATE_OPS]
     return weighted + tensors + [n.name for n in nodes if n.op_type not in CANDIDATE_OPS]
-
-

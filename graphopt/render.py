@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt import speed
+from graphopt.budget import token_summary
 from graphopt.report import Report, outcome_warnings
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
@@ -97,6 +98,8 @@ def render_verification(console: Console, result: VerifyResult) -> None:
             f"{o.top1:.4f}" if o.top1 is not None else "–",
         )
     console.print(table)
+    for line in filter(None, map(token_summary, result.outputs)):
+        console.print(line, soft_wrap=True)
     for violation in result.violations:
         console.print(f"[red]over budget[/red]: {violation}")
 

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from graphopt.budget import token_summary
 from graphopt.runtime import Latency
 from graphopt.speed import summary
 from graphopt.stats import ModelStats
@@ -174,6 +175,7 @@ class Report:
                     f"| {o.name} | {o.max_abs:.3g} | {o.rel_l2:.3g} | {o.cosine_mean:.6f} "
                     f"| {o.cosine_min:.6f} | {top1} |"
                 )
+            lines += [f"- {line}" for line in filter(None, map(token_summary, v.outputs))]
             lines += [f"- {violation}" for violation in v.violations]
         warnings = outcome_warnings(self)
         if warnings:
@@ -244,6 +246,12 @@ def outcome_warnings(report: Report) -> list[str]:
         warnings.append(
             f"the accuracy fallback left {len(fallback['float_nodes'])} nodes {fallback.get('kept', 'in float')} "
             "and the weights are no smaller than the input's: loosen the budget or try another pass."
+        )
+    scored = [o.name for o in report.verification.outputs if o.tokens] if report.verification else []
+    if scored and (report.data or {}).get("verification", "").startswith("seeded random"):
+        warnings.append(
+            f"the perplexity of {', '.join(scored)} was measured on random token ids, not text: give token windows "
+            "(--calib or --verify-data) for a perplexity that says how the model reads language."
         )
     if report.latency and any(p.modified for p in report.passes):  # an unchanged model differs only by noise
         ratio = report.latency["optimized"].median_ms / report.latency["reference"].median_ms

@@ -36,8 +36,15 @@ class _Accumulator:
     rows: int = 0
     agree: int = 0
     classified: int = 0
+    tokens: int = 0  # language-model logits: positions scored, their NLL sums, next-token agreement
+    ref_nll: float = 0.0
+    cand_nll: float = 0.0
+    token_agree: int = 0
+    positions: int = 0
 
-    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def add(
+        self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray | None = None, mask: np.ndarray | None = None
+    ) -> None:
         if ref.shape != cand.shape:
             raise DataError(f"output {self.name!r}: reference shape {ref.shape} != candidate shape {cand.shape}")
         if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
@@ -57,6 +64,23 @@ class _Accumulator:
         if r.ndim == 2 and r.shape[1] > 1 and np.issubdtype(ref.dtype, np.floating):
             self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(c, axis=1)))
             self.classified += r.shape[0]
+        if ids is not None and "logit" in self.name.lower() and is_lm_logits(ref, ids):
+            self._add_tokens(r, c, ids, mask if mask is not None and mask.shape == ids.shape else None)
+
+    def _add_tokens(self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        """Perplexity of each sequence's next tokens under both models, and where their arg-maxes agree; padding
+        (``mask`` 0) is left out."""
+        valid = np.ones(ids.shape, bool) if mask is None else np.asarray(mask) != 0
+        agree = np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)
+        self.token_agree += int(np.sum(agree & valid))
+        self.positions += int(valid.sum())
+        scored = valid[:, :-1] & valid[:, 1:]  # a position and the token after it are both real
+        for row in range(len(ids)):  # one sequence at a time: [S, V] in float64, not the whole batch
+            keep = np.flatnonzero(scored[row])
+            if keep.size:
+                self.ref_nll += _nll(ref[row, keep], ids[row, keep + 1])
+                self.cand_nll += _nll(cand[row, keep], ids[row, keep + 1])
+                self.tokens += keep.size
 
     def result(self) -> OutputMetrics:
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else math.sqrt(self.diff_sq)
@@ -68,7 +92,46 @@ class _Accumulator:
             cosine_min=self.cos_min,
             top1=self.agree / self.classified if self.classified else None,
             reference_max_abs=self.ref_max,
+            tokens=self.tokens or None,
+            perplexity=math.exp(self.cand_nll / self.tokens) if self.tokens else None,
+            reference_perplexity=math.exp(self.ref_nll / self.tokens) if self.tokens else None,
+            token_top1=self.token_agree / self.positions if self.positions and self.tokens else None,
         )
+
+
+# Names under which models take the token ids their logits score (Hugging Face, ORT GenAI, fairseq); the output
+# must be named "...logits..." too (every LM exporter names it so), or an encoder's hidden states would pass.
+TOKEN_INPUTS = ("input_ids", "ids", "tokens", "token_ids", "src_tokens")
+
+
+def token_ids(batch: Batch) -> np.ndarray | None:
+    """The ``[batch, sequence]`` integer token ids a language model is fed in ``batch``, if any."""
+    for name, array in batch.items():
+        array = np.asarray(array)
+        if name.lower().rsplit("/", 1)[-1] in TOKEN_INPUTS and array.ndim == 2 and array.dtype.kind in "iu":
+            return array
+    return None
+
+
+def is_lm_logits(output: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether ``output`` scores a vocabulary at every position of ``ids``: ``[batch, sequence, V]``, V above
+    every id, floating point."""
+    return (
+        output.ndim == 3
+        and output.shape[:2] == ids.shape
+        and np.issubdtype(output.dtype, np.floating)
+        and ids.size > 0
+        and int(ids.min()) >= 0
+        and int(ids.max()) < output.shape[2]
+    )
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood of ``targets [S]`` under ``logits [S, V]`` (log-softmax in float64)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    log_norm = np.log(np.exp(z).sum(axis=-1))
+    return float(np.sum(log_norm - z[np.arange(len(targets)), targets]))
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -105,8 +168,18 @@ class VerifyResult:
             "passed": self.passed,
             "budget": self.budget or None,
             "violations": list(self.violations),
-            "outputs": [asdict(o) for o in self.outputs],
+            "outputs": [_output_dict(o) for o in self.outputs],
         }
+
+
+def _output_dict(metrics: OutputMetrics) -> dict[str, object]:
+    out = asdict(metrics)
+    if metrics.tokens:
+        out["perplexity_increase"] = metrics.perplexity_increase
+    else:  # not a language model's logits: leave the token fields out
+        for key in ("tokens", "perplexity", "reference_perplexity", "token_top1"):
+            out.pop(key)
+    return out
 
 
 def open_candidate(
@@ -145,8 +218,9 @@ def compare_sessions(
             cand_out = runtime.run(cand_session, batch, ref_names)
         except DataError as exc:  # the reference ran on this batch, so the data is not to blame
             raise PassError(f"the candidate model refuses inputs its reference runs on: {exc}") from exc
+        ids, mask = token_ids(batch), batch.get("attention_mask")
         for name in ref_names:
-            accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]))
+            accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]), ids, mask)
         samples += len(next(iter(batch.values()))) if batch else 1
     if samples == 0:
         raise DataError("no input batches to verify with; give data with samples in it.")

@@ -4,7 +4,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from graphopt import budget, io, verify
 from graphopt.calibration import sources
@@ -160,3 +162,87 @@ def test_an_npz_is_read_only_up_to_the_samples_used(tmp_path: Path) -> None:
     np.testing.assert_array_equal(arrays["f"], rows[:4])  # Fortran order: read whole, then cut
     assert peak < 10 * 2**20  # the 100 MB member was never unpacked
     assert load_arrays(tmp_path / "big.npz")["x"].shape == (25_000, 1_000)  # no sample count: all of it
+
+
+def _lm(vocab: int = 50, width: int = 16, seed: int = 0, noise: float = 0.0) -> onnx.ModelProto:
+    """A bigram language model: input_ids -> embedding Gather -> MatMul -> logits [batch, sequence, vocab]."""
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    head = rng.standard_normal((width, vocab)).astype(np.float32)
+    head += noise * np.random.default_rng(seed + 1).standard_normal(head.shape).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+            helper.make_node("MatMul", ["h", "head"], ["logits"]),
+        ],
+        "lm",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(head, "head")],
+    )
+    return toy._model(graph)
+
+
+def _perplexity(model: onnx.ModelProto, ids: np.ndarray, mask: np.ndarray) -> float:
+    """Reference arithmetic: the model's logits in numpy, log-softmax, next tokens where both are unmasked."""
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    logits = (weights["table"][ids] @ weights["head"]).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    scored = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    return float(np.exp(nll[scored].mean()))
+
+
+def test_language_model_logits_get_perplexity_and_next_token_agreement(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, (6, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0  # right padding: those positions are neither scored nor counted
+    data = tmp_path / "tokens.npz"
+    np.savez(data, input_ids=ids, attention_mask=mask)
+    reference, candidate = _lm(), _lm(noise=0.3)
+    paths = [toy.save(m, tmp_path / f"{name}.onnx") for name, m in (("ref", reference), ("cand", candidate))]
+    spec = DataSpec(source=str(data), samples=6, batch_size=4)
+    same = verify.verify_models(io.load_model(paths[0]), io.load_model(paths[0]), spec)
+    [logits] = same.outputs
+    assert logits.tokens == 6 * 11 - 3 and logits.token_top1 == 1.0 and logits.perplexity_increase == 0.0
+    result = verify.verify_models(
+        io.load_model(paths[0]), io.load_model(paths[1]), spec, budget=budget.Budget(max_perplexity_increase=0.01)
+    )
+    [logits] = result.outputs
+    assert logits.reference_perplexity == pytest.approx(_perplexity(reference, ids, mask), rel=1e-5)
+    assert logits.perplexity == pytest.approx(_perplexity(candidate, ids, mask), rel=1e-5)
+    assert logits.perplexity_increase > 0.01 and 0 < logits.token_top1 < 1
+    assert result.violations == [
+        f"output 'logits': perplexity increase {logits.perplexity_increase:+.2%} > budget +1.00%"
+    ]
+    line = budget.token_summary(logits)
+    assert line is not None and "next-token top-1 agreement" in line and f"on {6 * 11 - 3} next tokens" in line
+    assert result.to_dict()["outputs"][0]["perplexity_increase"] == logits.perplexity_increase  # type: ignore[index]
+    # Not logits, or not scoring these ids: no token metrics, no keys in the report.
+    hidden = verify._Accumulator("hidden")
+    hidden.add(np.zeros((6, 12, 50), np.float32), np.zeros((6, 12, 50), np.float32), ids)
+    assert hidden.result().tokens is None and "tokens" not in verify._output_dict(hidden.result())
+    small = verify._Accumulator("logits")
+    small.add(np.zeros((6, 12, 8), np.float32), np.zeros((6, 12, 8), np.float32), ids)  # ids reach 49 > 8
+    assert small.result().tokens is None
+
+
+def test_perplexity_on_random_token_ids_is_said_to_mean_little(tmp_path: Path) -> None:
+    import graphopt
+    from graphopt.report import outcome_warnings
+
+    path = toy.save(_lm(width=32), tmp_path / "lm.onnx")
+    result = graphopt.optimize(path, ["weight_only:block_size=16"])
+    [logits] = result.report.verification.outputs  # type: ignore[union-attr]
+    assert logits.tokens and logits.perplexity_increase is not None
+    assert any("measured on random token ids" in w for w in outcome_warnings(result.report))
+    data = tmp_path / "tokens.npz"
+    ids = np.random.default_rng(0).integers(0, 50, (8, 10)).astype(np.int64)
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
+    given = graphopt.optimize(path, ["weight_only:block_size=16"], calibration=DataSpec(source=str(data)))
+    assert not any("random token ids" in w for w in outcome_warnings(given.report))
