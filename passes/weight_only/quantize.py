@@ -75,6 +75,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         tally = _Tally()
         cache: dict[str, IntBlocks | Bnb4Blocks] = {}
         pending = Counter(self._cache_key(layer) for layer in layers)
+        # Readers that share one quantization (a tied table and LM head) take it from the one with calibration
+        # statistics: layers with a Hessian go first, so GPTQ rounds the shared weight for the MatMul's output.
+        layers = sorted(layers, key=lambda layer: self._hessian(layer) is None)
         for layer in layers:
             self._lower(layer, lowering, cache, tally)
             pending[self._cache_key(layer)] -= 1
@@ -89,6 +92,9 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
 
     def _cache_key(self, layer: Layer) -> str:
         return _cache_key(layer, self.config)
+
+    def _hessian(self, layer: Layer) -> np.ndarray | None:
+        return self.hessians.get(layer.activation.name) if layer.activation is not None else None
 
     def _lower(self, layer: Layer, lowering: Lowering, cache: dict[str, IntBlocks | Bnb4Blocks], tally: _Tally) -> None:
         # Layers sharing a weight share its quantization (same orientation) and its initializers (same form).
@@ -115,7 +121,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     def _quantize(self, layer: Layer, tally: _Tally) -> IntBlocks | Bnb4Blocks:
         tensor = layer.weight.const_value
         w = _oriented(layer)
-        hessian = self.hessians.get(layer.activation.name) if layer.activation is not None else None
+        hessian = self._hessian(layer)
         importance = np.diag(hessian).astype(np.float32) if hessian is not None else None
         blocks = self._round(layer, w, importance)
         record: dict[str, object] = {"name": layer.node.name, "weight": layer.weight.name, "shape": [layer.k, layer.n]}

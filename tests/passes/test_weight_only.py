@@ -568,6 +568,20 @@ def test_tied_embedding_and_lm_head_are_quantized_with_one_set_of_codes(tmp_path
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_a_tied_weight_takes_gptq_from_its_lm_head(tmp_path: Path) -> None:
+    """The Gather comes first in the graph but has no Hessian: the shared blocks are GPTQ-rounded for the head."""
+    model = _load(_tied(), tmp_path)
+    head = next(n for n in model.graph if n.op_type == "MatMul")
+    x = np.random.default_rng(13).standard_normal((256, 8)) @ np.random.default_rng(14).standard_normal((8, 64))
+    quantize = WeightOnlyQuantizePass(
+        WeightOnlyConfig(bits=4, tied=True, method="gptq"), {head.inputs[0].name: (x.T @ x / len(x)).astype(np.float32)}
+    )
+    assert quantize(model).modified
+    [record] = quantize.details["per_layer"]  # type: ignore[misc]
+    assert record["name"] == head.name and record["gptq_error"] < record["rtn_error"]
+    assert {n.op_type for n in model.graph} >= {"GatherBlockQuantized", "MatMulNBits"}
+
+
 def test_embedding_bits_give_the_table_its_own_width(tmp_path: Path) -> None:
     """A tied weight with embedding_bits=8: an 8-bit table beside a 4-bit LM head, each from its own blocks."""
     model = _load(_tied(), tmp_path)
