@@ -5,10 +5,11 @@ size on disk, bits per quantized weight, output cosine to fp32 on the model's ev
 data (MiniLM: the sentence embedding), latency at batch 1 and 64 (1 thread, all variants of
 a model timed interleaved, medians) and the kernels ORT really runs (its optimized graph,
 compared with what the pass predicted). Then a generated >= 3 GB model with external data is
-quantized in a subprocess each by graphopt and by ORT's quantizer, for wall time and peak RSS.
+quantized in a subprocess each by graphopt and by ORT's quantizer, for wall time and peak RSS
+(``--large-dtype float16``: a float16 model of the same size, as fp16 exports are).
 
     python bench/bench_weight_only.py [--models minilm,transformer] [--runs 20] [--large-gb 3.2]
-                                      [--skip-large] [--json out.json]
+                                      [--large-dtype float32|float16] [--skip-large] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import logging
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -198,22 +200,30 @@ def to_markdown(rows: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def bench_large(gigabytes: float, workdir: Path) -> list[dict[str, object]]:
-    layers = max(1, round(gigabytes * 1e9 / (4 * 8192 * 8192)))
+def bench_large(gigabytes: float, workdir: Path, dtype: str = "float32") -> list[dict[str, object]]:
+    width = np.dtype(dtype).itemsize
+    layers = max(1, round(gigabytes * 1e9 / (width * 8192 * 8192)))
     start = time.perf_counter()
-    src = make_large_model(workdir, layers=layers)
+    src = make_large_model(workdir, layers=layers, dtype=np.dtype(dtype).type)
     generated = time.perf_counter() - start
     size = src.stat().st_size + (workdir / "large.onnx.data").stat().st_size
     rows = []
     for job, dst in (("graphopt", workdir / "ours.onnx"), ("ort", workdir / "ort.onnx")):
         (workdir / job).mkdir(exist_ok=True)
-        result = run_child(job, src, workdir / job / dst.name)
+        try:
+            result = run_child(job, src, workdir / job / dst.name)
+        except subprocess.CalledProcessError as error:  # ORT's quantizer may refuse a dtype: say so
+            last = (error.stderr or "").strip().splitlines()[-1:] or [f"exit {error.returncode}"]
+            rows.append({"job": job, "input_bytes": size, "failed": last[0][:160]})
+            continue
         out_bytes = sum(p.stat().st_size for p in (workdir / job).iterdir())
         rows.append({"job": job, "input_bytes": size, "output_bytes": out_bytes, "generate_s": generated, **result})
     ours = workdir / "graphopt" / "ours.onnx"
     for job in ("checker", "ort_load"):
         rows.append({"job": f"{job} of graphopt output", **run_child(job, ours, ours)})
-    rows.append({"job": "ort_load of the fp32 input", **run_child("ort_load", src, src)})
+    rows.append({"job": f"ort_load of the {dtype} input", **run_child("ort_load", src, src)})
+    for row in rows:
+        row["largest_tensor_mb"] = width * 8192 * 8192 / 2**20
     return rows
 
 
@@ -221,6 +231,9 @@ def large_markdown(rows: list[dict[str, object]]) -> str:
     lines = ["| job | input → output | wall (s) | peak RSS above baseline (MB) | milestones (MB above baseline) |"]
     lines.append("|---|---:|---:|---:|---|")
     for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['job']} | failed: {r['failed']} | | | |")
+            continue
         base = float(r["baseline"])  # type: ignore[arg-type]
         marks = ", ".join(f"{k} {float(r[k]) - base:.0f}" for k in ("after_load", "after_pass") if k in r)
         sizes = f"{r['input_bytes'] / 1e9:.2f} GB → {r['output_bytes'] / 1e9:.2f} GB" if "input_bytes" in r else ""
@@ -233,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="minilm,transformer")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--large-gb", type=float, default=3.2)
+    parser.add_argument("--large-dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--json", help="write all rows as JSON here")
     args = parser.parse_args(argv)
@@ -248,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             if shutil.disk_usage(tmp).free < 3 * args.large_gb * 1e9:
                 print("\n(large model skipped: not enough free disk)")
             else:
-                large = bench_large(args.large_gb, Path(tmp))
+                large = bench_large(args.large_gb, Path(tmp), args.large_dtype)
                 print("\n" + large_markdown(large))
     if args.json:
         Path(args.json).write_text(json.dumps({"models": rows, "large": large}, indent=2, default=str))

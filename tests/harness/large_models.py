@@ -24,18 +24,23 @@ from graphopt.passes.weight_only import WeightOnlyConfig, WeightOnlyQuantizePass
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_large_model(folder: Path, *, layers: int = 12, dim: int = 8192, seed: int = 0) -> Path:
-    """A chain of ``layers`` MatMuls with ``dim x dim`` float32 weights in external data, written tensor by tensor."""
+def make_large_model(
+    folder: Path, *, layers: int = 12, dim: int = 8192, seed: int = 0, dtype: type = np.float32
+) -> Path:
+    """A chain of ``layers`` MatMuls with ``dim x dim`` weights (float32, or float16 as fp16 exports are) in
+    external data, written tensor by tensor."""
     rng = np.random.default_rng(seed)
     path, data = folder / "large.onnx", folder / "large.onnx.data"
     initializers, nodes, previous = [], [], "x"
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     with data.open("wb") as f:
         for i in range(layers):
             weight = rng.standard_normal((dim, dim), dtype=np.float32)
             weight *= np.float32(1.0 / np.sqrt(dim))
+            weight = weight.astype(dtype, copy=False)
             offset = f.tell()
             weight.tofile(f)
-            tensor = TensorProto(name=f"W{i}", data_type=TensorProto.FLOAT, dims=[dim, dim])
+            tensor = TensorProto(name=f"W{i}", data_type=elem, dims=[dim, dim])
             tensor.data_location = TensorProto.EXTERNAL
             for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(weight.nbytes))):
                 tensor.external_data.add(key=key, value=value)
@@ -47,8 +52,8 @@ def make_large_model(folder: Path, *, layers: int = 12, dim: int = 8192, seed: i
     graph = helper.make_graph(
         nodes,
         "large",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("x", elem, ["batch", dim])],
+        [helper.make_tensor_value_info("y", elem, ["batch", dim])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
