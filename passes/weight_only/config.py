@@ -32,11 +32,11 @@ class WeightOnlyConfig:
         default=True,
         metadata={"help": "Signed codes without zero point; false: unsigned codes with a zero point per block."},
     )
-    method: Literal["rtn", "gptq"] = field(
+    method: Literal["rtn", "gptq", "auto"] = field(
         default="rtn",
         metadata={
             "help": "rtn: round to nearest; gptq: error-compensating row-by-row update from calibration "
-            "activations (needs calibration data)."
+            "activations (needs calibration data); auto: gptq when calibration data is given, rtn otherwise."
         },
     )
     clip_search: bool = field(
@@ -109,6 +109,18 @@ class WeightOnlyConfig:
     def needs_data(self) -> bool:
         """GPTQ updates weights from calibration activations; round-to-nearest reads none."""
         return self.method == "gptq"
+
+    @property
+    def without_data(self) -> str:
+        """What the pass does differently when no calibration data is given (said before it runs)."""
+        if self.method != "auto":
+            return ""
+        return "weight_only rounds to nearest; give --calib DATA (token windows, for a language model) for GPTQ"
+
+    @property
+    def uses_hessians(self) -> bool:
+        """Whether calibration Hessians are collected (and GPTQ runs) when data is given."""
+        return self.method in ("gptq", "auto")
 
     @property
     def kernel_accuracy_level(self) -> int:

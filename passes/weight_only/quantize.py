@@ -125,7 +125,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         importance = np.diag(hessian).astype(np.float32) if hessian is not None else None
         blocks = self._round(layer, w, importance)
         record: dict[str, object] = {"name": layer.node.name, "weight": layer.weight.name, "shape": [layer.k, layer.n]}
-        if hessian is not None and self.config.method == "gptq":
+        if hessian is not None and self.config.uses_hessians:
             name = layer.activation.name  # type: ignore[union-attr]
             if name not in self._inverses:  # Q, K and V read one input: one inverse for all three
                 self._inverses[name] = gptq_module.prepare(hessian, self.config.gptq_damp, self.config.act_order)
@@ -173,7 +173,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "format": self.config.format,
             "bits": self.config.bits,
             "block_size": self.config.default_block,
-            "method": self.config.method if self.hessians else "rtn",
+            "method": "gptq" if self.hessians and self.config.uses_hessians else "rtn",
             "layers": tally.layers["matmul"],
             "embeddings": tally.layers["embedding"],
             "matmul_params": tally.params["matmul"],

@@ -386,6 +386,21 @@ def test_gptq_calibration_streams_hessians_and_needs_data(tmp_path: Path) -> Non
     assert result.report.passes[0].details["method"] == "gptq"
 
 
+def test_method_auto_runs_gptq_when_given_data_and_rounds_to_nearest_otherwise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _load(_mlp(), tmp_path)
+    auto = WeightOnlyConfig(method="auto")
+    assert not auto.needs_data and "GPTQ" in auto.without_data
+    assert collect_hessians(model, None, auto) is None
+    with caplog.at_level("WARNING"):
+        plain = graphopt.optimize(model, ["weight_only:method=auto"])
+    assert plain.report.passes[0].details["method"] == "rtn"
+    assert any("no calibration data: weight_only rounds to nearest" in r.message for r in caplog.records)
+    given = graphopt.optimize(model, ["weight_only:method=auto"], calibration=DataSpec(samples=16, batch_size=4))
+    assert given.report.passes[0].details["method"] == "gptq"
+
+
 def _random_inputs(model: ir.Model, samples: int, batch: int) -> list[np.ndarray]:
     from graphopt.calibration.sources import input_specs, iter_batches
 
@@ -450,7 +465,7 @@ def test_qdq_opset_is_raised_only_when_every_op_survives(tmp_path: Path) -> None
         ({"format": "int4"}, "format: 'int4' is not one of 'matmul_nbits', 'qdq', 'nf4', 'fp4'."),
         ({"format": "nf4", "bits": 8}, "format 'nf4' stores 4-bit floats; set bits: 4 (got 8)."),
         ({"format": "fp4", "block_size": 0}, "format 'fp4' needs blocks along K; block_size 0 is for matmul_nbits"),
-        ({"method": "awq"}, "method: 'awq' is not one of 'rtn', 'gptq'."),
+        ({"method": "awq"}, "method: 'awq' is not one of 'rtn', 'gptq', 'auto'."),
         ({"clip_min": 0}, "clip_min must be in (0, 1]; got 0.0."),
         ({"clip_steps": 0}, "clip_steps must be >= 1; got 0."),
         ({"gptq_damp": -1}, "gptq_damp must be > 0; got -1.0."),
