@@ -285,7 +285,7 @@ REGISTRY = Registry(
             f"{_P}.weight_only.config:WeightOnlyConfig",
             calibrate=f"{_P}.weight_only.gptq:collect_hessians",
             lossy=Lossy(f"{_P}.weight_only.config:method_alternatives", op_types=True),
-            data="method=gptq",
+            data="method=gptq (and method=auto, when data is given)",
         ),
     ]
 )
