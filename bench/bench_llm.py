@@ -27,6 +27,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,11 +87,13 @@ def feeds(session: object, window: np.ndarray, past: dict[str, np.ndarray] | Non
     return out
 
 
-def session(path: Path, threads: int) -> object:
+def session(path: Path, threads: int, *, reuse: bool = True) -> object:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_mem_reuse = reuse
+    options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -197,7 +200,7 @@ class Variant:
             argv += ["--pass", f"weight_only:block_size={self.block}{self.options}", "--no-verify"]
             return measured(argv + (["--calib", str(calib)] if self.calibrated else []), limit)
         argv = [sys.executable, __file__, "--make", self.tool, "--block", str(self.block), str(src), str(dst)]
-        return measured(argv + (["--calib", str(calib)] if self.calibrated else []))
+        return measured(argv + (["--calib", str(calib)] if self.calibrated else []), limit)
 
 
 def variants() -> list[Variant]:
@@ -217,6 +220,15 @@ def variants() -> list[Variant]:
         Variant("graphopt rtn, nf4 b64 + double quant", "fp32", "graphopt", 64, ",format=nf4"),
         Variant("graphopt gptq, nf4 b64 + double quant", "fp32", "graphopt", 64, ",format=nf4,method=gptq", True),
         Variant("graphopt rtn, int8 b32", "fp32", "graphopt", 32, ",bits=8"),
+        Variant("graphopt gptq tied=true, int4 b32", "fp32", "graphopt", 32, ",method=gptq,tied=true", True),
+        Variant(
+            "graphopt gptq tied=true embedding_bits=8, int4 b32",
+            "fp32",
+            "graphopt",
+            32,
+            ",method=gptq,tied=true,embedding_bits=8",
+            True,
+        ),
     ]
     for block in (32, 128):
         rows.append(Variant(f"ORT MatMulNBitsQuantizer rtn, int4 b{block}", "fp32", "ort-rtn", block))
@@ -266,18 +278,29 @@ def make_ort(tool: str, block: int, src: Path, dst: Path, calib: Path | None) ->
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
 
 
-def timings(paths: dict[str, Path], rounds: int, decode_steps: int = 5) -> dict[str, tuple[float, float]]:
-    """Prompt and decode tokens/s per model (1 thread), timed in interleaved rounds; medians."""
+def timings(paths: dict[str, Path], rounds: int, decode_steps: int = 5) -> dict[str, tuple[float, float, str]]:
+    """Prompt and decode tokens/s per model (1 thread), timed in interleaved rounds (medians), and a note.
+
+    A model whose decode step ORT's memory planner refuses (the fp16 export's shape annotations make it reuse a
+    prompt-sized buffer for one token) is timed with memory reuse off, and the note says so."""
     window = windows(next(iter(paths.values())).parent, 1, 128)[0]
-    runs = {name: session(path, 1) for name, path in paths.items()}
-    steps = {}
-    for name, run in runs.items():  # warm-up, and the 128-token cache each decode step reads
-        names = [o.name for o in run.get_outputs()]  # type: ignore[attr-defined]
-        outputs = dict(zip(names, run.run(names, feeds(run, window)), strict=True))  # type: ignore[attr-defined]
-        past = {k.replace("present", "past_key_values"): v for k, v in outputs.items() if k.startswith("present")}
-        token = outputs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-        steps[name] = feeds(run, token, past)
-        run.run(["logits"], steps[name])  # type: ignore[attr-defined]
+    runs, steps, notes = {}, {}, {}
+    for name, path in paths.items():  # warm-up, and the 128-token cache each decode step reads
+        for reuse in (True, False):
+            run = session(path, 1, reuse=reuse)
+            names = [o.name for o in run.get_outputs()]  # type: ignore[attr-defined]
+            outputs = dict(zip(names, run.run(names, feeds(run, window)), strict=True))  # type: ignore[attr-defined]
+            past = {k.replace("present", "past_key_values"): v for k, v in outputs.items() if k.startswith("present")}
+            token = outputs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            try:
+                run.run(["logits"], feeds(run, token, past))  # type: ignore[attr-defined]
+            except Exception as error:  # ORT raises its own Fail type
+                if not reuse:
+                    raise
+                notes[name] = f"memory reuse off: with it, ORT fails the decode step ({str(error)[:60]}...)"
+                continue
+            runs[name], steps[name] = run, feeds(run, token, past)
+            break
     prompt: dict[str, list[float]] = {name: [] for name in runs}
     decode: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
@@ -289,8 +312,14 @@ def timings(paths: dict[str, Path], rounds: int, decode_steps: int = 5) -> dict[
                 start = time.perf_counter()
                 run.run(["logits"], steps[name])  # type: ignore[attr-defined]
                 decode[name].append(time.perf_counter() - start)
-    return {name: (window.shape[1] / float(np.median(prompt[name])), 1 / float(np.median(decode[name])))
-            for name in runs}  # fmt: skip
+    return {
+        name: (
+            window.shape[1] / float(np.median(prompt[name])),
+            1 / float(np.median(decode[name])),
+            notes.get(name, ""),
+        )
+        for name in runs
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=float, default=900, help="seconds a quantizer may run")
     parser.add_argument("--only", help="run the variants whose name contains this text (and fp32)")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--work", type=Path, help="keep the quantized models here; a rerun reuses them and their rows")
     parser.add_argument("--make", help=argparse.SUPPRESS)
     parser.add_argument("--block", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--calib", type=Path, help=argparse.SUPPRESS)
@@ -324,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
              "bits": 32.0, "s": None, "rss": None, "error": None}]  # fmt: skip
     paths = {rows[0]["variant"]: args.model}
     chosen = [v for v in variants() if not args.only or args.only in v.name]
-    with tempfile.TemporaryDirectory() as tmp:
-        calib = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(args.work or scratch)
+        calib: dict[str, Path] = {}
         for v in chosen:
             src = exports[v.source]
             if not src.is_file():
@@ -333,29 +364,42 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             row: dict[str, object] = {"variant": v.name, "s": None, "rss": None, "error": None}
             dst = src
+            folder = Path(tmp) / v.name.replace(" ", "-").replace(",", "")
+            if (folder / "row.json").is_file():  # --work: made and measured by an earlier run
+                row = json.loads((folder / "row.json").read_text())
+                rows.append(row)
+                if not row.get("error"):
+                    paths[v.name] = Path(row["path"])  # type: ignore[arg-type]
+                print(f"{v.name}: from {folder}", file=sys.stderr, flush=True)
+                continue
             if v.tool != "export":
                 if v.calibrated and v.source not in calib:
-                    folder = Path(tmp) / f"calib-{v.source}"
-                    calib[v.source] = write_calibration(src, folder, args.calib_windows, args.tokens)
-                dst = Path(tmp) / v.name.replace(" ", "-").replace(",", "") / "model.onnx"
-                dst.parent.mkdir()
+                    where = Path(tmp) / f"calib-{v.source}"
+                    calib[v.source] = write_calibration(src, where, args.calib_windows, args.tokens)
+                dst = folder / "model.onnx"
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
                 try:
                     row["s"], row["rss"] = v.make(src, dst, calib.get(v.source, Path(tmp)), args.limit)
                 except RuntimeError as error:
                     row["error"] = str(error)[:160]
                     rows.append(row)
+                    (folder / "row.json").write_text(json.dumps(row))
                     print(f"{v.name}: failed: {row['error']}", file=sys.stderr, flush=True)
                     continue
             row["ppl"], row["top1"], _ = evaluate(dst, texts, reference)
             row["bytes"] = size(dst)
             row["bits"] = 16.0 if v.name.startswith("fp16") else matmul_bits(dst)
+            row["path"] = str(dst)
             paths[v.name] = dst
             rows.append(row)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "row.json").write_text(json.dumps(row))
             print(f"{v.name}: ppl {row['ppl']:.3f}", file=sys.stderr, flush=True)
         speed = timings(paths, args.rounds)
     for row in rows:
         if row["variant"] in speed:
-            row["prompt_tps"], row["decode_tps"] = speed[row["variant"]]  # type: ignore[index]
+            row["prompt_tps"], row["decode_tps"], row["note"] = speed[row["variant"]]  # type: ignore[index]
     print(report(rows, base_ppl, args))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
@@ -385,7 +429,8 @@ def report(rows: list[dict[str, object]], base_ppl: float, args: argparse.Namesp
             f"| {num(r['bits'], '.2f')} | {int(r['bytes']) / 1e6:.1f} | {num(r.get('prompt_tps'), '.0f')} "  # type: ignore[call-overload]
             f"| {num(r.get('decode_tps'), '.1f')} | {num(r['s'], '.1f')} | {num(r['rss'], '.0f')} |"
         )
-    return "\n".join(lines)
+    notes = [f"- {r['variant']}: {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 if __name__ == "__main__":
