@@ -78,7 +78,8 @@ class WeightOnlyConfig:
     embedding_bits: Literal[4, 8] | None = field(
         default=None,
         metadata={
-            "help": "Bits of embedding tables (Gather), when not those of the MatMuls (bits); 8 keeps them closer."
+            "help": "Bits of embedding tables (Gather), when not those of the MatMuls (bits); 8 keeps them closer. "
+            "With tied: the bits of the tied table and LM head, one copy for both."
         },
     )
     tied: bool = field(
@@ -125,9 +126,13 @@ class WeightOnlyConfig:
     @property
     def kernel_accuracy_level(self) -> int:
         """The MatMulNBits accuracy_level written (``accuracy_level`` with its default resolved)."""
+        return self.kernel_accuracy_level_for(self.bits)
+
+    def kernel_accuracy_level_for(self, bits: int) -> int:
+        """The accuracy_level of a ``bits``-wide MatMulNBits (an 8-bit tied LM head in a 4-bit model too)."""
         if self.accuracy_level is not None:
             return self.accuracy_level
-        return 4 if self.bits == 8 else 0
+        return 4 if bits == 8 else 0
 
     @property
     def default_block(self) -> int:

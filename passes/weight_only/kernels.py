@@ -98,9 +98,16 @@ def predict_kernels(graph: ir.Graph, qdq_accuracy_level: int = QDQ_DEFAULT_ACCUR
     return dict(sorted(kernels.items()))
 
 
-def ort_notes(kernels: dict[str, int], format_: str) -> list[str]:
-    """What a user should know about how ONNX Runtime will run these kernels."""
+def ort_notes(kernels: dict[str, int], format_: str, cast_scales: bool = False) -> list[str]:
+    """What a user should know about how ONNX Runtime will run these kernels (``cast_scales``: float16 scales
+    reach MatMulNBits through a Cast)."""
     notes = []
+    if cast_scales and any(k.startswith("MatMulNBits") and k.endswith("accuracy_level=4)") for k in kernels):
+        notes.append(
+            "MatMulNBits with accuracy_level 4 reads its float16 scales through a Cast that ONNX Runtime folds at "
+            "load; with graph optimizations off (ORT_DISABLE_ALL) ORT 1.31 computes such a node wrongly. Keep "
+            "optimizations on, or set scale_type: float32."
+        )
     if format_ == "qdq":
         notes.append(
             "ORT's CPU EP fuses DequantizeLinear -> MatMul into MatMulNBits with accuracy_level 4 (int8 "

@@ -129,8 +129,9 @@ class Lowering:
                 values.append(self._initializer(f"{key}_zero_points", zero_points))
             self._shared[key] = values
         attributes = {"K": layer.k, "N": layer.n, "bits": blocks.bits, "block_size": blocks.block_size}
-        if self.config.kernel_accuracy_level:
-            attributes["accuracy_level"] = self.config.kernel_accuracy_level
+        level = self.config.kernel_accuracy_level_for(blocks.bits)
+        if level:
+            attributes["accuracy_level"] = level
         return self._node("MatMulNBits", [layer.node.inputs[0], *self._shared[key]], attributes, layer, MS_DOMAIN)
 
     def _bnb4(self, layer: Layer, blocks: Bnb4Blocks, key: str) -> ir.Node:

@@ -61,6 +61,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self.hessians = dict(hessians or {})
         self.details: dict[str, object] = {}
         self._inverses: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
+        self._tied: set[str] = set()
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._inverses = {}
@@ -74,6 +75,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         lowering = Lowering(model.graph, self.config)
         tally = _Tally()
         cache: dict[str, IntBlocks | Bnb4Blocks] = {}
+        self._tied = {layer.weight.name for layer in layers if layer.via is not None}
         pending = Counter(self._cache_key(layer) for layer in layers)
         # Readers that share one quantization (a tied table and LM head) take it from the one with calibration
         # statistics: layers with a Hessian go first, so GPTQ rounds the shared weight for the MatMul's output.
@@ -91,7 +93,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     def _cache_key(self, layer: Layer) -> str:
-        return _cache_key(layer, self.config)
+        return _cache_key(layer, self.config, layer.weight.name in self._tied)
 
     def _hessian(self, layer: Layer) -> np.ndarray | None:
         return self.hessians.get(layer.activation.name) if layer.activation is not None else None
@@ -150,7 +152,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
                 clip_ratios=config.clip_ratios(),
                 importance=importance,
             )
-        bits = config.embedding_bits if layer.kind == "gather" and config.embedding_bits else config.bits
+        table = layer.kind == "gather" or layer.weight.name in self._tied  # a tied LM head is the table too
+        bits = config.embedding_bits if table and config.embedding_bits else config.bits
         return quantize_int_blocks(
             w,
             bits,
@@ -188,16 +191,17 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "max_relative_error": round(float(np.max(errors)), 6) if errors else None,
             "opset_raised_from": opset_from,
             "ort_cpu_kernels": kernels,
-            "ort_notes": ort_notes(kernels, self.config.format),
+            "ort_notes": ort_notes(kernels, self.config.format, self.config.scale_type == "float16"),
             "skipped": skipped,
             "per_layer": tally.errors,
         }
 
 
-def _cache_key(layer: Layer, config: WeightOnlyConfig) -> str:
+def _cache_key(layer: Layer, config: WeightOnlyConfig, tied: bool = False) -> str:
     """Layers with the same key share one quantization: same weight, orientation and number format
-    (an embedding stays integer where MatMuls take NF4/FP4, and takes ``embedding_bits`` when set)."""
-    own_bits = config.embedding_bits not in (None, config.bits)
+    (an embedding stays integer where MatMuls take NF4/FP4, and takes ``embedding_bits`` when set; a tied
+    weight takes ``embedding_bits`` for both readers, one copy)."""
+    own_bits = config.embedding_bits not in (None, config.bits) and not tied
     separate = layer.kind == "gather" and (config.format in FLOAT_FORMATS or own_bits)
     return f"{layer.weight.name}|{'T' if layer.transposed else 'N'}{'|gather' if separate else ''}"
 
