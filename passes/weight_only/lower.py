@@ -121,13 +121,18 @@ class Lowering:
         else:
             self._replace(layer, self._nbits(layer, blocks, key))
 
-    def _nbits(self, layer: Layer, blocks: IntBlocks, key: str) -> ir.Node:
+    def _nbits_inputs(self, blocks: IntBlocks, key: str, dtype: ir.DataType) -> list[ir.Value]:
+        """MatMulNBits' ``B, scales[, zero_points]`` for ``blocks``, written once per key."""
         if key not in self._shared:
             data, scales, zero_points = matmul_nbits_layout(blocks)
-            values = [self._initializer(f"{key}_Q{blocks.bits}", data), self._scales(key, scales, layer.dtype)]
+            values = [self._initializer(f"{key}_Q{blocks.bits}", data), self._scales(key, scales, dtype)]
             if zero_points is not None:
                 values.append(self._initializer(f"{key}_zero_points", zero_points))
             self._shared[key] = values
+        return self._shared[key]
+
+    def _nbits(self, layer: Layer, blocks: IntBlocks, key: str) -> ir.Node:
+        self._nbits_inputs(blocks, key, layer.dtype)
         attributes = {"K": layer.k, "N": layer.n, "bits": blocks.bits, "block_size": blocks.block_size}
         level = self.config.kernel_accuracy_level_for(blocks.bits)
         if level:
@@ -227,6 +232,9 @@ class Lowering:
     def gather(self, layer: Layer, blocks: IntBlocks, key: str) -> None:
         """Replace an embedding Gather by GatherBlockQuantized (codes and scales transposed to [V, D])."""
         self._anchor = layer.node
+        if self._shares_head_codes(layer, blocks):
+            self._tied_gather(layer, blocks)
+            return
         if key not in self._shared:
             codes = np.ascontiguousarray(blocks.codes.T)
             if blocks.bits == 8 and blocks.symmetric:
@@ -242,6 +250,27 @@ class Lowering:
         data, scales, *zero = self._shared[key]
         attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": blocks.block_size, "bits": blocks.bits}
         inputs = [data, layer.node.inputs[1], scales, *zero]
+        self._replace(layer, self._node("GatherBlockQuantized", inputs, attributes, layer, MS_DOMAIN))
+
+    def _shares_head_codes(self, layer: Layer, blocks: IntBlocks) -> bool:
+        """Whether a tied table can read the LM head's MatMulNBits bytes: [N, kb, blob] is [V, D*bits/8] when D
+        fills whole blocks, and symmetric codes need no zero points (both ops default to 2^(bits-1))."""
+        return (
+            layer.via is not None
+            and self.config.format == "matmul_nbits"
+            and blocks.symmetric
+            and layer.k % blocks.block_size == 0
+        )
+
+    def _tied_gather(self, layer: Layer, blocks: IntBlocks) -> None:
+        """A tied table as GatherBlockQuantized over the LM head's own B and scales (a Reshape of B): one copy
+        of the codes in the file, as ORT GenAI's builder writes it."""
+        data, scales, *_ = self._nbits_inputs(blocks, layer.weight.name, layer.dtype)
+        rows = self._constant((layer.n, layer.k * blocks.bits // 8))
+        table = self._prepend("Reshape", [data, rows], f"{layer.weight.name}_table")
+        table.type, table.shape = ir.TensorType(ir.DataType.UINT8), ir.Shape((layer.n, layer.k * blocks.bits // 8))
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": blocks.block_size, "bits": blocks.bits}
+        inputs = [table, layer.node.inputs[1], scales]
         self._replace(layer, self._node("GatherBlockQuantized", inputs, attributes, layer, MS_DOMAIN))
 
 
