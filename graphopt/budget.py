@@ -121,6 +121,26 @@ def ratio(limit: Limit, value: float, bound: float) -> float:
     return max(0.0, 1.0 - value) / (1.0 - bound)
 
 
+TOKEN_LIMITS = ("max_perplexity_increase", "min_token_top1")
+
+
+def for_outputs(outputs: Iterable[OutputMetrics], budget: Budget) -> Budget:
+    """The budget that judges these outputs: for a language model, its token limits alone.
+
+    When the budget sets a token limit and an output is a language model's logits, the model is
+    judged by its next-token predictions: the per-output limits (cosine, errors, top-1) stop
+    applying to every output. A decoder's KV-cache outputs move by a few percent under 4-bit weights
+    while its perplexity rises by a few percent; what the cache does to later tokens already shows in
+    the prompt's own predictions, which attend to the same keys and values.
+    """
+    if not any(getattr(budget, name) is not None for name in TOKEN_LIMITS):
+        return budget
+    if not any(o.tokens for o in outputs):
+        return budget
+    kept = {name: getattr(budget, name) for name in TOKEN_LIMITS}
+    return Budget(**kept, outputs=budget.outputs, max_latency_ratio=budget.max_latency_ratio)
+
+
 def checked(metrics: OutputMetrics, budget: Budget) -> Iterable[tuple[Limit, float, float]]:
     """(limit, metric value, bound) of every limit the budget sets that applies to this output."""
     if budget.outputs and metrics.name not in budget.outputs:
@@ -163,12 +183,15 @@ def describe(budget: Budget) -> str:
     for limit in LIMITS:
         bound = getattr(budget, limit.field)
         if bound is not None:
-            parts.append(f"{limit.label} {'<=' if limit.upper else '>='} {bound:g}")
+            shown = f"{bound:{limit.digits}}" if limit.digits.endswith("%") else f"{bound:g}"
+            parts.append(f"{limit.label} {'<=' if limit.upper else '>='} {shown}")
     where = f" on {', '.join(budget.outputs)}" if budget.outputs and parts else ""
     return "; ".join(parts) + where
 
 
 def score(outputs: Iterable[OutputMetrics], budget: Budget) -> float:
     """The worst budget ratio over outputs and limits: <= 1 means within budget."""
+    outputs = list(outputs)
+    budget = for_outputs(outputs, budget)
     ratios = (ratio(limit, value, bound) for out in outputs for limit, value, bound in checked(out, budget))
     return max(ratios, default=0.0)

@@ -225,10 +225,12 @@ def compare_sessions(
     if samples == 0:
         raise DataError("no input batches to verify with; give data with samples in it.")
     metrics = [acc.result() for acc in accumulators.values()]
-    violations = [v for m in metrics for v in budget_rules.violations(m, budget)]
-    return VerifyResult(
-        device=device, samples=samples, outputs=metrics, violations=violations, budget=budget_rules.describe(budget)
-    )
+    judged = budget_rules.for_outputs(metrics, budget)
+    violations = [v for m in metrics for v in budget_rules.violations(m, judged)]
+    described = budget_rules.describe(judged)
+    if judged is not budget and described:
+        described += " (a language model: judged by its next tokens; per-output limits not applied)"
+    return VerifyResult(device=device, samples=samples, outputs=metrics, violations=violations, budget=described)
 
 
 def compare(

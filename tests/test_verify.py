@@ -220,6 +220,17 @@ def test_language_model_logits_get_perplexity_and_next_token_agreement(tmp_path:
     assert result.violations == [
         f"output 'logits': perplexity increase {logits.perplexity_increase:+.2%} > budget +1.00%"
     ]
+    # With a token limit, a language model is judged by its next tokens alone: cosine limits stop applying.
+    lenient = verify.verify_models(
+        io.load_model(paths[0]),
+        io.load_model(paths[1]),
+        spec,
+        budget=budget.Budget(min_cosine=0.9999, max_abs=1e-6, max_perplexity_increase=0.5),
+    )
+    assert lenient.passed and lenient.budget.startswith("perplexity increase <= +50.00% (a language model")
+    strict = verify.verify_models(io.load_model(paths[0]), io.load_model(paths[1]), spec, budget=budget.Budget(
+        min_cosine=0.9999))  # fmt: skip
+    assert not strict.passed  # without a token limit, the per-output limits judge as always
     line = budget.token_summary(logits)
     assert line is not None and "next-token top-1 agreement" in line and f"on {6 * 11 - 3} next tokens" in line
     assert result.to_dict()["outputs"][0]["perplexity_increase"] == logits.perplexity_increase  # type: ignore[index]
