@@ -230,6 +230,10 @@ def variants() -> list[Variant]:
             True,
         ),
     ]
+    # decode speed: the LM head quantized too (tied) and int8 activations in the kernel, as ORT GenAI's builder does
+    for options in ("tied=true", "tied=true,embedding_bits=8"):
+        name = f"graphopt gptq {options.replace(',', ' ')}, int4 b32, accuracy_level 4"
+        rows.append(Variant(name, "fp32", "graphopt", 32, f",method=gptq,{options},accuracy_level=4", True))
     for block in (32, 128):
         rows.append(Variant(f"ORT MatMulNBitsQuantizer rtn, int4 b{block}", "fp32", "ort-rtn", block))
         rows.append(Variant(f"ORT MatMulNBitsQuantizer hqq, int4 b{block}", "fp32", "ort-hqq", block))
