@@ -14,9 +14,10 @@ class GramAccumulator:
     float64 for least-squares reconstruction, float32 where speed matters more (GPTQ).
     """
 
-    def __init__(self, block_rows: int = 4096, product_dtype: type = np.float64) -> None:
+    def __init__(self, block_rows: int = 4096, product_dtype: type = np.float64, sum_dtype: type = np.float64) -> None:
         self.block_rows = block_rows
         self.product_dtype = product_dtype
+        self.sum_dtype = sum_dtype
         self.xtx: np.ndarray | None = None
         self.xty: np.ndarray | None = None
         self.rows = 0
@@ -37,11 +38,17 @@ class GramAccumulator:
         if not self._x:
             return
         x = np.concatenate(self._x).astype(self.product_dtype)
-        xtx = (x.T @ x).astype(np.float64)
-        self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        xtx = (x.T @ x).astype(self.sum_dtype, copy=False)
+        if self.xtx is None:
+            self.xtx = xtx
+        else:
+            self.xtx += xtx  # in place: no second K x K sum alive
         if self._y:
-            xty = (x.T @ np.concatenate(self._y).astype(self.product_dtype)).astype(np.float64)
-            self.xty = xty if self.xty is None else self.xty + xty
+            xty = (x.T @ np.concatenate(self._y).astype(self.product_dtype)).astype(self.sum_dtype, copy=False)
+            if self.xty is None:
+                self.xty = xty
+            else:
+                self.xty += xty
         self._x, self._y, self._buffered = [], [], 0
 
     def mean(self) -> np.ndarray:

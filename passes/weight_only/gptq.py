@@ -49,9 +49,10 @@ def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyC
         return None
     data = require_data(data, "weight_only")
     layers, _ = plan_layers(model.graph, config)
-    # float32 products of a few hundred rows at once, summed in float64: the K x K sum is the memory
+    # float32 products of 512 rows at once, summed in float32 (GPTQ inverts H in float32): one K x K sum and a
+    # 512-row buffer per distinct layer input are the memory, whatever the number of samples
     grams = {
-        layer.activation.name: GramAccumulator(max(256, min(layer.k, 2048)), np.float32)
+        layer.activation.name: GramAccumulator(512, np.float32, np.float32)
         for layer in layers
         if layer.activation is not None
     }
@@ -62,7 +63,7 @@ def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyC
 
         stream_activations(model, data, list(grams), add)
     logger.debug("weight_only: Hessians of %d layer inputs", len(grams))
-    return {name: gram.mean() for name, gram in grams.items()}
+    return {name: grams.pop(name).mean() for name in list(grams)}  # each sum freed as its mean is taken
 
 
 def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray | None:

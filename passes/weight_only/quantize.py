@@ -80,8 +80,13 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         # Readers that share one quantization (a tied table and LM head) take it from the one with calibration
         # statistics: layers with a Hessian go first, so GPTQ rounds the shared weight for the MatMul's output.
         layers = sorted(layers, key=lambda layer: self._hessian(layer) is None)
+        readers = Counter(layer.activation.name for layer in layers if layer.activation is not None)
         for layer in layers:
             self._lower(layer, lowering, cache, tally)
+            if layer.activation is not None:
+                readers[layer.activation.name] -= 1
+                if not readers[layer.activation.name]:  # Q, K and V done: their inverse is not needed again
+                    self._inverses.pop(layer.activation.name, None)
             pending[self._cache_key(layer)] -= 1
             if not pending[self._cache_key(layer)]:
                 cache.pop(self._cache_key(layer), None)  # codes of a weight no other layer reads: free them now
