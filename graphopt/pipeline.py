@@ -404,6 +404,7 @@ def _verify(
         stage("timing the output against the input")
         report.latency = checker.timed(candidate, plan.verify.latency_runs)
         report.latency_inputs = checker.timing_shapes()
+        report.decode_latency = checker.timed_decode(candidate, plan.verify.latency_runs)
     # The latency budget bounds what lossy changes cost: an output with none left is reported, not judged (the
     # exact passes have nothing to trade; a real slowdown is the "slower" warning), so noise cannot fail it.
     lossy_left = any(r.modified and not r.exact for r in report.passes)

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from graphopt import speed
 from graphopt.budget import token_summary
-from graphopt.report import Report, outcome_warnings
+from graphopt.report import Report, decode_line, outcome_warnings
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
 
@@ -49,6 +49,8 @@ def render_report(console: Console, report: Report) -> None:
             f"latency on {report.device} (inputs {shapes}; median of {opt.runs} interleaved runs): "
             f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
         )
+    if report.decode_latency:
+        console.print(decode_line(report.decode_latency).rstrip("."))
     if report.opset:
         o = report.opset
         console.print(f"opset {o['before']} → {o['after']} (the passes want {o['wanted']}): {o['reason']}")

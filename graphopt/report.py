@@ -55,6 +55,7 @@ class Report:
     verification: VerifyResult | None = None
     latency: dict[str, Latency] | None = None
     latency_inputs: dict[str, list[int]] | None = None  # the input shapes latency was measured with
+    decode_latency: dict[str, Latency] | None = None  # a decoder's one-token step with the prompt's KV cache
     output_path: str | None = None
     output_bytes_on_disk: int | None = None
     fallback: dict[str, Any] | None = None
@@ -79,6 +80,7 @@ class Report:
             "verification": self.verification.to_dict() if self.verification else None,
             "latency": {k: v.to_dict() for k, v in self.latency.items()} if self.latency else None,
             "latency_inputs": self.latency_inputs,
+            "decode_latency": {k: v.to_dict() for k, v in self.decode_latency.items()} if self.decode_latency else None,
             "fallback": self.fallback,
             "speed": self.speed,
             "target": self.target,
@@ -126,6 +128,8 @@ class Report:
                 f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
             )
             lines.append("")
+        if self.decode_latency:
+            lines += [decode_line(self.decode_latency), ""]
         if self.fallback:
             f = self.fallback
             kept = ", ".join(f["float_nodes"]) or "none"
@@ -255,9 +259,23 @@ def outcome_warnings(report: Report) -> list[str]:
         )
     if report.latency and any(p.modified for p in report.passes):  # an unchanged model differs only by noise
         ratio = report.latency["optimized"].median_ms / report.latency["reference"].median_ms
+        decode = report.decode_latency
+        step = decode["optimized"].median_ms / decode["reference"].median_ms if decode else None
         if ratio > _SLOWER:
             warnings.append(
-                f"the output runs {ratio:.2f}× slower than the input on {report.device} (median of interleaved runs);"
-                " see the ONNX Runtime line above for kernels that did not fuse."
+                f"the output runs {ratio:.2f}× slower than the input on {report.device} (median of interleaved runs)"
+                + (f" on the verification prompt; a decode step runs at {step:.2f}× the input's time" if step else "")
+                + "; see the ONNX Runtime line above for kernels that did not fuse."
             )
+        if step is not None and step > _SLOWER:
+            warnings.append(f"a decode step of the output runs {step:.2f}× slower than the input's.")
     return warnings
+
+
+def decode_line(decode: dict[str, Latency]) -> str:
+    """One line on a decoder's one-token step (the prompt's KV cache fed back)."""
+    ref, opt = decode["reference"], decode["optimized"]
+    return (
+        f"Decode step (1 token after the verification prompt's KV cache; median of {opt.runs}, interleaved): "
+        f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
+    )

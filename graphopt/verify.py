@@ -104,13 +104,19 @@ class _Accumulator:
 TOKEN_INPUTS = ("input_ids", "ids", "tokens", "token_ids", "src_tokens")
 
 
-def token_ids(batch: Batch) -> np.ndarray | None:
-    """The ``[batch, sequence]`` integer token ids a language model is fed in ``batch``, if any."""
+def token_input(batch: Batch) -> str | None:
+    """The input of ``batch`` that holds a language model's ``[batch, sequence]`` integer token ids, if any."""
     for name, array in batch.items():
         array = np.asarray(array)
         if name.lower().rsplit("/", 1)[-1] in TOKEN_INPUTS and array.ndim == 2 and array.dtype.kind in "iu":
-            return array
+            return name
     return None
+
+
+def token_ids(batch: Batch) -> np.ndarray | None:
+    """The ``[batch, sequence]`` integer token ids a language model is fed in ``batch``, if any."""
+    name = token_input(batch)
+    return None if name is None else np.asarray(batch[name])
 
 
 def is_lm_logits(output: np.ndarray, ids: np.ndarray) -> bool:
@@ -311,6 +317,45 @@ def label_accuracy(
     return correct / len(labels) if len(labels) else 0.0
 
 
+PAST, PRESENT = "past_key_values", "present"  # the KV-cache names of ORT GenAI and Hugging Face exports
+
+
+def decode_feeds(session: ort.InferenceSession, prompt: Batch) -> Batch | None:
+    """The inputs of one decode step after ``prompt``: the next token (the prompt's last arg-max), the cache the
+    prompt left (``present.*`` fed back as ``past_key_values.*``), the attention mask and positions one longer.
+
+    None unless every input is one of those: token ids, ``attention_mask``, ``position_ids`` and cache entries that
+    the model returns under the matching ``present`` name.
+    """
+    ids = token_ids(prompt)
+    names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    past = [n for n in names if n.startswith(PAST)]
+    if ids is None or not past or "logits" not in outputs:
+        return None
+    if any(n.replace(PAST, PRESENT, 1) not in outputs for n in past):
+        return None
+    token = token_input(prompt)
+    if set(names) - set(past) - {"attention_mask", "position_ids", token} or any(
+        np.asarray(prompt[n]).size != 0 for n in past if n in prompt
+    ):
+        return None  # other inputs, or a prompt that already reads a (non-empty) cache
+    fetched = [*(n.replace(PAST, PRESENT, 1) for n in past), "logits"]
+    out = dict(zip(fetched, session.run(fetched, prompt), strict=True))
+    length = ids.shape[1]
+    feeds: Batch = {}
+    for name in names:
+        if name in past:
+            feeds[name] = out[name.replace(PAST, PRESENT, 1)]
+        elif name == "attention_mask":
+            feeds[name] = np.ones((ids.shape[0], length + 1), np.asarray(prompt[name]).dtype)
+        elif name == "position_ids":
+            feeds[name] = np.full((ids.shape[0], 1), length, np.asarray(prompt[name]).dtype)
+        else:  # the token ids: the prompt's next token
+            feeds[name] = out["logits"][:, -1].argmax(-1)[:, None].astype(ids.dtype)
+    return feeds
+
+
 # Verification batches up to this size are read once and kept for every fallback trial.
 CACHED_BYTES = 256 * 2**20
 
@@ -369,6 +414,15 @@ class Checker:
             return self._last_timed[1]
         sessions = {"reference": self._timing_reference(), "optimized": self._timing_session(candidate)}
         return runtime.interleaved_latency(sessions, self._timing_feeds(), runs=runs)
+
+    def timed_decode(self, candidate: ir.Model, runs: int) -> dict[str, runtime.Latency] | None:
+        """A decoder's one-token step after the first verification batch's KV cache, timed like :meth:`timed`;
+        None when the model has no KV cache to feed back (:func:`decode_feeds`)."""
+        feeds = decode_feeds(self._timing_reference(), self._timing_feeds())
+        if feeds is None:
+            return None
+        sessions = {"reference": self._timing_reference(), "optimized": self._timing_session(candidate)}
+        return runtime.interleaved_latency(sessions, feeds, runs=runs)
 
     def timing_shapes(self) -> dict[str, list[int]]:
         """The input shapes latency is measured with (the first verification batch)."""

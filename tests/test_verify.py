@@ -257,3 +257,64 @@ def test_perplexity_on_random_token_ids_is_said_to_mean_little(tmp_path: Path) -
     np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
     given = graphopt.optimize(path, ["weight_only:block_size=16"], calibration=DataSpec(source=str(data)))
     assert not any("random token ids" in w for w in outcome_warnings(given.report))
+
+
+def _cached_lm(vocab: int = 50, width: int = 32) -> onnx.ModelProto:
+    """A decoder with a KV cache as GenAI exports name it: present.0 = past_key_values.0 ++ this step's embeddings."""
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+            helper.make_node("MatMul", ["h", "head"], ["logits"]),
+            helper.make_node("Concat", ["past_key_values.0", "h"], ["present.0"], axis=1),
+        ],
+        "cached_lm",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+            helper.make_tensor_value_info("past_key_values.0", TensorProto.FLOAT, ["batch", "past", width]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", vocab]),
+            helper.make_tensor_value_info("present.0", TensorProto.FLOAT, ["batch", "total", width]),
+        ],
+        [
+            numpy_helper.from_array(rng.standard_normal((vocab, width)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.standard_normal((width, vocab)).astype(np.float32), "head"),
+        ],
+    )
+    return toy._model(graph)
+
+
+def test_a_decoder_with_a_kv_cache_gets_its_decode_step_timed(tmp_path: Path) -> None:
+    import graphopt
+    from graphopt import runtime
+    from graphopt.report import outcome_warnings
+
+    ids = np.random.default_rng(5).integers(0, 50, (4, 6)).astype(np.int64)
+    data = tmp_path / "tokens.npz"
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids), **{"past_key_values.0": np.zeros((4, 0, 32))})
+    path = toy.save(_cached_lm(), tmp_path / "lm.onnx")
+    session = runtime.create_session(io.load_model(path))
+    prompt = {"input_ids": ids, "attention_mask": np.ones_like(ids), "past_key_values.0": np.zeros((4, 0, 32), "f4")}
+    feeds = verify.decode_feeds(session, prompt)
+    assert feeds is not None and feeds["input_ids"].shape == (4, 1) and feeds["attention_mask"].shape == (4, 7)
+    assert feeds["past_key_values.0"].shape == (4, 6, 32)
+    assert verify.decode_feeds(session, {**prompt, "past_key_values.0": feeds["past_key_values.0"]}) is None
+    result = graphopt.optimize(path, ["weight_only:block_size=16"], calibration=DataSpec(source=str(data)))
+    decode = result.report.decode_latency
+    assert decode is not None and decode["optimized"].runs > 0
+    assert result.report.to_dict()["decode_latency"] is not None
+    assert "Decode step" in result.report.to_markdown()
+    import io as text_io
+
+    from rich.console import Console
+
+    from graphopt import render
+
+    shown = text_io.StringIO()
+    render.render_report(Console(file=shown, width=200), result.report)
+    assert "Decode step (1 token after the verification prompt's KV cache" in shown.getvalue()
+    assert isinstance(outcome_warnings(result.report), list)
+    no_cache = graphopt.optimize(toy.save(_lm(width=32), tmp_path / "plain.onnx"), ["weight_only:block_size=16"])
+    assert no_cache.report.decode_latency is None
