@@ -135,8 +135,8 @@ def for_outputs(outputs: Iterable[OutputMetrics], budget: Budget) -> Budget:
     """
     if not any(getattr(budget, name) is not None for name in TOKEN_LIMITS):
         return budget
-    if not any(o.tokens for o in outputs):
-        return budget
+    if not any(o.tokens for o in outputs if not budget.outputs or o.name in budget.outputs):
+        return budget  # no logits among the outputs the budget judges: its limits stay as written
     kept = {name: getattr(budget, name) for name in TOKEN_LIMITS}
     return Budget(**kept, outputs=budget.outputs, max_latency_ratio=budget.max_latency_ratio)
 

@@ -42,7 +42,8 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
     dims = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) < 1:
+        digits = value.strip()
+        if not sep or not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
             raise RecipeError(f"--dim {pair!r}: expected NAME=INT with INT >= 1, e.g. --dim batch=4.")
         dims[name.strip()] = int(value)
     return dims
@@ -111,7 +112,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     plan = _build_recipe(args)
     source = Path(args.model)
     if args.output.endswith(("/", os.sep)) and not Path(args.output).exists():
-        Path(args.output).mkdir()  # -o NEW/: a folder, as written (its parent must exist)
+        if not Path(args.output).parent.is_dir():
+            raise RecipeError(f"-o {args.output}: its parent folder does not exist; create it first.")
+        Path(args.output).mkdir()  # -o NEW/: a folder, as written
     if Path(args.output).is_dir():  # -o FOLDER: <folder>/<stem>.<target>.onnx
         args.output = str(Path(args.output) / f"{source.stem}.{plan.target or 'opt'}.onnx")
     output = Path(args.output)

@@ -7,7 +7,7 @@ from rich.table import Table
 
 from graphopt import speed
 from graphopt.budget import token_summary
-from graphopt.report import Report, decode_line, outcome_warnings
+from graphopt.report import Report, decode_line, latency_line, outcome_warnings
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
 
@@ -43,12 +43,7 @@ def render_report(console: Console, report: Report) -> None:
         t = report.target
         console.print(f"target {t['name']} on {t['cpu']}" + "".join(f"\n  {c}" for c in t["choices"]))
     if report.latency:
-        ref, opt = report.latency["reference"], report.latency["optimized"]
-        shapes = ", ".join(f"{k}{v}" for k, v in (report.latency_inputs or {}).items())
-        console.print(
-            f"latency on {report.device} (inputs {shapes}; median of {opt.runs} interleaved runs): "
-            f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
-        )
+        console.print(latency_line(report))
     if report.decode_latency:
         console.print(decode_line(report.decode_latency).rstrip("."))
     if report.opset:

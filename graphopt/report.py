@@ -121,13 +121,8 @@ class Report:
             o = self.opset
             lines += [f"Opset: {o['before']} → {o['after']} (wanted {o['wanted']}): {o['reason']}.", ""]
         if self.latency:
-            ref, opt = self.latency["reference"], self.latency["optimized"]
-            shapes = ", ".join(f"{k}{v}" for k, v in (self.latency_inputs or {}).items())
-            lines.append(
-                f"Latency on {self.device} (inputs {shapes}; median of {opt.runs}, interleaved): "
-                f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)."
-            )
-            lines.append("")
+            line = latency_line(self)
+            lines += [line[:1].upper() + line[1:] + ".", ""]
         if self.decode_latency:
             lines += [decode_line(self.decode_latency), ""]
         if self.fallback:
@@ -267,9 +262,19 @@ def outcome_warnings(report: Report) -> list[str]:
                 + (f" on the verification prompt; a decode step runs at {step:.2f}× the input's time" if step else "")
                 + "; see the ONNX Runtime line above for kernels that did not fuse."
             )
-        if step is not None and step > _SLOWER:
+        elif step is not None and step > _SLOWER:
             warnings.append(f"a decode step of the output runs {step:.2f}× slower than the input's.")
     return warnings
+
+
+def latency_line(report: Report) -> str:
+    """One line on the output's latency against the input's (the first verification batch)."""
+    ref, opt = report.latency["reference"], report.latency["optimized"]  # type: ignore[index]
+    shapes = ", ".join(f"{k}{v}" for k, v in (report.latency_inputs or {}).items())
+    return (
+        f"latency on {report.device} (inputs {shapes}; median of {opt.runs} interleaved runs): "
+        f"{ref.median_ms:.3f} ms → {opt.median_ms:.3f} ms ({opt.median_ms / ref.median_ms:.2f}×)"
+    )
 
 
 def decode_line(decode: dict[str, Latency]) -> str:

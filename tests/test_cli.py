@@ -90,6 +90,8 @@ def test_over_budget_exits_1_and_writes_no_model(
         (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--pass", "nope"], "unknown pass 'nope'"),
         (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--recipe", "{tmp}/none.yaml"], "no such recipe file"),
         (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--dim", "batch"], "expected NAME=INT"),
+        (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--dim", "batch=\u00b2"], "expected NAME=INT"),
+        (["optimize", "{model}", "-o", "{tmp}/none/sub/"], "its parent folder does not exist"),
         (["optimize", "{model}", "-o", "{tmp}/o.onnx", "--verify-data", "{tmp}/none.npz"], "no such file"),
         (["inspect", "{tmp}/junk.onnx"], "not an ONNX model"),
         (["verify", "{model}", "{tmp}/none.onnx"], "no such file"),

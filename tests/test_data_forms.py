@@ -119,3 +119,10 @@ def test_a_calibration_script_is_imported_as_python_runs_it(tmp_path: Path, caps
     assert code == 2 and "has no function 'nope'" in text
     code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", str(script))
     assert code == 2 and "expected FILE.py:FUNCTION" in text
+    (tmp_path / "broken.py").write_text(
+        "import numpy as np\n\ndef feeds():\n"
+        "    yield {'x': np.zeros((1, 4, 8), np.float32), 'gain': np.float32(1.0)}\n"
+        "    raise KeyError('sentence 2')\n"
+    )
+    code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'broken.py'}:feeds")
+    assert code == 2 and "the data source failed at feed 1: KeyError" in text and "Traceback" not in text

@@ -62,8 +62,6 @@ def test_nan_output_fails_any_abs_budget() -> None:
 
 
 def test_random_inputs_respect_tables_and_masks(tmp_path: Path) -> None:
-    from onnx import TensorProto, helper, numpy_helper
-
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["e"]), helper.make_node("Mul", ["e", "attention_mask"], ["y"])],
         "g",
@@ -87,8 +85,6 @@ def test_symbolic_dims_without_a_value_get_a_stated_default(
 ) -> None:
     """Generated inputs: the leading dim is the batch, other dims without --dim get DEFAULT_DIM, said once."""
     monkeypatch.setattr(sources, "_WARNED", set())  # once per process: other tests may have said it already
-    from onnx import TensorProto, helper
-
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],
         "g",
@@ -228,6 +224,9 @@ def test_language_model_logits_get_perplexity_and_next_token_agreement(tmp_path:
         budget=budget.Budget(min_cosine=0.9999, max_abs=1e-6, max_perplexity_increase=0.5),
     )
     assert lenient.passed and lenient.budget.startswith("perplexity increase <= +50.00% (a language model")
+    # A budget scoped to outputs without logits keeps its own limits.
+    scoped = budget.Budget(min_cosine=0.9999, max_perplexity_increase=0.5, outputs=("other",))
+    assert budget.for_outputs(lenient.outputs, scoped) is scoped
     strict = verify.verify_models(io.load_model(paths[0]), io.load_model(paths[1]), spec, budget=budget.Budget(
         min_cosine=0.9999))  # fmt: skip
     assert not strict.passed  # without a token limit, the per-output limits judge as always
@@ -289,7 +288,6 @@ def _cached_lm(vocab: int = 50, width: int = 32) -> onnx.ModelProto:
 def test_a_decoder_with_a_kv_cache_gets_its_decode_step_timed(tmp_path: Path) -> None:
     import graphopt
     from graphopt import runtime
-    from graphopt.report import outcome_warnings
 
     ids = np.random.default_rng(5).integers(0, 50, (4, 6)).astype(np.int64)
     data = tmp_path / "tokens.npz"
@@ -315,6 +313,5 @@ def test_a_decoder_with_a_kv_cache_gets_its_decode_step_timed(tmp_path: Path) ->
     shown = text_io.StringIO()
     render.render_report(Console(file=shown, width=200), result.report)
     assert "Decode step (1 token after the verification prompt's KV cache" in shown.getvalue()
-    assert isinstance(outcome_warnings(result.report), list)
     no_cache = graphopt.optimize(toy.save(_lm(width=32), tmp_path / "plain.onnx"), ["weight_only:block_size=16"])
     assert no_cache.report.decode_latency is None

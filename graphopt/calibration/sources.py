@@ -428,7 +428,6 @@ class Replayable:
 
     def __init__(self, source: object) -> None:
         self._next = getattr(source, "get_next", None) or iter(source).__next__  # type: ignore[call-overload]
-        self._reader = hasattr(source, "get_next")
         self._seen: list[Mapping[str, np.ndarray]] = []
         self._done = False
 
@@ -439,6 +438,10 @@ class Replayable:
                 feed = self._next()
             except StopIteration:
                 feed = None
+            except Exception as exc:  # the user's code failed partway: their error, said in one line
+                raise DataError(
+                    f"the data source failed at feed {len(self._seen)}: {type(exc).__name__}: {exc}"
+                ) from exc
             if feed is None:
                 self._done = True
                 return

@@ -46,7 +46,9 @@ class Lowering:
         self.taken: set[str] = set()
         self.bytes_after = 0
         self.needs_ir10 = False  # set once an INT4/UINT4 tensor is written
-        self._anchor: ir.Node | None = None  # the layer being lowered: helper nodes go before it
+        self._anchor: ir.Node | None = None  # the layer being lowered
+        self._last_helper: ir.Node | None = None  # the last node _prepend placed
+        self.cast_scales = False  # set once float16 scales reach a kernel through a Cast
         self._shared: dict[str, list[ir.Value]] = {}
         self._constants: dict[tuple[object, ...], ir.Value] = {}
 
@@ -80,15 +82,16 @@ class Lowering:
         return self._constants[values]
 
     def _prepend(self, op: str, inputs: list[ir.Value | None], base: str, **attributes: object) -> ir.Value:
-        """A node computing from constants, placed before the layer being lowered (ORT folds it at load)."""
-        if self._anchor is None:
-            raise RuntimeError("weight_only: helper nodes are only built while a layer is lowered (a bug)")
+        """A node computing from constants (ORT folds it at load), placed at the head of the main graph after the
+        helpers before it: every reader, whatever its graph or the order layers are lowered in, comes later (a
+        tied table reads the scales its LM head made)."""
         out = ir.Value(name=unique_name(self.graph, base, self.taken))
         node = ir.node(op, inputs, attributes, outputs=[out], name=out.name)
-        if _graph_of(self._anchor) is self.graph:
-            self.graph.insert_before(self._anchor, node)
-        else:  # layers in other bodies may share it: it goes first in the main graph, visible to all
+        if self._last_helper is None:
             self.graph.insert_before(next(iter(self.graph)), node)
+        else:
+            self.graph.insert_after(self._last_helper, node)
+        self._last_helper = node
         return out
 
     def _scales(self, base: str, scales: np.ndarray, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Value:
@@ -100,6 +103,7 @@ class Lowering:
         if self.config.scale_type == "float16" and fits_float16(scales) and not in_body:
             stored = self._initializer(f"{base}_scales_fp16", scales.astype(np.float16))
             out = self._prepend("Cast", [stored], f"{base}_scales", to=ir.DataType.FLOAT)
+            self.cast_scales = True
             out.type, out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(scales.shape)
             return out
         return self._initializer(f"{base}_scales", scales.astype(np.float32))

@@ -196,7 +196,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "max_relative_error": round(float(np.max(errors)), 6) if errors else None,
             "opset_raised_from": opset_from,
             "ort_cpu_kernels": kernels,
-            "ort_notes": ort_notes(kernels, self.config.format, self.config.scale_type == "float16"),
+            "ort_notes": ort_notes(kernels, self.config.format, lowering.cast_scales),
             "skipped": skipped,
             "per_layer": tally.errors,
         }

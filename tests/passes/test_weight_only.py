@@ -597,6 +597,10 @@ def test_a_tied_weight_takes_gptq_from_its_lm_head(tmp_path: Path) -> None:
     [record] = quantize.details["per_layer"]  # type: ignore[misc]
     assert record["name"] == head.name and record["gptq_error"] < record["rtn_error"]
     assert {n.op_type for n in model.graph} >= {"GatherBlockQuantized", "MatMulNBits"}
+    # The head is lowered first, yet the table reads its scales: helper nodes stand at the head of the graph.
+    serialize.check_model(model)
+    ids = np.random.default_rng(15).integers(0, 96, (2, 5)).astype(np.int64)
+    assert runtime.run(runtime.create_session(model), {"ids": ids})["logits"].shape == (2, 5, 96)
 
 
 def test_embedding_bits_give_the_table_its_own_width(tmp_path: Path) -> None:
