@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from graphopt import budget as budget_rules
 from graphopt import (
     fallback,
     hardware,
@@ -366,6 +367,23 @@ def _describe_data(report: Report, calibration: DataSpec | None, verification: D
             )
 
 
+def _check_token_data(result: verify.VerifyResult, plan: recipe.Recipe, data: DataSpec) -> None:
+    """A language model judged by its next tokens needs text: over random ids and cache values its perplexity
+    means nothing, and a fallback chasing it only burns time. Unless the budget is only reported, that is a user
+    error naming the fix."""
+    if data.source is not None or plan.verify.report_only:
+        return
+    if budget_rules.for_outputs(result.outputs, plan.budget) is plan.budget:
+        return  # no token limit, or no language-model logits: the budget's own limits judge
+    raise DataError(
+        "this is a language model, judged by its perplexity on token windows (budget: "
+        f"{budget_rules.describe(budget_rules.for_outputs(result.outputs, plan.budget))}), but verification had "
+        "only generated inputs (random token ids and cache values). Give token windows: --calib DIR or "
+        "--verify-data DIR, a folder of per-sample .npz files with input_ids, attention_mask and, for a KV-cache "
+        "export, empty past_key_values.* (length 0); or set verify.report_only."
+    )
+
+
 def _verify(
     report: Report,
     pipeline: Pipeline,
@@ -384,6 +402,7 @@ def _verify(
     checker = verify.Checker(reference, data, plan.budget, device, threads)
     stage("verifying against the input")
     result = checker.check(candidate, probe=True)[1]
+    _check_token_data(result, plan, data)
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
     if not result.passed and pipeline.lossy_snapshots():
         stage("accuracy fallback: searching layers to keep in float")

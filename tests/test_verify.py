@@ -255,6 +255,12 @@ def test_perplexity_on_random_token_ids_is_said_to_mean_little(tmp_path: Path) -
     ids = np.random.default_rng(0).integers(0, 50, (8, 10)).astype(np.int64)
     np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids))
     given = graphopt.optimize(path, ["weight_only:block_size=16"], calibration=DataSpec(source=str(data)))
+    # Judged by perplexity (a token limit in the budget) over random ids: a user error naming the fix, not a
+    # verdict (nor a fallback chasing it).
+    judged = {"passes": [{"weight_only": {"block_size": 16}}], "budget": {"max_perplexity_increase": 0.1}}
+    with pytest.raises(DataError, match=r"judged by its perplexity on token windows.*--verify-data DIR"):
+        graphopt.optimize(path, judged)
+    assert graphopt.optimize(path, judged, calibration=DataSpec(source=str(data))).report.verification is not None
     assert not any("random token ids" in w for w in outcome_warnings(given.report))
 
 
