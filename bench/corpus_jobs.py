@@ -168,6 +168,13 @@ TOOLS: dict[str, Tool] = {
     "onnxsim": Tool("onnxsim", "fold", True, onnxsim_tool),
     "default": Tool("graphopt default recipe", "lossy", False, graphopt_tool("default")),
     "quantize": Tool("graphopt quantize (static)", "lossy", False, graphopt_tool("quantize:mode=static")),
+    # ablation: the same quantization with each weight rounded to nearest instead of GPTQ's rounding
+    "quantize_nearest": Tool(
+        "graphopt quantize (static), rounding=nearest",
+        "lossy",
+        False,
+        graphopt_tool("quantize:mode=static,rounding=nearest"),
+    ),
     "weight_only": Tool("graphopt weight_only", "lossy", False, graphopt_tool("weight_only")),
     "fp16": Tool("graphopt fp16", "lossy", False, graphopt_tool("fp16")),
     # `pattern=2:4` reads as the YAML 1.1 base-60 integer 124; the pattern is named n:m with n and m apart.

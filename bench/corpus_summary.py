@@ -1,6 +1,6 @@
 """The corpus bench's rows, summarised for the README: totals per job, one line per model.
 
-    python bench/corpus_summary.py results.json [more.json ...]
+python bench/corpus_summary.py results.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -150,12 +150,53 @@ def default_job(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def rounding(rows: list[Row]) -> str:
+    """quantize with GPTQ's rounding (the default) against round-to-nearest: task metric and time, with ORT's
+    quantize_static time (uint8 activations) on the same calibration samples."""
+    lines = [
+        "| model | metric (goal) | rounding=nearest | rounding=gptq | quantize s: nearest / gptq | ORT QDQ u8 s "
+        "| gptq time / ORT's |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    better = worse = met_nearest = met_gptq = cheap = timed = 0
+    models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "quantize_nearest"))
+    for model in models:
+        mine = {r["key"]: r for r in rows if r["model"] == model}
+        near, gptq, ort = mine.get("quantize_nearest"), mine.get("quantize"), mine.get("ort_u8")
+        if not (near and gptq and _ok(near) and _ok(gptq)) or near.get("score") is None or gptq.get("score") is None:
+            lines.append(f"| {model} | | {_cell(near)} | {_cell(gptq)} | | | |")
+            continue
+        better += gptq["score"] > near["score"]
+        worse += gptq["score"] < near["score"]
+        met_nearest += near["score"] >= near["goal"]
+        met_gptq += gptq["score"] >= gptq["goal"]
+        ratio = ""
+        if ort and ort.get("seconds"):
+            ratio = f"{gptq['seconds'] / ort['seconds']:.2f}×"
+            timed += 1
+            cheap += gptq["seconds"] <= 0.5 * ort["seconds"]
+        ort_seconds = f"{ort['seconds']:.1f}" if ort and ort.get("seconds") else "–"
+        lines.append(
+            f"| {model} | {gptq['metric']} ({gptq['goal']:g}) | {_cell(near)} | {_cell(gptq)} "
+            f"| {near['seconds']:.1f} / {gptq['seconds']:.1f} | {ort_seconds} | {ratio} |"
+        )
+    lines.append(
+        f"\nGPTQ rounding on {len(models)} models: task metric higher on {better}, lower on {worse}; task goal met on "
+        f"{met_gptq} (round-to-nearest: {met_nearest}); quantize time ≤ 0.5× ORT quantize_static's on {cheap} of "
+        f"{timed}."
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="JSON written by bench_corpus.py --out")
     args = parser.parse_args(argv)
     rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
-    print(totals(rows) + "\n\n" + fold_parity(rows) + "\n\n" + per_model(rows) + "\n\n" + default_job(rows))
+    parts = [totals(rows), fold_parity(rows), per_model(rows), default_job(rows)]
+    if any(r["key"] == "quantize_nearest" for r in rows):
+        parts.append(rounding(rows))
+    print("\n\n".join(parts))
     return 0
 
 

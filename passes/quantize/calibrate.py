@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from graphopt.calibration.observers import ObserverConfig, observe_ranges
 from graphopt.calibration.sources import require_data
 from graphopt.passes.quantize import outliers as quantize_outliers
+from graphopt.passes.quantize import rounding as quantize_rounding
 from graphopt.passes.quantize.config import QuantizeConfig
-from graphopt.passes.quantize.select import CalibratedRanges, Range, calibration_targets, selected_nodes
+from graphopt.passes.quantize.select import COMPUTE_OPS, CalibratedRanges, Range, calibration_targets, selected_nodes
 
 
 def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> CalibratedRanges | dict[str, Range] | None:
@@ -43,5 +45,17 @@ def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> Cal
         for n in selected_nodes(model.graph, config)
         if config.outliers > 0 and quantize_outliers.eligible_matmul(n) and n.inputs[0].name in wanted
     )
-    ranges = observe_ranges(model, data, names, per_tensor, group_size=group, also=bounds)  # type: ignore[arg-type]
-    return CalibratedRanges(ranges, bounds.bounds)
+    hessians = None
+    if config.rounding == "gptq":
+        hessians = quantize_rounding.HessianPlan(
+            n for n in selected_nodes(model.graph, config) if n.op_type in COMPUTE_OPS and n.inputs[0] is not None
+            and n.inputs[0].name in wanted
+        )  # fmt: skip
+
+    def also(name: str, array: np.ndarray) -> None:
+        bounds(name, array)
+        if hessians is not None:
+            hessians(name, array)
+
+    ranges = observe_ranges(model, data, names, per_tensor, group_size=group, also=also)  # type: ignore[arg-type]
+    return CalibratedRanges(ranges, bounds.bounds, hessians.hessians() if hessians is not None else None)

@@ -46,6 +46,14 @@ class QuantizeConfig:
         default="percentile", metadata={"help": "How calibration picks each activation's clipping range."}
     )
     percentile: float = field(default=99.999, metadata={"help": "Percentile of |x| kept, for method=percentile."})
+    rounding: Literal["gptq", "nearest"] = field(
+        default="gptq",
+        metadata={
+            "help": "How weights become integers (static mode): gptq rounds a layer's inputs one at a time and "
+            "moves each error onto those not yet rounded, for the least output error on the calibration data "
+            "(per-channel scales unchanged); nearest rounds each weight alone."
+        },
+    )
     op_types: tuple[str, ...] = field(default=DEFAULT_OPS, metadata={"help": "Op types to quantize."})
     exclude_op_types: tuple[str, ...] = field(default=(), metadata={"help": "Op types to leave in float."})
     exclude: tuple[str, ...] = field(

@@ -12,6 +12,7 @@ from graphopt.numerics import affine
 from graphopt.passes import edit
 from graphopt.passes.quantize import outliers as quantize_outliers
 from graphopt.passes.quantize import qdq
+from graphopt.passes.quantize import rounding as quantize_rounding
 from graphopt.passes.quantize.config import QuantizeConfig, resolve_reduce_range
 from graphopt.passes.quantize.select import (
     COMPUTE_OPS,
@@ -36,8 +37,11 @@ class Editor:
         config: QuantizeConfig,
         ranges: dict[str, Range],
         channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        hessians: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.graph, self.config, self.ranges, self.channels = graph, config, ranges, channels or {}
+        self.hessians = hessians or {}
+        self.output_error = {"nearest": 0.0, "gptq": 0.0}
         self.taken: set[str] = set()
         self.reduce_range = resolve_reduce_range(config)
         self.params: dict[str, affine.QuantParams] = {}
@@ -52,12 +56,17 @@ class Editor:
             "embeddings": 0,
             "wide_range_skipped": 0,
             "outlier_channels": 0,
+            "gptq_weights": 0,
             "nodes": 0,
         }
         self.changed = False
 
     def summary(self) -> dict[str, object]:
-        return {"mode": "static", **self.counts, "reduce_range": self.reduce_range}
+        summary: dict[str, object] = {"mode": "static", **self.counts, "reduce_range": self.reduce_range}
+        if self.counts["gptq_weights"]:
+            # summed over the rounded layers, each in its own input's units: a ratio, not an absolute figure
+            summary["gptq_output_error_ratio"] = self.output_error["gptq"] / max(self.output_error["nearest"], 1e-30)
+        return summary
 
     def run(self, nodes: list[ir.Node]) -> None:
         self.values = {v.name: v for v in self.graph.inputs if v.name}
@@ -168,21 +177,45 @@ class Editor:
         # ORT fuses Conv/MatMul weights and every int32 bias without a zero point (DQ's
         # default of 0), but its QGemm fusion requires one on the weight.
         omit_zero = node.op_type in OMIT_ZERO_POINT_OPS
-        dq_out = self._weight_dq(weight, array, params, omit_zero=omit_zero)
+        dq_out = self._weight_dq(weight, array, params, omit_zero=omit_zero, node=node)
         node.replace_input_with(w_index, dq_out)
         edit.drop_if_unused(self.graph, weight)
         self._bias(node, b_index, params)
 
     def _weight_dq(
-        self, weight: ir.Value, array: np.ndarray, params: affine.QuantParams, *, omit_zero: bool = False
+        self,
+        weight: ir.Value,
+        array: np.ndarray,
+        params: affine.QuantParams,
+        *,
+        omit_zero: bool = False,
+        node: ir.Node | None = None,
     ) -> ir.Value:
         key = f"{weight.name}|{params.axis}|{omit_zero}"
         if key not in self.weights:
-            quantized = params.quantize(array)
+            quantized = self._rounded(weight, array, params, node)
             dq = qdq.insert_weight_dq(self.graph, weight, quantized, params, self.taken, omit_zero=omit_zero)
             self.weights[key] = dq
             self.counts["weights"] += 1
         return self.weights[key]
+
+    def _rounded(
+        self, weight: ir.Value, array: np.ndarray, params: affine.QuantParams, node: ir.Node | None
+    ) -> np.ndarray:
+        """The weight's integer codes: GPTQ's where calibration summed its Hessian, else round-to-nearest."""
+        hessian = self.hessians.get(weight.name) if node is not None else None
+        if hessian is not None:
+            symmetric = self.config.weight_symmetric
+            found = quantize_rounding.round_weight(
+                array, params, hessian, node, symmetric=symmetric, reduce_range=self.reduce_range
+            )
+            if found is not None:
+                codes, nearest, rounded = found
+                self.output_error["nearest"] += nearest
+                self.output_error["gptq"] += rounded
+                self.counts["gptq_weights"] += 1
+                return codes
+        return params.quantize(array)
 
     def _bias(self, node: ir.Node, b_index: int | None, w_params: affine.QuantParams) -> None:
         if b_index is None or len(node.inputs) <= b_index:

@@ -44,6 +44,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.dynamic = config.mode == "dynamic" or (config.mode == "auto" and ranges is None)
         self.ranges = dict(ranges or {})
         self.channels = dict(getattr(ranges, "channels", {}))
+        self.hessians = dict(getattr(ranges, "hessians", {}))
         self.details: dict[str, object] = {}
         self.notes: list[str] = []
 
@@ -74,7 +75,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
             if pools:
                 infer_types(model)
-        editor = Editor(graph, self.config, self.ranges, self.channels)
+        editor = Editor(graph, self.config, self.ranges, self.channels, self.hessians)
         editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
         self.details = {**editor.summary(), **({"notes": self.notes} if self.notes else {})}

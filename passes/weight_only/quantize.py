@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.numerics import gptq as numerics_gptq
 from graphopt.numerics.blocks import IntBlocks, quantize_int_blocks
 from graphopt.numerics.nf4 import Bnb4Blocks, quantize_bnb4
 from graphopt.passes import edit
@@ -135,7 +136,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         if hessian is not None and self.config.uses_hessians:
             name = layer.activation.name  # type: ignore[union-attr]
             if name not in self._inverses:  # Q, K and V read one input: one inverse for all three
-                self._inverses[name] = gptq_module.prepare(hessian, self.config.gptq_damp, self.config.act_order)
+                self._inverses[name] = numerics_gptq.prepare(hessian, self.config.gptq_damp, self.config.act_order)
             order, u = self._inverses[name]
             blocks, errors = gptq_module.refine(w, hessian, u, blocks, order)  # type: ignore[assignment]
             record.update({key: round(value, 8) for key, value in errors.items()})

@@ -406,3 +406,101 @@ def test_float16_models_stay_valid(tmp_path: Path) -> None:
     quantize = QuantizeQDQPass(QuantizeConfig(), _synthetic_ranges(model, QuantizeConfig()))
     assert not quantize(model).modified and quantize.details["skipped"].startswith("nothing to quantize")
     runtime.create_session(model)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "strides", "pads", "dilations", "group"),
+    [
+        ((2, 4, 9, 11), (3, 3), (2, 1), (1, 0, 2, 1), (2, 1), 2),
+        ((1, 6, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 6),  # depthwise
+        ((3, 5, 13), (5,), (2,), (2, 1), (1,), 1),  # 1-D
+    ],
+)
+def test_conv_patches_times_the_weight_is_the_convolution(shape, kernel, strides, pads, dilations, group) -> None:
+    from graphopt.numerics.patches import ConvGeometry, conv_patches
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    out_channels = 2 * group
+    w = rng.standard_normal((out_channels, shape[1] // group, *kernel)).astype(np.float32)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+        dilations=list(dilations), group=group,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (expected,) = runtime.create_session(ir.serde.deserialize_model(proto), threads=1).run(None, {"x": x})
+    geometry = ConvGeometry(tuple(kernel), tuple(strides), tuple(pads), tuple(dilations), group)
+    patches = conv_patches(x, geometry, rows=10**6, rng=rng)  # every position, in order
+    per = out_channels // group
+    got = np.concatenate(
+        [patches[:, j] @ w[j * per : (j + 1) * per].reshape(per, -1).T for j in range(group)], axis=1
+    )  # [positions, O]
+    want = np.moveaxis(expected, 1, -1).reshape(-1, out_channels)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    drawn = conv_patches(x, geometry, rows=5, rng=np.random.default_rng(1))
+    assert drawn.shape == (5, *patches.shape[1:])
+    assert all(any(np.array_equal(row, full) for full in patches) for row in drawn)
+
+
+def test_hessian_blocks_are_the_diagonal_blocks_of_xtx() -> None:
+    from graphopt.passes.quantize.rounding import HessianPlan
+
+    rng = np.random.default_rng(0)
+    k = 700  # two blocks of 350 at block=512
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, k]))
+    w = ir.Value(name="w", const_value=ir.tensor(rng.standard_normal((k, 8)).astype(np.float32)))
+    node = ir.node("MatMul", [x, w])
+    plan = HessianPlan([node], rows=10**6, block=512)
+    batches = [rng.standard_normal((3, 50, k)).astype(np.float32) for _ in range(2)]
+    for batch in batches:
+        plan("x", batch)
+    (hessian,) = plan.hessians().values()
+    rows = np.concatenate([b.reshape(-1, k) for b in batches])
+    full = rows.T @ rows / len(rows)
+    assert hessian.shape == (2, 350, 350)
+    np.testing.assert_allclose(hessian[0], full[:350, :350], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(hessian[1], full[350:, 350:], rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_rounding_lowers_layer_error_and_keeps_the_integer_range(
+    digits: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """GPTQ moves which integer each weight gets, never the scales or the range ORT's kernels need."""
+    from graphopt.numerics import affine
+    from graphopt.passes.quantize.config import resolve_reduce_range
+
+    reference = io.load_model(DATA / "digits_cnn.onnx")
+    FoldConstantsPass()(reference)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=digits["calib"])
+    results = {}
+    for rounding in ("nearest", "gptq"):
+        model = reference.clone()
+        config = QuantizeConfig(rounding=rounding)
+        ranges = collect_ranges(model, DataSpec(source=str(calib), samples=128, batch_size=32), config)
+        quantize = QuantizeQDQPass(config, ranges)
+        assert quantize(model).modified
+        results[rounding] = (model, quantize.details)
+    nearest, gptq = results["nearest"][1], results["gptq"][1]
+    assert nearest["gptq_weights"] == 0 and "gptq_output_error_ratio" not in nearest
+    assert gptq["gptq_weights"] == gptq["weights"] > 0
+    assert gptq["gptq_output_error_ratio"] < 0.8
+    config = QuantizeConfig()
+    qmin, qmax = affine.qrange("int8", symmetric=True, reduce_range=resolve_reduce_range(config))
+    model = results["gptq"][0]
+    codes = [v.const_value.numpy() for v in model.graph.initializers.values() if v.name.endswith("_quantized")]
+    weights = [c for c in codes if c.dtype == np.int8]
+    assert weights and all(qmin <= c.min() and c.max() <= qmax for c in weights)
+    plain = results["nearest"][0].graph.initializers
+    differ = [
+        not np.array_equal(plain[name].const_value.numpy(), value.const_value.numpy())
+        for name, value in model.graph.initializers.items()
+        if name in plain and name.endswith("_quantized") and value.dtype == ir.DataType.INT8
+    ]
+    assert any(differ)
+    before = verify.label_accuracy(reference, {"input": digits["test"]}, digits["labels"])
+    assert verify.label_accuracy(model, {"input": digits["test"]}, digits["labels"]) >= before - 0.005

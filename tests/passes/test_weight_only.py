@@ -351,7 +351,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(fmt: str, tmp_path: Pat
 def test_gptq_act_order_is_a_permutation_and_helps_where_energy_is_uneven() -> None:
     """Identity order reproduces plain GPTQ; inputs whose energy varies by orders of magnitude (an LLM's outlier
     channels) gain from going first, while every row still snaps onto its own block's scale."""
-    from graphopt.passes.weight_only import gptq as gptq_module
+    from graphopt.numerics import gptq as gptq_module
 
     rng = np.random.default_rng(3)
     k, n = 128, 96
