@@ -102,7 +102,10 @@ def test_the_fastest_of_equally_small_solutions_wins(tmp_path: Path) -> None:
     search = _Search(
         graphopt.registry.PassSpec("tagging", Tagging, QuantizeConfig, lossy=graphopt.registry.Lossy()),
         QuantizeConfig(),
-        before, None, lambda m: scores[m.doc_string], FallbackResult("quantize")
+        before,
+        None,
+        lambda m: scores[m.doc_string],
+        FallbackResult("quantize"),
     )
     for excluded in (["big"], ["bad"], ["small"], ["big", "small"]):
         search.score(excluded)

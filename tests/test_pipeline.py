@@ -71,9 +71,7 @@ def test_failing_pass_is_named_with_those_before(model_path: Path, monkeypatch: 
         graphopt.optimize(model_path, ["fold"])
 
 
-def test_check_blames_the_pass_that_broke_the_graph(
-    model_path: Path, noise_passes: NoisePasses
-) -> None:
+def test_check_blames_the_pass_that_broke_the_graph(model_path: Path, noise_passes: NoisePasses) -> None:
     class Breaks(FoldConstantsPass):
         def call(self, model: ir.Model) -> ir.passes.PassResult:
             next(iter(model.graph)).op_type = "NoSuchOp"

@@ -21,8 +21,10 @@ from graphopt.passes.quantize.select import (
     SAME_SCALE_OPS,
     Range,
     activation_inputs,
+    drop_dequantization,
     excluded,
     is_float_activation,
+    weight_array,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Editor:
     ) -> None:
         self.graph, self.config, self.ranges, self.channels = graph, config, ranges, channels or {}
         self.hessians = hessians or {}
+        self.hessian_of: dict[str, str] = {}  # weight name -> the name its Hessian was summed under
         self.output_error = {"nearest": 0.0, "gptq": 0.0}
         self.taken: set[str] = set()
         self.reduce_range = resolve_reduce_range(config)
@@ -116,6 +119,8 @@ class Editor:
             nodes, self.channels, self.ranges, self.config.outliers, splittable, initializer
         )
         self.counts["outlier_channels"] = sum(len(s.channels) for s in splits)
+        # a split weight (outlier rows zeroed, kept zero by GPTQ) is rounded with its original's Hessian
+        self.hessian_of.update({s.node.inputs[1].name: s.weight_name for s in splits if s.node.inputs[1] is not None})
         return splits
 
     def _embeddings(self) -> None:
@@ -159,9 +164,11 @@ class Editor:
             return
         w_index, b_index = COMPUTE_OPS[node.op_type]
         weight = node.inputs[w_index] if len(node.inputs) > w_index else None
-        if weight is None or weight.const_value is None or weight.dtype != ir.DataType.FLOAT:
+        if weight is None or weight.dtype != ir.DataType.FLOAT:
             return
-        array = weight.const_value.numpy()
+        array = weight_array(weight)
+        if array is None:
+            return
         axis = (
             affine.weight_channel_axis(node.op_type, rank=array.ndim, trans_b=edit.trans_b(node))
             if self.config.per_channel
@@ -180,6 +187,7 @@ class Editor:
         dq_out = self._weight_dq(weight, array, params, omit_zero=omit_zero, node=node)
         node.replace_input_with(w_index, dq_out)
         edit.drop_if_unused(self.graph, weight)
+        drop_dequantization(self.graph, weight)
         self._bias(node, b_index, params)
 
     def _weight_dq(
@@ -203,7 +211,7 @@ class Editor:
         self, weight: ir.Value, array: np.ndarray, params: affine.QuantParams, node: ir.Node | None
     ) -> np.ndarray:
         """The weight's integer codes: GPTQ's where calibration summed its Hessian, else round-to-nearest."""
-        hessian = self.hessians.get(weight.name) if node is not None else None
+        hessian = self.hessians.get(self.hessian_of.get(weight.name, weight.name)) if node is not None else None
         if hessian is not None:
             symmetric = self.config.weight_symmetric
             found = quantize_rounding.round_weight(

@@ -27,6 +27,7 @@ from graphopt.numerics import affine
 from graphopt.numerics import gptq as numerics_gptq
 from graphopt.numerics.patches import ConvGeometry, conv_patches
 from graphopt.passes import edit
+from graphopt.passes.quantize.select import weight_array
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ def reader(node: ir.Node) -> Reader | None:
     not 2-D for MatMul/Gemm)."""
     x = node.inputs[0] if node.inputs else None
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if x is None or not x.name or weight is None or weight.const_value is None:
+    array = weight_array(weight)
+    if x is None or not x.name or array is None:
         return None
-    shape = weight.const_value.shape
+    shape = array.shape
     if node.op_type in ("MatMul", "Gemm"):
         if len(shape) != 2 or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
             return None
@@ -74,7 +76,7 @@ def reader(node: ir.Node) -> Reader | None:
 
 def _weight_columns(weight: ir.Value, node: ir.Node) -> int:
     """``K`` per group: the rows of the weight as ``X @ W`` reads it."""
-    shape = weight.const_value.shape  # type: ignore[union-attr]
+    shape = weight_array(weight).shape  # type: ignore[union-attr]
     if node.op_type == "Conv":
         return int(np.prod(shape[1:]))
     return int(shape[1] if edit.trans_b(node) else shape[0])

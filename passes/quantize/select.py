@@ -107,11 +107,72 @@ def is_float_activation(value: ir.Value | None) -> bool:
     )
 
 
+_INTEGER_CODES = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16})
+
+
+def _dequantization(value: ir.Value | None) -> tuple[ir.Node, ir.Value, ir.Value] | None:
+    """``(mul, codes, scale)`` where ``value = Mul(Cast(codes), scale)`` (either operand order) with constant
+    integer codes and a constant float32 scale: a weight that arrives quantized (an exporter's or a previous
+    tool's int8 weights dequantized in the graph)."""
+    mul = value.producer() if value is not None else None
+    if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or len(mul.inputs) != 2:
+        return None
+    for cast_out, scale in (mul.inputs, mul.inputs[::-1]):
+        cast = cast_out.producer() if cast_out is not None else None
+        if (
+            cast is not None
+            and cast.op_type == "Cast"
+            and cast.domain in ("", "ai.onnx")
+            and cast.attributes.get_int("to", 0) == ir.DataType.FLOAT
+            and cast.inputs[0] is not None
+            and cast.inputs[0].const_value is not None
+            and cast.inputs[0].dtype in _INTEGER_CODES
+            and scale is not None
+            and scale.const_value is not None
+            and scale.dtype == ir.DataType.FLOAT
+        ):
+            return mul, cast.inputs[0], scale
+    return None
+
+
+def weight_array(value: ir.Value | None) -> np.ndarray | None:
+    """A compute op's weight as float32 values: a constant, or an arriving ``Mul(Cast(int codes), scale)``
+    evaluated as ONNX Runtime would (exactly: integer to float32, one float32 product per element)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    found = _dequantization(value)
+    if found is None:
+        return None
+    _, codes, scale = found
+    return codes.const_value.numpy().astype(np.float32) * scale.const_value.numpy()  # type: ignore[union-attr]
+
+
+def is_weight(value: ir.Value | None) -> bool:
+    """Constant, or dequantized from constant integer codes in the graph (see :func:`weight_array`)."""
+    return value is not None and (value.const_value is not None or _dequantization(value) is not None)
+
+
+def drop_dequantization(graph: ir.Graph, value: ir.Value) -> None:
+    """Remove an arriving ``Mul(Cast(codes), scale)`` chain (and its constants) that nothing reads any more."""
+    found = _dequantization(value)
+    if found is None or value.uses() or value.is_graph_output():
+        return
+    mul, codes, scale = found
+    cast = next(v.producer() for v in mul.inputs if v is not scale)
+    graph.remove(mul, safe=True)
+    if cast is not None and not any(out.uses() or out.is_graph_output() for out in cast.outputs):
+        graph.remove(cast, safe=True)
+    edit.drop_if_unused(graph, codes)
+    edit.drop_if_unused(graph, scale)
+
+
 def activation_inputs(node: ir.Node) -> list[ir.Value | None]:
     indices = _ACT_INPUTS.get(node.op_type)
     if node.op_type in COMPUTE_OPS:
         weight = COMPUTE_OPS[node.op_type][0]
-        return [v for i, v in enumerate(node.inputs) if i < 2 and (i != weight or v is None or v.const_value is None)]
+        return [v for i, v in enumerate(node.inputs) if i < 2 and (i != weight or v is None or not is_weight(v))]
     if indices is None:
         return list(node.inputs)
     return [node.inputs[i] for i in indices if i < len(node.inputs)]

@@ -504,3 +504,42 @@ def test_gptq_rounding_lowers_layer_error_and_keeps_the_integer_range(
     assert any(differ)
     before = verify.label_accuracy(reference, {"input": digits["test"]}, digits["labels"])
     assert verify.label_accuracy(model, {"input": digits["test"]}, digits["labels"]) >= before - 0.005
+
+
+def test_weights_that_arrive_as_cast_mul_are_quantized_as_weights(tmp_path: Path) -> None:
+    """A weight dequantized in the graph (int8 codes, Cast, Mul by per-column scales: an int8 export) is a weight:
+    per-channel int8 through a DequantizeLinear, the Cast·Mul gone, not a per-tensor activation Q/DQ."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    scale = rng.uniform(0.001, 0.02, (1, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Cast", ["codes"], ["codes_f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["codes_f", "scale"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "int8_export", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scale, "scale")],
+    )  # fmt: skip
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    reference = io.load_model(path)
+    model = reference.clone()
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    config = QuantizeConfig()
+    ranges = collect_ranges(model, DataSpec(source=str(calib), samples=64), config)
+    assert "w" not in ranges  # not calibrated as an activation
+    quantize = QuantizeQDQPass(config, ranges)
+    assert quantize(model).modified and quantize.details["weights"] == 1
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Cast"] == 0 and ops["Mul"] == 0 and "codes" not in model.graph.initializers
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    dq = matmul.inputs[1].producer()
+    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None
+    assert dq.inputs[0].dtype == ir.DataType.INT8 and dq.inputs[1].const_value.shape == (8,)  # per channel
+    expected = x @ (codes.astype(np.float32) * scale)
+    (got,) = runtime.create_session(model, threads=1).run(None, {"x": x})
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.03
