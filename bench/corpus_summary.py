@@ -155,10 +155,10 @@ def rounding(rows: list[Row]) -> str:
     quantize_static time (uint8 activations) on the same calibration samples."""
     lines = [
         "| model | metric (goal) | rounding=nearest | rounding=gptq | quantize s: nearest / gptq | ORT QDQ u8 s "
-        "| gptq time / ORT's |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| gptq time / ORT's | peak RSS MB: gptq / ORT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    better = worse = met_nearest = met_gptq = cheap = timed = 0
+    better = worse = met_nearest = met_gptq = cheap = timed = lean = 0
     models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "quantize_nearest"))
     for model in models:
         mine = {r["key"]: r for r in rows if r["model"] == model}
@@ -176,14 +176,21 @@ def rounding(rows: list[Row]) -> str:
             timed += 1
             cheap += gptq["seconds"] <= 0.5 * ort["seconds"]
         ort_seconds = f"{ort['seconds']:.1f}" if ort and ort.get("seconds") else "–"
+        rss = "–"
+        if ort and gptq.get("peak_rss_mb") and ort.get("peak_rss_mb"):
+            # above what the job's process held before the tool ran (interpreter, inputs)
+            mine_mb = gptq["peak_rss_mb"] - gptq["rss_before_mb"]
+            ort_mb = ort["peak_rss_mb"] - ort["rss_before_mb"]
+            rss = f"{mine_mb:.0f} / {ort_mb:.0f}"
+            lean += mine_mb <= 0.5 * ort_mb
         lines.append(
             f"| {model} | {gptq['metric']} ({gptq['goal']:g}) | {_cell(near)} | {_cell(gptq)} "
-            f"| {near['seconds']:.1f} / {gptq['seconds']:.1f} | {ort_seconds} | {ratio} |"
+            f"| {near['seconds']:.1f} / {gptq['seconds']:.1f} | {ort_seconds} | {ratio} | {rss} |"
         )
     lines.append(
         f"\nGPTQ rounding on {len(models)} models: task metric higher on {better}, lower on {worse}; task goal met on "
         f"{met_gptq} (round-to-nearest: {met_nearest}); quantize time ≤ 0.5× ORT quantize_static's on {cheap} of "
-        f"{timed}."
+        f"{timed}, peak RSS (above the process before the tool) ≤ 0.5× ORT's on {lean}."
     )
     return "\n".join(lines)
 
