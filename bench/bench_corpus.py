@@ -5,7 +5,8 @@ a crash or a hang is a row of the table, not the end of the bench. Jobs (``--pas
 
     fold onnxslim onnxsim                         exact: nodes, wall time, parity (rel L2 vs fp32)
     default quantize weight_only fp16 prune24 prune_structured   graphopt, lossy: task metric vs fp32
-    quantize_nearest                              ablation: quantize with round-to-nearest weights (no GPTQ)
+    quantize_nearest quantize_nosmooth            ablations: quantize with round-to-nearest weights (no GPTQ), or
+                                                  without SmoothQuant
     ort_s8 ort_u8 ort_u8_ops                      ORT quantize_static QDQ per channel (int8 / uint8 activations,
                                                   uint8 with Conv/MatMul/Gemm only)
 

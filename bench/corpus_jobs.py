@@ -169,12 +169,15 @@ TOOLS: dict[str, Tool] = {
     "onnxsim": Tool("onnxsim", "fold", True, onnxsim_tool),
     "default": Tool("graphopt default recipe", "lossy", False, graphopt_tool("default")),
     "quantize": Tool("graphopt quantize (static)", "lossy", False, graphopt_tool("quantize:mode=static")),
-    # ablation: the same quantization with each weight rounded to nearest instead of GPTQ's rounding
+    # ablations: the same quantization with weights rounded to nearest (no GPTQ), or without SmoothQuant
     "quantize_nearest": Tool(
         "graphopt quantize (static), rounding=nearest",
         "lossy",
         False,
         graphopt_tool("quantize:mode=static,rounding=nearest"),
+    ),
+    "quantize_nosmooth": Tool(
+        "graphopt quantize (static), smooth=false", "lossy", False, graphopt_tool("quantize:mode=static,smooth=false")
     ),
     "weight_only": Tool("graphopt weight_only", "lossy", False, graphopt_tool("weight_only")),
     "fp16": Tool("graphopt fp16", "lossy", False, graphopt_tool("fp16")),

@@ -151,21 +151,25 @@ def default_job(rows: list[Row]) -> str:
 
 
 def rounding(rows: list[Row]) -> str:
-    """quantize with GPTQ's rounding (the default) against round-to-nearest: task metric and time, with ORT's
-    quantize_static time (uint8 activations) on the same calibration samples."""
+    """quantize with GPTQ's rounding and SmoothQuant (the defaults) against each turned off: task metric and time,
+    with ORT's quantize_static time (uint8 activations) on the same calibration samples."""
     lines = [
-        "| model | metric (goal) | rounding=nearest | rounding=gptq | quantize s: nearest / gptq | ORT QDQ u8 s "
-        "| gptq time / ORT's | peak RSS MB: gptq / ORT |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | metric (goal) | rounding=nearest | smooth=false | quantize (both on) | quantize s: nearest / both "
+        "| ORT QDQ u8 s | time / ORT's | peak RSS MB: quantize / ORT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    better = worse = met_nearest = met_gptq = cheap = timed = lean = 0
+    better = worse = met_nearest = met_gptq = met_plain = cheap = timed = lean = 0
     models = list(dict.fromkeys(r["model"] for r in rows if r["key"] == "quantize_nearest"))
     for model in models:
         mine = {r["key"]: r for r in rows if r["model"] == model}
         near, gptq, ort = mine.get("quantize_nearest"), mine.get("quantize"), mine.get("ort_u8")
         if not (near and gptq and _ok(near) and _ok(gptq)) or near.get("score") is None or gptq.get("score") is None:
-            lines.append(f"| {model} | | {_cell(near)} | {_cell(gptq)} | | | |")
+            lines.append(
+                f"| {model} | | {_cell(near)} | {_cell(mine.get('quantize_nosmooth'))} | {_cell(gptq)} | | | | |"
+            )
             continue
+        plain = mine.get("quantize_nosmooth")
+        met_plain += bool(plain and _ok(plain) and plain.get("score") is not None and plain["score"] >= plain["goal"])
         better += gptq["score"] > near["score"]
         worse += gptq["score"] < near["score"]
         met_nearest += near["score"] >= near["goal"]
@@ -184,13 +188,15 @@ def rounding(rows: list[Row]) -> str:
             rss = f"{mine_mb:.0f} / {ort_mb:.0f}"
             lean += mine_mb <= 0.5 * ort_mb
         lines.append(
-            f"| {model} | {gptq['metric']} ({gptq['goal']:g}) | {_cell(near)} | {_cell(gptq)} "
+            f"| {model} | {gptq['metric']} ({gptq['goal']:g}) | {_cell(near)} | {_cell(mine.get('quantize_nosmooth'))} "
+            f"| {_cell(gptq)} "
             f"| {near['seconds']:.1f} / {gptq['seconds']:.1f} | {ort_seconds} | {ratio} | {rss} |"
         )
     lines.append(
-        f"\nGPTQ rounding on {len(models)} models: task metric higher on {better}, lower on {worse}; task goal met on "
-        f"{met_gptq} (round-to-nearest: {met_nearest}); quantize time ≤ 0.5× ORT quantize_static's on {cheap} of "
-        f"{timed}, peak RSS (above the process before the tool) ≤ 0.5× ORT's on {lean}."
+        f"\nquantize against rounding=nearest on {len(models)} models: task metric higher on {better}, lower on "
+        f"{worse}; task goal met on {met_gptq} (round-to-nearest: {met_nearest}, without SmoothQuant: {met_plain}); "
+        f"quantize time ≤ 0.5× ORT quantize_static's on {cheap} of {timed}, peak RSS (above the process before "
+        f"the tool) ≤ 0.5× ORT's on {lean}."
     )
     return "\n".join(lines)
 

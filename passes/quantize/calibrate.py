@@ -10,7 +10,14 @@ from graphopt.calibration.sources import require_data
 from graphopt.passes.quantize import outliers as quantize_outliers
 from graphopt.passes.quantize import rounding as quantize_rounding
 from graphopt.passes.quantize.config import QuantizeConfig
-from graphopt.passes.quantize.select import COMPUTE_OPS, CalibratedRanges, Range, calibration_targets, selected_nodes
+from graphopt.passes.quantize.select import (
+    COMPUTE_OPS,
+    CalibratedRanges,
+    Range,
+    calibration_targets,
+    is_weight,
+    selected_nodes,
+)
 
 
 def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> CalibratedRanges | dict[str, Range] | None:
@@ -43,7 +50,12 @@ def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> Cal
     bounds = quantize_outliers.ChannelBounds(
         n.inputs[0].name
         for n in selected_nodes(model.graph, config)
-        if config.outliers > 0 and quantize_outliers.eligible_matmul(n) and n.inputs[0].name in wanted
+        if n.inputs[0] is not None
+        and n.inputs[0].name in wanted
+        and (
+            (config.outliers > 0 and quantize_outliers.eligible_matmul(n))
+            or (config.smooth and n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1 and is_weight(n.inputs[1]))
+        )
     )
     hessians = None
     if config.rounding == "gptq":
@@ -58,4 +70,6 @@ def collect_ranges(model: ir.Model, data: object, config: QuantizeConfig) -> Cal
             hessians(name, array)
 
     ranges = observe_ranges(model, data, names, per_tensor, group_size=group, also=also)  # type: ignore[arg-type]
-    return CalibratedRanges(ranges, bounds.bounds, hessians.hessians() if hessians is not None else None)
+    return CalibratedRanges(
+        ranges, bounds.bounds, hessians.hessians() if hessians is not None else None, power=bounds.power()
+    )

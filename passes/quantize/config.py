@@ -46,6 +46,13 @@ class QuantizeConfig:
         default="percentile", metadata={"help": "How calibration picks each activation's clipping range."}
     )
     percentile: float = field(default=99.999, metadata={"help": "Percentile of |x| kept, for method=percentile."})
+    smooth: bool = field(
+        default=True,
+        metadata={
+            "help": "SmoothQuant: a MatMul input's large channels scaled down and the weight rows scaled up as much "
+            "(exact in float), per tensor where the predicted int8 error falls; the exponent chosen per tensor."
+        },
+    )
     rounding: Literal["gptq", "nearest"] = field(
         default="gptq",
         metadata={

@@ -13,6 +13,7 @@ from graphopt.passes import edit
 from graphopt.passes.quantize import outliers as quantize_outliers
 from graphopt.passes.quantize import qdq
 from graphopt.passes.quantize import rounding as quantize_rounding
+from graphopt.passes.quantize import smooth as quantize_smooth
 from graphopt.passes.quantize.config import QuantizeConfig, resolve_reduce_range
 from graphopt.passes.quantize.select import (
     COMPUTE_OPS,
@@ -40,9 +41,13 @@ class Editor:
         ranges: dict[str, Range],
         channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
+        power: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        self.graph, self.config, self.ranges, self.channels = graph, config, ranges, channels or {}
-        self.hessians = hessians or {}
+        self.graph, self.config, self.ranges = graph, config, ranges
+        self.channels = dict(channels or {})
+        self.hessians = dict(hessians or {})
+        self.power = dict(power or {})
+        self.smoothed: list[dict[str, object]] = []
         self.hessian_of: dict[str, str] = {}  # weight name -> the name its Hessian was summed under
         self.output_error = {"nearest": 0.0, "gptq": 0.0}
         self.taken: set[str] = set()
@@ -59,6 +64,7 @@ class Editor:
             "embeddings": 0,
             "wide_range_skipped": 0,
             "outlier_channels": 0,
+            "smoothed": 0,
             "gptq_weights": 0,
             "nodes": 0,
         }
@@ -69,12 +75,15 @@ class Editor:
         if self.counts["gptq_weights"]:
             # summed over the rounded layers, each in its own input's units: a ratio, not an absolute figure
             summary["gptq_output_error_ratio"] = self.output_error["gptq"] / max(self.output_error["nearest"], 1e-30)
+        if self.smoothed:
+            summary["smoothing"] = self.smoothed
         return summary
 
     def run(self, nodes: list[ir.Node]) -> None:
         self.values = {v.name: v for v in self.graph.inputs if v.name}
         self.values.update({out.name: out for node in self.graph for out in node.outputs if out.name})
         selected = {id(n) for n in nodes}
+        self._smooth(nodes)
         splits = self._plan_outliers(nodes, selected)
         for node in nodes:
             # An output no quantized op reads stays float: ORT then runs the producer as
@@ -96,6 +105,31 @@ class Editor:
     def _output_quantized(self, value: ir.Value, selected: set[int]) -> bool:
         """Islands: only when a quantized op reads it. Without: always, as ORT does."""
         return not self.config.islands or any(id(use.node) in selected for use in value.uses())
+
+    def _smooth(self, nodes: list[ir.Node]) -> None:
+        """SmoothQuant the MatMul inputs where it predicts less int8 error (before outliers and scales)."""
+        if not self.config.smooth or not self.power:
+            return
+        qmax = affine.qrange(
+            self.config.weight_type, symmetric=self.config.weight_symmetric, reduce_range=self.reduce_range
+        )[1]
+        skip = self.skipped | {n for n in self.channels if n not in self.ranges}
+        for plan in quantize_smooth.plan(self.graph, nodes, self.channels, self.power, qmax, skip):
+            targets, renamed = quantize_smooth.apply(self.graph, plan, self.values, self.taken)
+            for name, target in targets.items():
+                lo, hi = self.channels[name]
+                lo, hi = lo / plan.scales, hi / plan.scales
+                self.ranges[target.name] = (float(lo.min()), float(hi.max()))
+                self.channels[target.name] = (lo, hi)
+                self.values[target.name] = target
+            for new, old in renamed.items():
+                hessian = self.hessians.get(self.hessian_of.get(old, old))
+                if hessian is not None:
+                    self.hessians[new] = quantize_smooth.rescale_hessian(hessian, plan.scales)
+            self.counts["smoothed"] += len(plan.names)
+            self.smoothed.append(
+                {"tensors": plan.names, "alpha": plan.alpha, "predicted_error_ratio": round(plan.error_ratio, 3)}
+            )
 
     def _plan_outliers(self, nodes: list[ir.Node], selected: set[int]) -> list[quantize_outliers.Split]:
         if self.config.outliers <= 0 or not self.channels:

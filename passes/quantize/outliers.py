@@ -37,6 +37,7 @@ class ChannelBounds:
     def __init__(self, names: Iterable[str]) -> None:
         self.names = set(names)
         self.bounds: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._squares: dict[str, tuple[np.ndarray, int]] = {}
 
     def __call__(self, name: str, array: np.ndarray) -> None:
         if name not in self.names or array.ndim < 1 or array.size == 0:
@@ -45,14 +46,21 @@ class ChannelBounds:
         finite = np.isfinite(flat)
         lo = np.where(finite, flat, np.inf).min(axis=0)
         hi = np.where(finite, flat, -np.inf).max(axis=0)
+        squares = np.square(np.where(finite, flat, 0.0), dtype=np.float64).sum(axis=0)
         if name in self.bounds:
             old_lo, old_hi = self.bounds[name]
             if old_lo.shape != lo.shape:  # the channel axis changed size: not a channel axis
                 self.names.discard(name)
-                del self.bounds[name]
+                del self.bounds[name], self._squares[name]
                 return
             lo, hi = np.minimum(old_lo, lo), np.maximum(old_hi, hi)
+            squares = squares + self._squares[name][0]
         self.bounds[name] = (lo, hi)
+        self._squares[name] = (squares, self._squares.get(name, (None, 0))[1] + len(flat))
+
+    def power(self) -> dict[str, np.ndarray]:
+        """Per channel mean of ``x**2`` (non-finite values counted as 0)."""
+        return {name: (total / max(count, 1)).astype(np.float32) for name, (total, count) in self._squares.items()}
 
 
 def eligible_matmul(node: ir.Node) -> bool:

@@ -192,15 +192,17 @@ def calibration_targets(model: ir.Model, config: QuantizeConfig) -> list[str]:
 
 
 class CalibratedRanges(dict[str, Range]):
-    """What calibration gives the pass: ``{tensor: (min, max)}``, plus per-channel bounds of MatMul inputs and
-    the Hessians ``X^T X / n`` of the weights GPTQ rounds (``{weight: [groups, K, K]}``)."""
+    """What calibration gives the pass: ``{tensor: (min, max)}``, plus per-channel bounds and mean squares of
+    MatMul inputs and the Hessians ``X^T X / n`` of the weights GPTQ rounds (``{weight: [groups, K, K]}``)."""
 
     def __init__(
         self,
         ranges: Mapping[str, Range] | None = None,
         channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
+        power: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__(ranges or {})
         self.channels = dict(channels or {})
         self.hessians = dict(hessians or {})
+        self.power = dict(power or {})  # per-channel mean of x**2 of the same tensors as channels

@@ -45,6 +45,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.ranges = dict(ranges or {})
         self.channels = dict(getattr(ranges, "channels", {}))
         self.hessians = dict(getattr(ranges, "hessians", {}))
+        self.power = dict(getattr(ranges, "power", {}))
         self.details: dict[str, object] = {}
         self.notes: list[str] = []
 
@@ -75,7 +76,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
             if pools:
                 infer_types(model)
-        editor = Editor(graph, self.config, self.ranges, self.channels, self.hessians)
+        editor = Editor(graph, self.config, self.ranges, self.channels, self.hessians, self.power)
         editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
         self.details = {**editor.summary(), **({"notes": self.notes} if self.notes else {})}

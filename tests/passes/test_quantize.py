@@ -299,7 +299,7 @@ def test_outlier_channels_run_in_float_beside_the_int8_product(tmp_path: Path) -
     errors = {}
     for outliers in (3.0, 0.0):
         model = reference.clone()
-        config = QuantizeConfig(outliers=outliers, method="minmax")
+        config = QuantizeConfig(outliers=outliers, method="minmax", smooth=False)  # the split alone
         quantize = QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(data), batch_size=16), config))
         quantize(model)
         assert quantize.details["outlier_channels"] == (1 if outliers else 0)
@@ -313,7 +313,7 @@ def test_outlier_channels_run_in_float_beside_the_int8_product(tmp_path: Path) -
     # Names that layer-wise comparison matches with the reference carry the reference's values:
     # the inlier-only product and the clipped input are renamed.
     split = reference.clone()
-    config = QuantizeConfig(method="minmax")
+    config = QuantizeConfig(method="minmax", smooth=False)
     QuantizeQDQPass(config, collect_ranges(split, DataSpec(source=str(data), batch_size=16), config))(split)
     produced = {out.name for node in split.graph for out in node.outputs}
     assert {"h_inliers", "x_inliers_DequantizeLinear", "y"} <= produced
@@ -337,7 +337,7 @@ def test_a_shared_weight_is_split_once(tmp_path: Path) -> None:
     x = rng.standard_normal((64, 4, 64)).astype(np.float32)
     x[..., 9] *= 25.0
     np.savez(tmp_path / "x.npz", x=x)
-    config = QuantizeConfig(method="minmax")
+    config = QuantizeConfig(method="minmax", smooth=False)
     QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(tmp_path / "x.npz")), config))(model)
     int8 = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.INT8]
     assert [v.name for v in int8] == ["W_inliers_quantized"]
@@ -543,3 +543,94 @@ def test_weights_that_arrive_as_cast_mul_are_quantized_as_weights(tmp_path: Path
     expected = x @ (codes.astype(np.float32) * scale)
     (got,) = runtime.create_session(model, threads=1).run(None, {"x": x})
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.03
+
+
+def _layer_norm_model(tmp_path: Path, residual: bool) -> tuple[ir.Model, Path, np.ndarray]:
+    """LayerNorm whose scale makes two channels 30x the others, read by two MatMuls (and a residual Add)."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(32, np.float32)
+    gamma[[3, 17]] = 30.0
+    inits = [
+        numpy_helper.from_array(gamma, "gamma"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 32).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 24)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.2, (32, 24)).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], axis=-1),
+        helper.make_node("MatMul", ["h", "w1"], ["y1"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y2"]),
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 24]) for n in ("y1", "y2")]
+    if residual:
+        nodes.append(helper.make_node("Add", ["h", "x"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["n", 32]))
+    graph = helper.make_graph(
+        nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])], outputs, inits
+    )
+    path = tmp_path / f"ln{int(residual)}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((256, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:128])
+    return io.load_model(path), tmp_path / "calib.npz", x[128:]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_smoothquant_moves_outlier_channels_into_the_weights(tmp_path: Path, residual: bool) -> None:
+    """Exact in float; the int8 outputs come closer to float; folded into the LayerNorm when only the MatMuls
+    read it, else one Mul feeds them and the residual still reads the unscaled tensor."""
+    reference, calib, x = _layer_norm_model(tmp_path, residual)
+    (want,) = [runtime.create_session(reference, threads=1).run(None, {"x": x})]
+    errors, details = {}, {}
+    for smooth in (False, True):
+        model = reference.clone()
+        config = QuantizeConfig(smooth=smooth, rounding="nearest", outliers=0.0)
+        quantize = QuantizeQDQPass(config, collect_ranges(model, DataSpec(source=str(calib), samples=128), config))
+        assert quantize(model).modified
+        got = runtime.create_session(model, threads=1).run(None, {"x": x})
+        errors[smooth] = max(np.linalg.norm(g - w) / np.linalg.norm(w) for g, w in zip(got, want, strict=True))
+        details[smooth] = (quantize.details, Counter(n.op_type for n in model.graph), model)
+    info, ops, model = details[True]
+    assert info["smoothed"] == 1 and details[False][0]["smoothed"] == 0
+    assert errors[True] < 0.85 * errors[False], errors
+    assert ops["Mul"] == (1 if residual else 0)
+    if residual:
+        add = next(n for n in model.graph if n.op_type == "Add")
+        assert any(v is not None and v.name == "h" for v in add.inputs)  # the residual reads h unscaled
+    # each weight once, in int8: no float copy left behind
+    weights = [v for v in model.graph.initializers.values() if v.const_value.shape == (32, 24)]
+    assert len(weights) == 2 and all(v.dtype == ir.DataType.INT8 for v in weights)
+
+
+def test_smoothquant_gives_inputs_that_share_a_weight_one_scale(tmp_path: Path) -> None:
+    """Two steps of an unrolled decoder read one weight: one scale vector for both inputs, no weight copy."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.2, (16, 8)).astype(np.float32)
+    boost = np.ones(16, np.float32)
+    boost[5] = 40.0
+    nodes = [
+        helper.make_node("Mul", ["a", "boost"], ["a2"]),
+        helper.make_node("Mul", ["b", "boost"], ["b2"]),
+        helper.make_node("MatMul", ["a2", "w"], ["ya"]),
+        helper.make_node("MatMul", ["b2", "w"], ["yb"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "shared",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 16]) for n in ("a", "b")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["n", 8]) for n in ("ya", "yb")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(boost, "boost")],
+    )  # fmt: skip
+    path = tmp_path / "shared.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = io.load_model(path)
+    np.savez(tmp_path / "c.npz", a=rng.standard_normal((64, 16)).astype(np.float32),
+             b=rng.standard_normal((64, 16)).astype(np.float32))  # fmt: skip
+    config = QuantizeConfig(rounding="nearest", outliers=0.0, op_types=("MatMul",))
+    quantize = QuantizeQDQPass(
+        config, collect_ranges(model, DataSpec(source=str(tmp_path / "c.npz"), samples=64), config)
+    )
+    assert quantize(model).modified
+    assert quantize.details["smoothed"] == 2 and len(quantize.details["smoothing"]) == 1
+    assert quantize.details["weights"] == 1
+    matmuls = [n for n in model.graph if n.op_type == "MatMul"]
+    assert matmuls[0].inputs[1] is matmuls[1].inputs[1]
