@@ -97,11 +97,14 @@ class HessianPlan:
     rounding error only within its block. On a real ResNet-18 (malviz-resnet18, 7-bit per-channel weights) this
     cut layers' output error to 21% of round-to-nearest's at ``block=512``, against 7% for whole Hessians, for
     a fraction of the cost: a ``4608 x 4608`` Hessian (a 3x3 conv over 512 channels) is summed and inverted as
-    nine ``512 x 512`` blocks.
+    nine ``512 x 512`` blocks. At most ``rows`` positions are drawn per batch and ``total`` per layer (the
+    first batches': 32 times a block's size), which bounds the cost whatever the amount of calibration data.
     """
 
-    def __init__(self, nodes: Iterable[ir.Node], *, rows: int = 1024, block: int = 512, seed: int = 0) -> None:
-        self.rows, self.block = rows, block
+    def __init__(
+        self, nodes: Iterable[ir.Node], *, rows: int = 1024, total: int = 16384, block: int = 512, seed: int = 0
+    ) -> None:
+        self.rows, self.total, self.block = rows, total, block
         self.readers: dict[str, list[Reader]] = {}
         self.columns: dict[Reader, int] = {}
         for node in nodes:
@@ -135,6 +138,8 @@ class HessianPlan:
 
     def __call__(self, name: str, array: np.ndarray) -> None:
         for r in self.by_input.get(name, ()):
+            if self.counts.get(r, 0) >= self.total:  # enough rows for the blocks: the rest of the data adds cost only
+                continue
             rows = self._rows(np.asarray(array, dtype=np.float32), r)
             if rows is None or rows.shape[2] != self.columns[r]:
                 continue
