@@ -61,6 +61,7 @@ class Float16Pass(ir.passes.InPlacePass):
         # A Constant read only by float32 nodes stays float32: behind a Cast it would stop being a
         # constant to ONNX Runtime (an empty Resize `scales` then reads as given: SLANet).
         half -= {id(n) for n in graph if n.op_type == "Constant" and not _read_in_half(n, half)}
+        moved = _drop_movement_islands(graph, half, self.config.keep_io_types)
         if not half:
             return ir.passes.PassResult(model, modified=False)
         taken: set[str] = set()
@@ -69,7 +70,8 @@ class Float16Pass(ir.passes.InPlacePass):
         converted = self._retype_nodes(graph, half)
         self._insert_boundaries(graph, half, casts)
         self.details = {"float16_nodes": len(half), "float32_nodes": len(graph) - len(half) - casts.count,
-                        "weights_converted": weights, "casts": casts.count, "retyped_values": converted}  # fmt: skip
+                        "weights_converted": weights, "casts": casts.count, "retyped_values": converted,
+                        "movement_kept_float32": moved}  # fmt: skip
         return ir.passes.PassResult(model, modified=True)
 
     def _convertible(self, node: ir.Node) -> bool:
@@ -145,6 +147,48 @@ class Float16Pass(ir.passes.InPlacePass):
         for index, value in enumerate(list(graph.outputs)):
             if value.dtype == ir.DataType.FLOAT16 and self.config.keep_io_types and id(value) in self._float_outputs:
                 graph.outputs[index] = casts.output(value)
+
+
+# Ops that only move or select values: in float16 they save nothing unless a float16 op is next to them.
+_MOVEMENT = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Slice", "Split", "Gather",
+     "Concat", "Expand", "Tile", "Pad"}
+)  # fmt: skip
+
+
+def _drop_movement_islands(graph: ir.Graph, half: set[int], keep_io_types: bool) -> int:
+    """Keep in float32 the data-movement nodes on the edge of a float16 region (repeatedly): with no float16 op
+    on one side, converting them saves no Cast (none on either side: two more), and the float32 side is the
+    exact one. ONNX Runtime 1.31 crashed optimizing a float16 Transpose between a float16 Relu and a Cast into
+    a float32 GRU (nsnet2-16k); with the Transpose in float32 the Cast comes first."""
+
+    def half_side(value: ir.Value | None, producer_side: bool) -> bool:
+        if value is None or value.dtype != ir.DataType.FLOAT:
+            return False
+        if producer_side:
+            producer = value.producer()
+            if producer is None:  # a graph input (float16 unless io types are kept) or an initializer (follows)
+                return value.is_graph_input() and not keep_io_types
+            return id(producer) in half
+        if value.is_graph_output() and not keep_io_types:
+            return True
+        return any(id(use.node) in half and use.node.graph is graph for use in value.uses())
+
+    dropped = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in graph:
+            if id(node) not in half or node.op_type not in _MOVEMENT:
+                continue
+            fed_half = any(half_side(v, True) for v in node.inputs)
+            read_half = any(half_side(v, False) for v in node.outputs)
+            if fed_half and read_half:
+                continue
+            half.discard(id(node))
+            dropped += 1
+            changed = True
+    return dropped
 
 
 def _read_in_half(node: ir.Node, half: set[int]) -> bool:

@@ -97,3 +97,35 @@ def test_constants_read_only_in_float32_stay_constants(tmp_path: Path) -> None:
     saved = io.save_model(model, tmp_path / "out.onnx")
     x = np.random.default_rng(0).standard_normal((1, 2, 4, 4)).astype(np.float32)
     assert runtime.run(runtime.create_session(saved.path), {"x": x})["y"].shape == (2, 4, 8, 8)
+
+
+def test_data_movement_at_the_edge_of_float16_stays_float32(tmp_path: Path) -> None:
+    """A Transpose between a float16 Relu and a float32-only op (Softmax) stays float32: the Cast goes before it,
+    one Cast either way. ONNX Runtime 1.31 crashed on the float16 Transpose before a Cast into a float32 GRU."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0]),
+            helper.make_node("Softmax", ["t"], ["y"], axis=-1),
+        ],
+        "edge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])],
+        [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "w")],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "edge.onnx"))
+    reference = model.clone()
+    fp16 = Float16Pass(Fp16Config())
+    assert fp16(model).modified
+    types = {n.op_type: n.outputs[0].dtype for n in model.graph if n.op_type != "Cast"}
+    assert types == {
+        "MatMul": ir.DataType.FLOAT16, "Relu": ir.DataType.FLOAT16,
+        "Transpose": ir.DataType.FLOAT, "Softmax": ir.DataType.FLOAT,
+    }  # fmt: skip
+    assert fp16.details["casts"] == 2 and fp16.details["movement_kept_float32"] == 1
+    x = rng.standard_normal((4, 8)).astype(np.float32)
+    want = runtime.run(runtime.create_session(reference), {"x": x})["y"]
+    got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+    np.testing.assert_allclose(got, want, atol=2e-3)
