@@ -108,12 +108,12 @@ class Editor:
 
     def _smooth(self, nodes: list[ir.Node]) -> None:
         """SmoothQuant the MatMul inputs where it predicts less int8 error (before outliers and scales)."""
-        if not self.config.smooth or not self.power:
-            return
+        if not self.config.smooth or not self.power or not self.config.per_channel:
+            return  # per-tensor weight scales would absorb the outliers moved into one row
         qmax = affine.qrange(
             self.config.weight_type, symmetric=self.config.weight_symmetric, reduce_range=self.reduce_range
         )[1]
-        skip = self.skipped | {n for n in self.channels if n not in self.ranges}
+        skip = self.skipped | {n for n in self.channels if n not in self.ranges} | set(self.config.tensor_types)
         for plan in quantize_smooth.plan(self.graph, nodes, self.channels, self.power, qmax, skip):
             targets, renamed = quantize_smooth.apply(self.graph, plan, self.values, self.taken)
             for name, target in targets.items():

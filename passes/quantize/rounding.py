@@ -9,9 +9,8 @@ kernels are unchanged; only which integer each weight gets moves.
 
 ``H`` is summed while calibration streams (the same ONNX Runtime pass that observes the
 activation ranges): MatMul/Gemm rows are the input's last axis, a Conv's are its patches
-(:mod:`graphopt.numerics.patches`), one ``K x K`` matrix per group. At most ``rows`` positions
-per batch are drawn from a large feature map, and layers whose Hessians would pass ``budget_mb``
-in all keep round-to-nearest. A layer keeps GPTQ's codes only where its output error is lower.
+(:mod:`graphopt.numerics.patches`), diagonal blocks of at most 512 rows per group (see
+:class:`HessianPlan`). A layer keeps GPTQ's codes only where its output error is lower.
 """
 
 from __future__ import annotations
@@ -143,6 +142,9 @@ class HessianPlan:
             rows = self._rows(np.asarray(array, dtype=np.float32), r)
             if rows is None or rows.shape[2] != self.columns[r]:
                 continue
+            rows = rows[np.isfinite(rows).all(axis=(1, 2)) & (np.abs(rows) < 1e15).all(axis=(1, 2))]
+            if not len(rows):
+                continue
             count, size = blocks_of(rows.shape[2], self.block)
             if count * size != rows.shape[2]:
                 rows = np.pad(rows, ((0, 0), (0, 0), (0, count * size - rows.shape[2])))
@@ -159,13 +161,17 @@ class HessianPlan:
     def hessians(self) -> dict[str, np.ndarray]:
         """``{weight: H [groups * blocks, size, size]}``: the diagonal blocks of the mean over every reader's
         rows (a weight read by several layers sums them all)."""
-        out = {}
+        out: dict[str, np.ndarray] = {}
+        shared: dict[tuple[Reader, ...], np.ndarray] = {}  # Q, K and V read one input: one array for the three
         for weight, readers in self.readers.items():
             if not all(r in self.sums for r in readers) or len({self.sums[r].shape for r in readers}) != 1:
                 continue
             total = sum(self.counts[r] for r in readers)
-            if total:
-                out[weight] = sum(self.sums[r] for r in readers) / np.float32(total)
+            key = tuple(dict.fromkeys(readers))
+            if total and key not in shared:
+                shared[key] = sum(self.sums[r] for r in key) / np.float32(total)
+            if key in shared:
+                out[weight] = shared[key]
         return out
 
 

@@ -79,6 +79,8 @@ def selected_nodes(graph: ir.Graph, config: QuantizeConfig) -> list[ir.Node]:
 def _wanted(node: ir.Node, config: QuantizeConfig) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type not in config.op_types or excluded(node, config):
         return False
+    if node.op_type == "Mul" and _dequantization(node.outputs[0]) is not None:
+        return False  # an arriving weight's dequantization: its reader quantizes the weight itself
     return any(is_float_activation(v) for v in activation_inputs(node))
 
 

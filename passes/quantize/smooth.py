@@ -10,9 +10,11 @@ whose scales are per output channel anyway.
 The exponent ``a`` is chosen per tensor, without running the model again, by the error it predicts:
 uniform rounding noise of the activation's step over ``||W'||^2`` plus each weight column's step
 over ``E[x'^2]``, from the per-channel bounds and mean squares calibration recorded. A tensor is
-smoothed only if that error falls by a fifth. Where every reader of ``x`` is a smoothed MatMul and
-``x`` comes from a LayerNormalization, ``1/s`` goes into its scale and bias (no new op); otherwise a
-``Mul(x, 1/s)`` feeds the smoothed readers and the others read ``x`` as before.
+smoothed only if that error falls by a fifth, and only with per-channel weight scales. Its int8
+range is then the min/max of its scaled per-channel bounds (the outliers ``percentile`` would clip
+are gone). Where every reader of ``x`` is a smoothed MatMul and ``x`` comes from a
+LayerNormalization, ``1/s`` goes into its scale and bias (no new op, the output renamed);
+otherwise a ``Mul(x, 1/s)`` feeds the smoothed readers and the others read ``x`` as before.
 """
 
 from __future__ import annotations
@@ -118,7 +120,10 @@ def plan(
     for names, readers in _components(by_input):
         if not all(name in channels and name in power for name in names):
             continue
-        # every reader of each weight is smoothed with it (else the weight would need a copy)
+        # every reader of each weight is smoothed with it (else the weight would need a copy), in one orientation
+        orientation: dict[str, bool] = {}
+        if any(orientation.setdefault(r.inputs[1].name, edit.trans_b(r)) != edit.trans_b(r) for r in readers):
+            continue
         mine = {id(r) for r in readers}
         if any(use.node is not None and id(use.node) not in mine for r in readers for use in r.inputs[1].uses()):
             continue
@@ -191,6 +196,8 @@ def apply(
     for name in smoothing.names:
         x = values[name]
         if all(id(use.node) in readers for use in x.uses()) and _fold_into_layer_norm(graph, x, inverse, taken):
+            # new values, new name: layer-wise comparison must not match them with the reference's x
+            x.name = edit.unique_name(graph, f"{name}_smoothed", taken)
             targets[name] = x
             continue
         if factor is None:

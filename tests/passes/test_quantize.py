@@ -529,20 +529,22 @@ def test_weights_that_arrive_as_cast_mul_are_quantized_as_weights(tmp_path: Path
     x = rng.standard_normal((64, 16)).astype(np.float32)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=x)
-    config = QuantizeConfig()
-    ranges = collect_ranges(model, DataSpec(source=str(calib), samples=64), config)
-    assert "w" not in ranges  # not calibrated as an activation
-    quantize = QuantizeQDQPass(config, ranges)
-    assert quantize(model).modified and quantize.details["weights"] == 1
-    ops = Counter(n.op_type for n in model.graph)
-    assert ops["Cast"] == 0 and ops["Mul"] == 0 and "codes" not in model.graph.initializers
-    matmul = next(n for n in model.graph if n.op_type == "MatMul")
-    dq = matmul.inputs[1].producer()
-    assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None
-    assert dq.inputs[0].dtype == ir.DataType.INT8 and dq.inputs[1].const_value.shape == (8,)  # per channel
-    expected = x @ (codes.astype(np.float32) * scale)
-    (got,) = runtime.create_session(model, threads=1).run(None, {"x": x})
-    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.03
+    for islands in (True, False):  # islands=False (the latency budget's placement) selects every Mul
+        model = reference.clone()
+        config = QuantizeConfig(smooth=False, islands=islands)
+        ranges = collect_ranges(model, DataSpec(source=str(calib), samples=64), config)
+        assert "w" not in ranges  # not calibrated as an activation
+        quantize = QuantizeQDQPass(config, ranges)
+        assert quantize(model).modified and quantize.details["weights"] == 1
+        ops = Counter(n.op_type for n in model.graph)
+        assert ops["Cast"] == 0 and ops["Mul"] == 0 and "codes" not in model.graph.initializers
+        matmul = next(n for n in model.graph if n.op_type == "MatMul")
+        dq = matmul.inputs[1].producer()
+        assert dq.op_type == "DequantizeLinear" and dq.inputs[0].const_value is not None
+        assert dq.inputs[0].dtype == ir.DataType.INT8 and dq.inputs[1].const_value.shape == (8,)  # per channel
+        expected = x @ (codes.astype(np.float32) * scale)
+        (got,) = runtime.create_session(model, threads=1).run(None, {"x": x})
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.03
 
 
 def _layer_norm_model(tmp_path: Path, residual: bool) -> tuple[ir.Model, Path, np.ndarray]:
@@ -594,9 +596,12 @@ def test_smoothquant_moves_outlier_channels_into_the_weights(tmp_path: Path, res
     assert info["smoothed"] == 1 and details[False][0]["smoothed"] == 0
     assert errors[True] < 0.85 * errors[False], errors
     assert ops["Mul"] == (1 if residual else 0)
+    produced = {out.name for node in model.graph for out in node.outputs}
     if residual:
         add = next(n for n in model.graph if n.op_type == "Add")
         assert any(v is not None and v.name == "h" for v in add.inputs)  # the residual reads h unscaled
+    else:  # folded into the LayerNorm: its output holds other values under a new name (layer-wise matching)
+        assert "h" not in produced and "h_smoothed" in produced
     # each weight once, in int8: no float copy left behind
     weights = [v for v in model.graph.initializers.values() if v.const_value.shape == (32, 24)]
     assert len(weights) == 2 and all(v.dtype == ir.DataType.INT8 for v in weights)
@@ -634,3 +639,22 @@ def test_smoothquant_gives_inputs_that_share_a_weight_one_scale(tmp_path: Path) 
     assert quantize.details["weights"] == 1
     matmuls = [n for n in model.graph if n.op_type == "MatMul"]
     assert matmuls[0].inputs[1] is matmuls[1].inputs[1]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_smoothing_alone_is_exact_in_float(tmp_path: Path, residual: bool) -> None:
+    from graphopt.passes.quantize import smooth as quantize_smooth
+
+    reference, calib, x = _layer_norm_model(tmp_path, residual)
+    model = reference.clone()
+    config = QuantizeConfig(rounding="nearest", outliers=0.0)
+    stats = collect_ranges(model, DataSpec(source=str(calib), samples=128), config)
+    nodes = [n for n in model.graph if n.op_type == "MatMul"]
+    (plan,) = quantize_smooth.plan(model.graph, nodes, stats.channels, stats.power, 63, set())
+    assert plan.scales.max() / plan.scales.min() > 3  # the two large channels are scaled down
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    quantize_smooth.apply(model.graph, plan, values, set())
+    want = runtime.create_session(reference, threads=1).run(None, {"x": x})
+    got = runtime.create_session(model, threads=1).run(None, {"x": x})
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
