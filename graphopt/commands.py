@@ -43,8 +43,11 @@ def _dims(pairs: Sequence[str]) -> dict[str, int]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         digits = value.strip()
-        if not sep or not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
-            raise RecipeError(f"--dim {pair!r}: expected NAME=INT with INT >= 1, e.g. --dim batch=4.")
+        if not sep or not (digits.isascii() and digits.isdigit()):
+            raise RecipeError(
+                f"--dim {pair!r}: expected NAME=INT with INT >= 0, e.g. --dim batch=4 "
+                "(0 for an empty KV cache: --dim past_sequence_length=0)."
+            )
         dims[name.strip()] = int(value)
     return dims
 

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from graphopt import budget as budget_rules
 from graphopt import prober, runtime
 from graphopt.budget import Budget, OutputMetrics
-from graphopt.calibration.sources import Batch, DataSpec, InputSpec, input_specs, iter_batches
+from graphopt.calibration.sources import PAST_PREFIX, Batch, DataSpec, InputSpec, input_specs, iter_batches
 from graphopt.errors import DataError, ModelLoadError, PassError, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ def label_accuracy(
     return correct / len(labels) if len(labels) else 0.0
 
 
-PAST, PRESENT = "past_key_values", "present"  # the KV-cache names of ORT GenAI and Hugging Face exports
+PAST, PRESENT = PAST_PREFIX, "present"  # the KV-cache names of ORT GenAI and Hugging Face exports
 
 
 def decode_feeds(session: ort.InferenceSession, prompt: Batch) -> Batch | None:

@@ -125,11 +125,38 @@ def random_batch(specs: list[InputSpec], rng: np.random.Generator, dims: Mapping
     return feeds
 
 
+PAST_PREFIX = "past_key_values"  # KV-cache inputs of ORT GenAI and Hugging Face decoder exports
+
+
+def cache_dims(specs: list[InputSpec], dims: Mapping[str, int]) -> dict[str, int]:
+    """``dims`` completed for a decoder with a KV cache: an empty past (length 0) and an attention mask as long
+    as past plus new tokens, unless given. Independent sizes do not add up (ONNX Runtime's attention kernels
+    refuse a mask of 32 over 32 new tokens after 32 cached ones)."""
+    out = dict(dims)
+    past = [s for s in specs if s.name.startswith(PAST_PREFIX) and len(s.shape) == 4]
+    if not past:
+        return out
+    past_dim = past[0].shape[2]
+    if isinstance(past_dim, str) and past_dim not in out:
+        out[past_dim] = 0
+    tokens = next((s for s in specs if s.name in ("input_ids", "inputs_embeds") and len(s.shape) >= 2), None)
+    mask = next((s for s in specs if s.name == "attention_mask" and len(s.shape) == 2), None)
+    if tokens is not None and mask is not None:
+        new, total = tokens.shape[1], mask.shape[1]
+        if isinstance(total, str) and total != new and total not in out:
+            new_len = out.get(new, DEFAULT_DIM) if isinstance(new, str) else new
+            past_len = out.get(past_dim, 0) if isinstance(past_dim, str) else past_dim
+            if isinstance(new_len, int) and isinstance(past_len, int):
+                out[total] = new_len + past_len
+    return out
+
+
 def iter_random(
     specs: list[InputSpec], *, seed: int, samples: int, dims: Mapping[str, int], batch_size: int = 1
 ) -> Iterator[Batch]:
     """``samples`` random samples in batches, reproducible from ``seed``."""
     rng = np.random.default_rng(seed)
+    dims = cache_dims(specs, dims)
     for start in range(0, samples, batch_size):
         yield random_batch(specs, rng, dims, min(batch_size, samples - start))
 
