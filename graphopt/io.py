@@ -349,14 +349,46 @@ def save_model(
     with destinations.staging(path.parent) as tmp:
         tmp_path = tmp / path.name
         _write(model, tmp_path, data_name, ir_version, sparse_names, keep_debug_metadata)
+        if data_name is not None:
+            _read_from_written(model, tmp_path)
         _verify_written(tmp_path, model.meta.get(CHECKER_FAILURE))
         if data_name is not None:
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(tmp_path, path)
+    if data_name is not None:
+        ir.external_data.set_base_dir(model.graph, path.parent)
     data_path = path.parent / data_name if data_name else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
     logger.info("saved %s (%d bytes, IR %d, %d sparse initializers)", path, size, ir_version, len(sparse_names))
     return SavedModel(path, data_path, size, ir_version, len(sparse_names))
+
+
+def _read_from_written(model: ir.Model, written: Path) -> None:
+    """Main-graph initializers held in memory now read the data file just written (memory-mapped, same values).
+
+    What a pass made (a large model's quantized weights) is then no longer held twice, in this process and in
+    ONNX Runtime's load of the output that checks it: peak memory is the larger of the two, not their sum. Each
+    tensor is mapped at once, so it stays readable if the write is abandoned and the file removed.
+    """
+    header = onnx.load(str(written), load_external_data=False)
+    for tensor in header.graph.initializer:
+        value = model.graph.initializers.get(tensor.name)
+        if value is None or value.const_value is None or isinstance(value.const_value, ir.ExternalTensor):
+            continue
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or value.const_value.dtype.bitwidth < 8:
+            continue  # inline, or sub-byte codes that onnx_ir unpacks into a new array when mapped
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        mapped = ir.ExternalTensor(
+            info["location"],
+            int(info.get("offset", 0)),
+            int(info["length"]),
+            value.const_value.dtype,
+            shape=value.const_value.shape,
+            name=value.const_value.name or tensor.name,
+            base_dir=written.parent,
+        )
+        mapped.numpy()  # map it now (nothing is read): valid even after the staging folder is gone
+        value.const_value = mapped
 
 
 def _check_sparse_mode(path: Path, sparse: str, data_name: str | None) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -227,3 +228,29 @@ def test_an_onnx_runtime_crash_while_loading_the_output_is_an_error(
     with pytest.raises(graphopt.errors.PassError, match="crashes"):
         io.save_model(model, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_saving_with_external_data_maps_the_written_tensors(tmp_path: Path) -> None:
+    """After a save with external data, in-memory weights read the written file (same values, no second copy in
+    memory), and the model can still be saved again or run."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    src = tmp_path / "src.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    model = io.load_model(src)
+    assert not isinstance(model.graph.initializers["w"].const_value, ir.ExternalTensor)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    io.save_model(model, out, external_data=True)
+    tensor = model.graph.initializers["w"].const_value
+    assert isinstance(tensor, ir.ExternalTensor) and Path(tensor.path) == out.parent / "m.onnx.data"
+    np.testing.assert_array_equal(tensor.numpy(), w)
+    again = tmp_path / "again.onnx"
+    io.save_model(model, again, external_data=False)
+    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(str(again)).graph.initializer[0]), w)
