@@ -7,6 +7,7 @@ a crash or a hang is a row of the table, not the end of the bench. Jobs (``--pas
     default quantize weight_only fp16 prune24 prune_structured   graphopt, lossy: task metric vs fp32
     quantize_nearest quantize_nosmooth            ablations: quantize with round-to-nearest weights (no GPTQ), or
                                                   without SmoothQuant
+    quantize_noverify                             quantize file to file without verification (time, memory)
     ort_s8 ort_u8 ort_u8_ops                      ORT quantize_static QDQ per channel (int8 / uint8 activations,
                                                   uint8 with Conv/MatMul/Gemm only)
 

@@ -30,8 +30,10 @@ from models import zoo  # noqa: E402
 GRAPHOPT_METHODS = ("percentile", "entropy", "mse", "minmax")
 # Ablations (options after the method): what a default is worth, measured in the same run.
 ABLATIONS = {
-    "cnn": ("minmax,islands=false,reduce_range=false",),  # ORT's placement and 8-bit weights
-    "minilm": ("minmax,outliers=0",),  # no float outlier channels
+    # ORT's placement and 8-bit weights; weights rounded to nearest instead of by GPTQ
+    "cnn": ("minmax,islands=false,reduce_range=false", "minmax,rounding=nearest"),
+    # no float outlier channels; no SmoothQuant; weights rounded to nearest instead of by GPTQ
+    "minilm": ("minmax,outliers=0", "minmax,smooth=false", "minmax,rounding=nearest"),
 }
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
 BATCH = {"cnn": 64, "mlp": 64, "transformer": 16, "minilm": 8}

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in filter(None, args.models.split(",")):  # --models "" runs the large model only
             rows.extend(bench_model(name, args.runs, Path(tmp)))
     print(to_markdown(rows))
     large: list[dict[str, object]] = []

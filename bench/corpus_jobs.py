@@ -64,6 +64,9 @@ def _graphopt_recipe(spec: str, calib: list[Feed], feeds: list[Feed]) -> Any:
     # of the first input's axis 0, not the number of feeds: samples=len(feeds) would use only 2 of 32 feeds of
     # 16 windows each. Counting every feed's largest axis 0 lets each feed through.
     calibration = graphopt.DataSpec(source=calib, samples=_axis0_total(calib))
+    if spec == "quantize-noverify":  # file in, file out, like ORT's quantize_static: its time and memory
+        quantize = parse_passes(["quantize:mode=static"])
+        return Recipe(passes=quantize, calibration=calibration, verify=VerifySettings(enabled=False))
     verify_feeds = feeds[:VERIFY_SAMPLES]
     verify_data = graphopt.DataSpec(source=verify_feeds, samples=_axis0_total(verify_feeds))
     if spec == "default":
@@ -178,6 +181,10 @@ TOOLS: dict[str, Tool] = {
     ),
     "quantize_nosmooth": Tool(
         "graphopt quantize (static), smooth=false", "lossy", False, graphopt_tool("quantize:mode=static,smooth=false")
+    ),
+    # the quantize job without graphopt's own verification: time and memory beside ORT quantize_static's
+    "quantize_noverify": Tool(
+        "graphopt quantize (static), no verification", "lossy", False, graphopt_tool("quantize-noverify")
     ),
     "weight_only": Tool("graphopt weight_only", "lossy", False, graphopt_tool("weight_only")),
     "fp16": Tool("graphopt fp16", "lossy", False, graphopt_tool("fp16")),
