@@ -186,7 +186,8 @@ def rounding(rows: list[Row]) -> str:
                 cheap += cost["seconds"] <= 0.5 * ort["seconds"]
         ort_seconds = f"{ort['seconds']:.1f}" if ort and ort.get("seconds") else "–"
         rss = "–"
-        if ort and cost and cost.get("peak_rss_mb") and ort.get("peak_rss_mb"):
+        # rows of runs before the peak was reset per job carry the inputs' loading: not comparable
+        if ort and cost and cost.get("rss_reset") and ort.get("rss_reset"):
             # above what the job's process held before the tool ran (interpreter, inputs)
             mine_mb = cost["peak_rss_mb"] - cost["rss_before_mb"]
             ort_mb = ort["peak_rss_mb"] - ort["rss_before_mb"]

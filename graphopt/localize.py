@@ -137,7 +137,7 @@ def layer_errors(
 def _row(name: str, node: ir.Node, sums: _Sums) -> LayerError:
     if sums.diff_sq == 0:
         sqnr = math.inf
-    elif sums.ref_sq == 0:
+    elif sums.ref_sq == 0 or not math.isfinite(sums.diff_sq):  # nothing to compare with, or the candidate overflowed
         sqnr = -math.inf
     else:
         sqnr = 10.0 * math.log10(sums.ref_sq / sums.diff_sq)

@@ -5,6 +5,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from graphopt import io
 from graphopt.calibration.sources import DataSpec
@@ -54,3 +55,13 @@ def test_models_without_value_info_are_compared_layer_by_layer(tmp_path: Path) -
     QuantizeQDQPass(config, collect_ranges(candidate, data, config))(candidate)
     errors = layer_errors(reference, candidate, data)
     assert len(errors) >= 6 and {e.op_type for e in errors} >= {"Conv", "Relu"}
+
+
+def test_an_overflowed_candidate_tensor_ranks_worst_without_crashing() -> None:
+    """A float16 candidate that overflows where the reference is finite: infinite error, lowest SQNR."""
+    from graphopt.localize import _row, _Sums
+
+    sums = _Sums()
+    sums.add(np.array([1.0, 2.0], np.float32), np.array([np.inf, 2.0], np.float32))
+    node = ir.node("Relu", [ir.Value(name="x")])
+    assert _row("y", node, sums).sqnr_db == -math.inf
