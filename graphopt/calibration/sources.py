@@ -48,6 +48,7 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
     index_bound: int | None = None  # exclusive upper bound when the input indexes a table
+    hints: tuple[tuple[str, int], ...] = ()  # sizes of symbolic dims read off the graph, for generated inputs
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -59,8 +60,29 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         if value.type is None or not isinstance(value.type, ir.TensorType):
             raise DataError(f"input {value.name!r} is not a tensor; graphopt feeds only tensor inputs.")
         dims = tuple(_dim(d) for d in value.shape) if value.shape is not None else ()
-        specs.append(InputSpec(value.name, value.dtype.numpy(), dims, _index_bound(value)))
+        hints: tuple[tuple[str, int], ...] = ()
+        head = _attention_head_size(value) if len(dims) == 4 and isinstance(dims[3], str) else None
+        if head is not None:  # a KV cache's head size the export left symbolic: read it off the attention op
+            hints = ((str(dims[3]), head),)
+        specs.append(InputSpec(value.name, value.dtype.numpy(), dims, _index_bound(value), hints))
     return specs
+
+
+def _attention_head_size(value: ir.Value) -> int | None:
+    """The head size of a past key/value input read by ONNX Runtime's GroupQueryAttention (ORT GenAI's exports):
+    the query's last dimension over the heads it packs (query, and key and value when those inputs are empty)."""
+    for node, index in value.uses():
+        if node.op_type != "GroupQueryAttention" or index not in (3, 4) or not node.inputs or node.inputs[0] is None:
+            continue
+        query = node.inputs[0].shape
+        width = query[-1] if query is not None and len(query) else None
+        heads = node.attributes.get_int("num_heads", 0)
+        packed = len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None
+        if packed:
+            heads += 2 * node.attributes.get_int("kv_num_heads", 0)
+        if isinstance(width, int) and heads > 0 and width % heads == 0:
+            return width // heads
+    return None
 
 
 def _dim(dim: object) -> int | str | None:
@@ -133,6 +155,9 @@ def cache_dims(specs: list[InputSpec], dims: Mapping[str, int]) -> dict[str, int
     as past plus new tokens, unless given. Independent sizes do not add up (ONNX Runtime's attention kernels
     refuse a mask of 32 over 32 new tokens after 32 cached ones)."""
     out = dict(dims)
+    for spec in specs:
+        for name, size in spec.hints:
+            out.setdefault(name, size)
     past = [s for s in specs if s.name.startswith(PAST_PREFIX) and len(s.shape) == 4]
     if not past:
         return out
