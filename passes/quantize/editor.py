@@ -114,7 +114,7 @@ class Editor:
             self.config.weight_type, symmetric=self.config.weight_symmetric, reduce_range=self.reduce_range
         )[1]
         skip = self.skipped | {n for n in self.channels if n not in self.ranges} | set(self.config.tensor_types)
-        for plan in quantize_smooth.plan(self.graph, nodes, self.channels, self.power, qmax, skip):
+        for plan in quantize_smooth.plan(nodes, self.channels, self.power, qmax, skip):
             targets, renamed = quantize_smooth.apply(self.graph, plan, self.values, self.taken)
             for name, target in targets.items():
                 lo, hi = self.channels[name]

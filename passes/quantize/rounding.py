@@ -41,10 +41,10 @@ class Reader:
     geometry: ConvGeometry | None
 
 
-def reader(node: ir.Node) -> Reader | None:
-    """How ``node`` (Conv, MatMul or Gemm with a constant float weight) reads its input; None if GPTQ cannot
-    model it here (3-D convs, auto_pad other than NOTSET/VALID, a transposed Gemm input, a weight that is
-    not 2-D for MatMul/Gemm)."""
+def reader(node: ir.Node) -> tuple[Reader, int] | None:
+    """How ``node`` (Conv, MatMul or Gemm with a constant float weight) reads its input, and ``K`` per group (the
+    weight's rows as ``X @ W`` reads it); None if GPTQ cannot model it here (3-D convs, auto_pad other than
+    NOTSET/VALID, a transposed Gemm input, a weight that is not 2-D for MatMul/Gemm)."""
     x = node.inputs[0] if node.inputs else None
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     array = weight_array(weight)
@@ -54,7 +54,7 @@ def reader(node: ir.Node) -> Reader | None:
     if node.op_type in ("MatMul", "Gemm"):
         if len(shape) != 2 or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
             return None
-        return Reader(x.name, None)
+        return Reader(x.name, None), int(shape[1] if edit.trans_b(node) else shape[0])
     if node.op_type != "Conv" or len(shape) not in (3, 4):
         return None
     kernel = tuple(int(d) for d in shape[2:])
@@ -70,15 +70,7 @@ def reader(node: ir.Node) -> Reader | None:
         dilations=tuple(node.attributes.get_ints("dilations", [1] * rank)),
         group=node.attributes.get_int("group", 1),
     )
-    return Reader(x.name, geometry)
-
-
-def _weight_columns(weight: ir.Value, node: ir.Node) -> int:
-    """``K`` per group: the rows of the weight as ``X @ W`` reads it."""
-    shape = weight_array(weight).shape  # type: ignore[union-attr]
-    if node.op_type == "Conv":
-        return int(np.prod(shape[1:]))
-    return int(shape[1] if edit.trans_b(node) else shape[0])
+    return Reader(x.name, geometry), int(np.prod(shape[1:]))
 
 
 def blocks_of(k: int, block: int) -> tuple[int, int]:
@@ -110,9 +102,8 @@ class HessianPlan:
             found = reader(node)
             if found is None:
                 continue
-            weight = node.inputs[1]
-            self.columns[found] = _weight_columns(weight, node)  # type: ignore[arg-type]
-            self.readers.setdefault(weight.name, []).append(found)  # type: ignore[union-attr]
+            self.columns[found[0]] = found[1]
+            self.readers.setdefault(node.inputs[1].name, []).append(found[0])  # type: ignore[union-attr]
         self.by_input: dict[str, list[Reader]] = {}
         for r in self.columns:
             self.by_input.setdefault(r.input, []).append(r)

@@ -103,7 +103,6 @@ def _components(by_input: dict[str, list[ir.Node]]) -> list[tuple[list[str], lis
 
 
 def plan(
-    graph: ir.Graph,
     nodes: Sequence[ir.Node],
     channels: MutableMapping[str, tuple[np.ndarray, np.ndarray]],
     power: MutableMapping[str, np.ndarray],
@@ -127,7 +126,8 @@ def plan(
         mine = {id(r) for r in readers}
         if any(use.node is not None and id(use.node) not in mine for r in readers for use in r.inputs[1].uses()):
             continue
-        weights = list({r.inputs[1].name: _rows(r, weight_array(r.inputs[1])) for r in readers}.values())  # type: ignore
+        first = {r.inputs[1].name: r for r in readers}  # each weight evaluated once (a Cast·Mul one is computed)
+        weights = [_rows(r, weight_array(r.inputs[1])) for r in first.values()]  # type: ignore[arg-type]
         k = channels[names[0]][0].shape
         if any(channels[n][0].shape != k for n in names) or any(w.ndim != 2 or w.shape[:1] != k for w in weights):
             continue

@@ -650,7 +650,7 @@ def test_smoothing_alone_is_exact_in_float(tmp_path: Path, residual: bool) -> No
     config = QuantizeConfig(rounding="nearest", outliers=0.0)
     stats = collect_ranges(model, DataSpec(source=str(calib), samples=128), config)
     nodes = [n for n in model.graph if n.op_type == "MatMul"]
-    (plan,) = quantize_smooth.plan(model.graph, nodes, stats.channels, stats.power, 63, set())
+    (plan,) = quantize_smooth.plan(nodes, stats.channels, stats.power, 63, set())
     assert plan.scales.max() / plan.scales.min() > 3  # the two large channels are scaled down
     values = {v.name: v for n in model.graph for v in n.outputs}
     quantize_smooth.apply(model.graph, plan, values, set())
