@@ -321,3 +321,34 @@ def test_a_decoder_with_a_kv_cache_gets_its_decode_step_timed(tmp_path: Path) ->
     assert "Decode step (1 token after the verification prompt's KV cache" in shown.getvalue()
     no_cache = graphopt.optimize(toy.save(_lm(width=32), tmp_path / "plain.onnx"), ["weight_only:block_size=16"])
     assert no_cache.report.decode_latency is None
+
+
+def test_the_latency_budget_judges_a_decoders_decode_step_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ratio a latency budget reads is the worse of the prompt's and the decode step's."""
+    from graphopt import runtime
+
+    ids = np.random.default_rng(6).integers(0, 50, (4, 6)).astype(np.int64)
+    data = tmp_path / "tokens.npz"
+    np.savez(data, input_ids=ids, attention_mask=np.ones_like(ids), **{"past_key_values.0": np.zeros((4, 0, 32))})
+    model = io.load_model(toy.save(_cached_lm(), tmp_path / "lm.onnx"))
+    checker = verify.Checker(model, DataSpec(source=str(data)), budget.Budget(), "cpu", 1)
+    timed_feeds = []
+
+    def fake(reference: object, candidate: object, feeds: dict[str, np.ndarray], **_: object) -> dict:
+        timed_feeds.append(feeds["input_ids"].shape[1])
+        prompt = feeds["input_ids"].shape[1] > 1
+        return {
+            "reference": runtime.Latency(2.0 if prompt else 1.0, 0, 0, 1),
+            "optimized": runtime.Latency(1.0 if prompt else 1.5, 0, 0, 1),  # prompt 0.5x, decode step 1.5x
+        }
+
+    monkeypatch.setattr(runtime, "sized_latency", fake)
+    assert checker.latency_ratio(model) == pytest.approx(1.5)
+    assert timed_feeds == [6, 1]  # the prompt, then one token after its cache
+    steps = checker.timed_decode(model, runs=5)  # the budget's timing of this model is the report's
+    assert steps is not None and steps["optimized"].median_ms == 1.5 and timed_feeds == [6, 1]
+    plain = io.load_model(toy.save(_lm(width=32), tmp_path / "plain.onnx"))
+    tokens = tmp_path / "plain.npz"
+    np.savez(tokens, input_ids=ids, attention_mask=np.ones_like(ids))
+    no_cache = verify.Checker(plain, DataSpec(source=str(tokens)), budget.Budget(), "cpu", 1)
+    assert no_cache.latency_ratio(plain) == pytest.approx(0.5)  # no decode step: the prompt alone
