@@ -230,8 +230,14 @@ def variants() -> list[Variant]:
             True,
         ),
     ]
+    # mixed precision: a share of the MatMul parameters at 8 bits, the layers that lose most at 4 bits per parameter
+    rows.append(Variant("graphopt rtn mixed_share=0.25, int4 b128", "fp32", "graphopt", 128, ",mixed_share=0.25"))
+    for share in (0.1, 0.25):
+        for block in (32, 128):
+            name = f"graphopt gptq mixed_share={share}, int4 b{block}"
+            rows.append(Variant(name, "fp32", "graphopt", block, f",method=gptq,mixed_share={share}", True))
     # decode speed: the LM head quantized too (tied) and int8 activations in the kernel, as ORT GenAI's builder does
-    for options in ("tied=true", "tied=true,embedding_bits=8"):
+    for options in ("tied=true", "tied=true,embedding_bits=8", "tied=true,mixed_share=0.1"):
         name = f"graphopt gptq {options.replace(',', ' ')}, int4 b32, accuracy_level 4"
         rows.append(Variant(name, "fp32", "graphopt", 32, f",method=gptq,{options},accuracy_level=4", True))
     for block in (32, 128):

@@ -180,7 +180,9 @@ def search(
 
     First, with ``recalibrate`` (config -> statistics), the pass's alternatives of equal
     speed (other calibration methods) are tried; the best becomes the starting point, and
-    if it meets the budget nothing stays in float. ``suspects`` (node names, worst first,
+    if it meets the budget nothing stays in float. Then the pass's wider configs (more
+    layers at more bits, :meth:`registry.PassSpec.wider`), least first: the first within
+    budget is kept. ``suspects`` (node names, worst first,
     e.g. from layer-wise SQNR) are tried first. ``latency`` (median ms of each model) picks
     the fastest of equally small solutions. ``produced`` (the step's output as the recipe
     configured it, with sparsity) is what an alternative must compress as well as. Returns
@@ -201,6 +203,13 @@ def search(
             # Float layers on top of the better ranges first; the original ranges if that fails.
             starts.insert(0, (alt_config, alt_statistics, alt_score))
     deadline = time.monotonic() + settings.max_seconds
+    wider = None
+    if spec.wider(starts[0][0]):
+        produced = produced or _produced(spec, config, before, statistics)
+        wider = _wider(spec, starts[0][0], starts[0][1], before, produced, evaluate, result, deadline)
+    if wider is not None:
+        result.changed = _changes(config, wider)
+        return result, wider, starts[0][1]
     for start_config, start_statistics, start_score in starts:
         state = _Search(spec, start_config, before, start_statistics, evaluate, result, deadline)
         try:
@@ -277,6 +286,41 @@ def _better_alternative(
         if score < (best[2] if best else baseline):
             best = (alternative, alt_statistics, score)
     return best
+
+
+def _wider(
+    spec: registry.PassSpec,
+    config: Any,
+    statistics: Any,
+    before: ir.Model,
+    produced: stats.ModelStats,
+    evaluate: Callable[[ir.Model], float],
+    result: FallbackResult,
+    deadline: float,
+) -> Any | None:
+    """The first of the pass's wider configs (more layers at more bits, least first) within budget, or None.
+
+    Every layer stays compressed, so this comes before any layer is left alone: a 4-bit model with a tenth of its
+    weights at 8 bits is smaller than one with a tenth in float, and runs on the same kernels. A wider config that
+    widens nothing more (no layer fits its share) is not run.
+    """
+    seen = {produced.bytes}
+    for wider in spec.wider(config):
+        if time.monotonic() > deadline:
+            return None
+        model = before.clone()
+        spec.apply(model, wider, statistics)
+        size = stats.model_stats(model).bytes
+        if size in seen:
+            continue
+        seen.add(size)
+        score = evaluate(model)
+        result.trials += 1
+        result.alternatives[", ".join(f"{k}={v}" for k, v in _changes(config, wider).items())] = score
+        if score <= 1.0:
+            result.score_after, result.passed = score, True
+            return wider
+    return None
 
 
 def _produced(spec: registry.PassSpec, config: Any, before: ir.Model, statistics: Any) -> stats.ModelStats:

@@ -48,6 +48,9 @@ class Lossy:
         faster: ``config -> [configs]`` that place the same work differently and may run faster
             (quantize every listed op, so that ONNX Runtime fuses more): the latency budget
             times them, re-calibrated and checked for accuracy, before it puts layers back to float.
+        wider: ``config -> [configs]`` that keep every layer compressed but some at more bits (mixed
+            precision), least first: the fallback tries them, in order, after the same-size
+            alternatives and before it leaves any node alone.
         tensors: The config also has ``exclude_tensors`` (activations left unquantized).
         op_types: The config's ``op_types`` narrows which nodes the fallback may leave alone.
         kept: How the report words a node the pass left alone ("in float", "dense").
@@ -55,6 +58,7 @@ class Lossy:
 
     alternatives: str | Callable[[Any], list[Any]] | None = None
     faster: str | Callable[[Any], list[Any]] | None = None
+    wider: str | Callable[[Any], list[Any]] | None = None
     tensors: bool = False
     op_types: bool = False
     kept: str = "in float"
@@ -177,6 +181,12 @@ class PassSpec:
             return []
         return list(resolve(self.lossy.faster)(config))
 
+    def wider(self, config: Any) -> list[Any]:
+        """Configs that store more of the layers at more bits, least first (the fallback tries them in order)."""
+        if self.lossy is None or self.lossy.wider is None:
+            return []
+        return list(resolve(self.lossy.wider)(config))
+
     def with_excluded(self, config: Any, excluded: Sequence[str]) -> Any:
         """``config`` with node names added to ``exclude`` and ``tensor:NAME`` entries to ``exclude_tensors``."""
         if self.lossy is None:
@@ -284,7 +294,11 @@ REGISTRY = Registry(
             f"{_P}.weight_only.quantize:WeightOnlyQuantizePass",
             f"{_P}.weight_only.config:WeightOnlyConfig",
             calibrate=f"{_P}.weight_only.gptq:collect_hessians",
-            lossy=Lossy(f"{_P}.weight_only.config:method_alternatives", op_types=True),
+            lossy=Lossy(
+                f"{_P}.weight_only.config:method_alternatives",
+                wider=f"{_P}.weight_only.config:wider_alternatives",
+                op_types=True,
+            ),
             data="method=gptq (and method=auto, when data is given)",
         ),
     ]

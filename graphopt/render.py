@@ -54,7 +54,7 @@ def render_report(console: Console, report: Report) -> None:
         console.print(
             f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
             f"the budget after {f['trials']} trials; "
-            + "".join(f"re-calibrated with {k}={v}; " for k, v in (f.get("changed") or {}).items())
+            + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items())
             + f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
         )
         if f.get("stopped"):

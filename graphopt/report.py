@@ -132,7 +132,7 @@ class Report:
             lines += [
                 f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
                 f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
-                + (f"re-calibrated with {changed}; " if changed else "")
+                + (f"options changed: {changed}; " if changed else "")
                 + f"nodes left {f.get('kept', 'in float')}: {kept}.",
                 "",
             ]

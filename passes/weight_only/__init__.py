@@ -2,8 +2,9 @@
 
 - ``config.py``: :class:`WeightOnlyConfig` and the same-size alternatives (GPTQ for round-to-nearest)
 - ``layers.py``: which weights are quantized (MatMul/Gemm matrices, embedding tables)
-- ``quantize.py``: :class:`WeightOnlyQuantizePass`; round-to-nearest with clip search
+- ``quantize.py``: :class:`WeightOnlyQuantizePass`; round-to-nearest with clip search, mixed 4/8 bits
 - ``gptq.py``: GPTQ's error-compensating rounding on calibrated Hessians
+- ``awq.py``: activation-aware scaling of weight rows (AWQ), folded into what makes each layer input
 - ``lower.py``: the quantized blocks as ORT kernels (MatMulNBits, MatMulBnb4, blocked DQ)
 - ``kernels.py``: which kernel ORT will run for each layer, and why
 """

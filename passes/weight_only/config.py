@@ -82,6 +82,22 @@ class WeightOnlyConfig:
             "With tied: the bits of the tied table and LM head, one copy for both."
         },
     )
+    awq: bool = field(
+        default=False,
+        metadata={
+            "help": "With calibration data (GPTQ's Hessians): scale each layer input's weight rows by its activation "
+            "energy to a power chosen by the predicted output error (AWQ), where 1/s folds exactly into a "
+            "normalization's scale or a gated product's MatMul; then round (GPTQ or to nearest)."
+        },
+    )
+    mixed_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "4-bit int formats: share of the MatMul/Gemm parameters stored at 8 bits instead, the layers "
+            "whose 4-bit rounding loses most of their output per parameter (Hessian-weighted with calibration "
+            "data). The accuracy fallback raises it (0.1, 0.25, 0.5) before it leaves any layer in float."
+        },
+    )
     tied: bool = field(
         default=False,
         metadata={
@@ -103,6 +119,15 @@ class WeightOnlyConfig:
             raise ValueError(f"clip_min must be in (0, 1]; got {self.clip_min}.")
         if self.clip_steps < 1:
             raise ValueError(f"clip_steps must be >= 1; got {self.clip_steps}.")
+        if not 0.0 <= self.mixed_share <= 1.0:
+            raise ValueError(f"mixed_share must be between 0 and 1; got {self.mixed_share}.")
+        if self.mixed_share and (self.bits != 4 or self.format in FLOAT_FORMATS):
+            raise ValueError(
+                "mixed_share stores some 4-bit integer layers at 8 bits; it needs bits: 4 and format "
+                f"matmul_nbits or qdq (got bits {self.bits}, format {self.format!r})."
+            )
+        if self.awq and self.format in FLOAT_FORMATS:
+            raise ValueError(f"awq searches its scales on the integer grid; format {self.format!r} is not one.")
         if self.gptq_damp <= 0:
             raise ValueError(f"gptq_damp must be > 0; got {self.gptq_damp}.")
 
@@ -114,13 +139,19 @@ class WeightOnlyConfig:
     @property
     def without_data(self) -> str:
         """What the pass does differently when no calibration data is given (said before it runs)."""
-        if self.method != "auto":
+        if self.method == "gptq" or (self.method == "rtn" and not self.awq):
             return ""
-        return "weight_only rounds to nearest; give --calib DATA (token windows, for a language model) for GPTQ"
+        wanted = "GPTQ and AWQ" if self.method == "auto" and self.awq else "GPTQ" if self.method == "auto" else "AWQ"
+        return f"weight_only rounds to nearest; give --calib DATA (token windows, for a language model) for {wanted}"
 
     @property
     def uses_hessians(self) -> bool:
-        """Whether calibration Hessians are collected (and GPTQ runs) when data is given."""
+        """Whether calibration Hessians are collected when data is given (for GPTQ, or AWQ's search)."""
+        return self.method in ("gptq", "auto") or self.awq
+
+    @property
+    def runs_gptq(self) -> bool:
+        """Whether GPTQ rounds the weights when Hessians are given."""
         return self.method in ("gptq", "auto")
 
     @property
@@ -155,3 +186,15 @@ class WeightOnlyConfig:
 def method_alternatives(config: WeightOnlyConfig) -> list[WeightOnlyConfig]:
     """GPTQ for round-to-nearest: same format, size and speed, for the accuracy fallback (needs calibration data)."""
     return [replace(config, method="gptq")] if config.method == "rtn" else []
+
+
+# Shares of the MatMul parameters the accuracy fallback stores at 8 bits, tried in order.
+MIXED_SHARES = (0.1, 0.25, 0.5)
+
+
+def wider_alternatives(config: WeightOnlyConfig) -> list[WeightOnlyConfig]:
+    """The same 4-bit config with more of its MatMul parameters at 8 bits (mixed precision), least first: the
+    accuracy fallback tries them before it leaves any layer in float (``[]`` where ``mixed_share`` cannot apply)."""
+    if config.bits != 4 or config.format in FLOAT_FORMATS:
+        return []
+    return [replace(config, mixed_share=share) for share in MIXED_SHARES if share > config.mixed_share]

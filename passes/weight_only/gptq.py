@@ -30,8 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def collect_hessians(model: ir.Model, data: DataSpec | None, config: WeightOnlyConfig) -> dict[str, np.ndarray] | None:
-    """Calibrate ``X^T X / n`` of every quantized MatMul/Gemm input (``method: gptq``, or ``auto`` given data)."""
-    if not config.uses_hessians or (config.method == "auto" and data is None):
+    """Calibrate ``X^T X / n`` of every quantized MatMul/Gemm input (``method: gptq``; ``auto`` or ``awq`` given
+    data)."""
+    if not config.uses_hessians or (config.method != "gptq" and data is None):
         return None
     data = require_data(data, "weight_only")
     layers, _ = plan_layers(model.graph, config)

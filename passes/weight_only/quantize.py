@@ -14,6 +14,7 @@ from graphopt.numerics import gptq as numerics_gptq
 from graphopt.numerics.blocks import IntBlocks, quantize_int_blocks
 from graphopt.numerics.nf4 import Bnb4Blocks, quantize_bnb4
 from graphopt.passes import edit
+from graphopt.passes.weight_only import awq
 from graphopt.passes.weight_only import gptq as gptq_module
 from graphopt.passes.weight_only.config import FLOAT_FORMATS, WeightOnlyConfig
 from graphopt.passes.weight_only.kernels import ort_notes, predict_kernels
@@ -59,10 +60,13 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
     def __init__(self, config: WeightOnlyConfig, hessians: Mapping[str, np.ndarray] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.hessians = dict(hessians or {})
+        self._given = dict(hessians or {})
+        self.hessians = dict(self._given)
         self.details: dict[str, object] = {}
         self._inverses: dict[str, tuple[np.ndarray | None, np.ndarray | None]] = {}
         self._tied: set[str] = set()
+        self._wide: set[str] = set()  # weights stored at 8 bits in a 4-bit model (mixed_share)
+        self._scalings: list[awq.Scaling] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._inverses = {}
@@ -77,6 +81,14 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         tally = _Tally()
         cache: dict[str, IntBlocks | Bnb4Blocks] = {}
         self._tied = {layer.weight.name for layer in layers if layer.via is not None}
+        self._scalings = []
+        self.hessians = dict(self._given)  # AWQ renames and rescales entries: the caller's statistics stay as given
+        if self.config.awq and self.hessians:
+            self._scalings = awq.apply(
+                model.graph, [x for x in layers if x.weight.name not in self._tied], self.hessians, self.config
+            )
+        self._wide = set()
+        self._wide = self._mixed(layers) if self.config.mixed_share else set()
         pending = Counter(self._cache_key(layer) for layer in layers)
         # Readers that share one quantization (a tied table and LM head) take it from the one with calibration
         # statistics: layers with a Hessian go first, so GPTQ rounds the shared weight for the MatMul's output.
@@ -133,7 +145,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         importance = np.diag(hessian).astype(np.float32) if hessian is not None else None
         blocks = self._round(layer, w, importance)
         record: dict[str, object] = {"name": layer.node.name, "weight": layer.weight.name, "shape": [layer.k, layer.n]}
-        if hessian is not None and self.config.uses_hessians:
+        record["bits"] = getattr(blocks, "bits", 4)
+        if hessian is not None and self.config.runs_gptq:
             name = layer.activation.name  # type: ignore[union-attr]
             if name not in self._inverses:  # Q, K and V read one input: one inverse for all three
                 self._inverses[name] = numerics_gptq.prepare(hessian, self.config.gptq_damp, self.config.act_order)
@@ -160,6 +173,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             )
         table = layer.kind == "gather" or layer.weight.name in self._tied  # a tied LM head is the table too
         bits = config.embedding_bits if table and config.embedding_bits else config.bits
+        if layer.weight.name in self._wide:
+            bits = 8
         return quantize_int_blocks(
             w,
             bits,
@@ -170,6 +185,45 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             # a float16 layer's kernels read float16 scales (MatMulNBits' T1 is A's type)
             scale_type="float16" if layer.dtype == ir.DataType.FLOAT16 else config.scale_type,
         )
+
+    def _mixed(self, layers: list[Layer]) -> set[str]:
+        """The MatMul/Gemm weights to store at 8 bits: ``mixed_share`` of their parameters, chosen by how much of
+        its output each layer's 4-bit rounding loses per parameter promoted.
+
+        A layer's loss is ``tr(D^T H D) / tr(W^T H W)`` for the round-to-nearest error ``D`` (the share of its
+        output's energy that 4 bits turn into noise, on the calibration inputs), or ``||D||^2 / ||W||^2`` without
+        a Hessian. 8 bits take that loss to ~1/256 of it, so the weights go by loss over size, largest first, while
+        they fit in the share (a greedy knapsack: small projections with large losses are promoted first). Tied
+        tables keep their own bits (``embedding_bits``).
+        """
+        losses: dict[str, tuple[float, int]] = {}
+        for layer in layers:
+            name = layer.weight.name
+            if layer.kind == "gather" or name in self._tied or name in losses:
+                continue
+            w = _oriented(layer)
+            hessian = self._hessian(layer)
+            importance = np.diag(hessian).astype(np.float32) if hessian is not None else None
+            blocks = self._round(layer, w, importance)
+            losses[name] = (_output_loss(w, blocks, hessian), layer.k * layer.n)
+            del w, blocks
+            tensor = layer.weight.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                _release(tensor)
+        total = sum(size for _, size in losses.values())
+        room = self.config.mixed_share * total
+        wide: set[str] = set()
+        for name, (_, size) in sorted(losses.items(), key=lambda kv: -kv[1][0] / kv[1][1]):
+            if size <= room:
+                wide.add(name)
+                room -= size
+        logger.info(
+            "weight_only: %d of %d weights (%.1f%% of the MatMul parameters) at 8 bits",
+            len(wide),
+            len(losses),
+            100.0 * sum(losses[n][1] for n in wide) / max(total, 1),
+        )
+        return wide
 
     def _summary(
         self, model: ir.Model, lowering: Lowering, tally: _Tally, skipped: dict[str, int], opset_from: int | None
@@ -182,7 +236,8 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "format": self.config.format,
             "bits": self.config.bits,
             "block_size": self.config.default_block,
-            "method": "gptq" if self.hessians and self.config.uses_hessians else "rtn",
+            "method": "gptq" if self.hessians and self.config.runs_gptq else "rtn",
+            "awq": [scaling.to_dict() for scaling in self._scalings] if self.config.awq else None,
             "layers": tally.layers["matmul"],
             "embeddings": tally.layers["embedding"],
             "matmul_params": tally.params["matmul"],
@@ -190,6 +245,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             "bytes_before": bytes_before,
             "bytes_after": lowering.bytes_after,
             "bits_per_param": round(8 * lowering.bytes_after / params, 4) if params else None,
+            "layers_at_8_bits": len(self._wide) if self.config.mixed_share else None,
             "bits_per_param_by_kind": {
                 kind: round(8 * tally.bytes_after[kind] / count, 4) for kind, count in tally.params.items() if count
             },
@@ -230,17 +286,27 @@ def _columns(blocks: IntBlocks | Bnb4Blocks, cols: slice) -> IntBlocks | Bnb4Blo
     return replace(blocks, codes=blocks.codes[:, cols], scales=blocks.scales[:, cols], zero_points=zero)
 
 
-def _relative_error(w: np.ndarray, blocks: IntBlocks | Bnb4Blocks) -> float:
-    """``||w - w'|| / ||w||`` computed a column chunk at a time."""
+def _output_loss(w: np.ndarray, blocks: IntBlocks | Bnb4Blocks, hessian: np.ndarray | None) -> float:
+    """The share of the layer output's energy its quantization error makes: ``tr(D^T H D) / tr(W^T H W)``, or
+    ``||D||^2 / ||W||^2`` without a Hessian (a column chunk at a time)."""
     step = max(1, (1 << 22) // max(w.shape[0], 1))
     num = den = 0.0
     for start in range(0, w.shape[1], step):
         cols = slice(start, start + step)
         ref = np.asarray(w[:, cols], dtype=np.float32)
         diff = _columns(blocks, cols).dequantize() - ref
-        num += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
-        den += float(np.einsum("ij,ij->", ref, ref, dtype=np.float64))
-    return round((num / den) ** 0.5, 6) if den > 0 else 0.0
+        if hessian is None:
+            num += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+            den += float(np.einsum("ij,ij->", ref, ref, dtype=np.float64))
+        else:
+            num += float(np.einsum("kn,kn->", hessian @ diff, diff, dtype=np.float64))
+            den += float(np.einsum("kn,kn->", hessian @ ref, ref, dtype=np.float64))
+    return num / den if den > 0 else 0.0
+
+
+def _relative_error(w: np.ndarray, blocks: IntBlocks | Bnb4Blocks) -> float:
+    """``||w - w'|| / ||w||``."""
+    return round(_output_loss(w, blocks, None) ** 0.5, 6)
 
 
 def _release(tensor: ir.ExternalTensor) -> None:

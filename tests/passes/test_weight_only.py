@@ -627,3 +627,172 @@ def test_embedding_bits_give_the_table_its_own_width(tmp_path: Path) -> None:
     got = runtime.run(runtime.create_session(model), {"ids": ids})["logits"]  # level 4: int8 activations
     expected = np.maximum(table.T[ids], 0) @ table
     np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
+
+
+def _chain(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """x @ W0 @ W1 @ ...: MatMuls of the given weights in a row, named fc0, fc1, ..."""
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"W{i}"], [f"h{i + 1}"], name=f"fc{i}")
+        for i in range(len(weights))
+    ]
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weights[0].shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weights[-1].shape[1]])],
+        [numpy_helper.from_array(w.astype(np.float32), f"W{i}") for i, w in enumerate(weights)],
+    )
+    return toy._model(graph)
+
+
+def test_mixed_share_stores_the_layers_that_lose_most_at_8_bits(tmp_path: Path) -> None:
+    """Three equal layers; the one whose blocks hold outliers loses the most at 4 bits: it alone fits a third."""
+    rng = np.random.default_rng(21)
+    heavy = rng.standard_normal((64, 64)) / 8
+    heavy[rng.random((64, 64)) < 0.03] *= 20  # an outlier in most blocks of 32 stretches their 4-bit step
+    weights = [rng.standard_normal((64, 64)) / 8, heavy, rng.standard_normal((64, 64)) / 8]
+    model = _load(_chain(weights), tmp_path)
+    quantize = WeightOnlyQuantizePass(WeightOnlyConfig(mixed_share=0.34))
+    assert quantize(model).modified
+    bits = {n.name: n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits"}
+    assert bits == {"fc0_MatMulNBits": 4, "fc1_MatMulNBits": 8, "fc2_MatMulNBits": 4}
+    assert quantize.details["layers_at_8_bits"] == 1
+    assert 4.5 < quantize.details["bits_per_param"] < 6.5  # type: ignore[operator]
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    # the 8-bit layer computes its 8-bit weight: compare against numpy on the codes each layer holds
+    clips = WeightOnlyConfig().clip_ratios()
+    approx = [
+        quant_blocks.quantize_int_blocks(
+            w.astype(np.float32), b, 32, symmetric=True, clip_ratios=clips, scale_type="float16"
+        ).dequantize()
+        for w, b in zip(weights, (4, 8, 4), strict=True)
+    ]
+    got = runtime.run(runtime.create_session(model), {"x": x})["y"]
+    expected = x @ approx[0] @ approx[1] @ approx[2]  # the 8-bit layer's kernel takes int8 activations (level 4)
+    np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
+    # none fits a share smaller than one layer: all stay at 4 bits
+    model = _load(_chain(weights), tmp_path, "small.onnx")
+    WeightOnlyQuantizePass(WeightOnlyConfig(mixed_share=0.2))(model)
+    assert {n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits"} == {4}
+
+
+def test_the_fallback_widens_layers_to_8_bits_before_leaving_any_in_float(tmp_path: Path) -> None:
+    rng = np.random.default_rng(22)
+    weights = [rng.standard_normal((64, 64)) / 8 for _ in range(4)]
+    path = toy.save(_chain(weights), tmp_path / "chain.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+
+    def run(options: str, budget: dict[str, float]) -> graphopt.pipeline.Result:
+        recipe = {
+            "passes": [f"weight_only:{options}"],
+            "verify": {"data": str(tmp_path / "x.npz"), "samples": 64, "batch_size": 32, "latency_runs": 0},
+            "budget": budget,
+        }
+        return graphopt.optimize(path, recipe)
+
+    four = run("bits=4", {}).report.verification.outputs[0].rel_l2
+    quarter = run("mixed_share=0.25", {}).report.verification.outputs[0].rel_l2
+    half = run("mixed_share=0.5", {}).report.verification.outputs[0].rel_l2
+    assert half < 0.9 * quarter < 0.9 * four
+    result = run("bits=4", {"max_rel_l2": (quarter + half) / 2})
+    fallback = result.report.fallback
+    assert fallback["passed"] and fallback["float_nodes"] == [] and fallback["changed"] == {"mixed_share": 0.5}
+    # 0.1 widens no layer of four equal ones (each is a quarter): it is not run; 0.25 is and misses
+    assert list(fallback["alternatives"]) == ["mixed_share=0.25", "mixed_share=0.5"]
+    assert result.report.passes[0].details["layers_at_8_bits"] == 2
+    assert "options changed: mixed_share=0.5" in result.report.to_markdown()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mixed_share": 1.5}, "mixed_share must be between 0 and 1; got 1.5."),
+        ({"mixed_share": 0.1, "bits": 8}, "mixed_share stores some 4-bit integer layers at 8 bits"),
+        ({"mixed_share": 0.1, "format": "nf4"}, "it needs bits: 4 and format matmul_nbits or qdq"),
+    ],
+)
+def test_mixed_share_needs_a_4_bit_integer_format(options: dict[str, object], message: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        recipe.make_step("weight_only", options, "recipe")
+    assert message in str(info.value)
+
+
+def _norm_and_gated_mlp(d: int = 64, f: int = 128, seed: int = 23) -> onnx.ModelProto:
+    """LayerNorm -> gate/up MatMuls -> silu(gate) * up -> down MatMul, plus a residual read of the norm's input."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["n"], name="norm", axis=-1),
+            helper.make_node("MatMul", ["n", "Wg"], ["g"], name="gate"),
+            helper.make_node("MatMul", ["n", "Wu"], ["u"], name="up"),
+            helper.make_node("Sigmoid", ["g"], ["sg"], name="sigmoid"),
+            helper.make_node("Mul", ["g", "sg"], ["silu"], name="silu"),
+            helper.make_node("Mul", ["silu", "u"], ["h"], name="gated"),
+            helper.make_node("MatMul", ["h", "Wd"], ["o"], name="down"),
+            helper.make_node("Add", ["x", "o"], ["y"], name="residual"),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", d])],
+        [
+            # a few norm channels far larger than the rest: the activation outliers AWQ protects
+            numpy_helper.from_array(np.where(np.arange(d) % 16 == 0, 30.0, 1.0).astype(np.float32), "gamma"),
+            numpy_helper.from_array((rng.standard_normal(d) / 10).astype(np.float32), "beta"),
+            numpy_helper.from_array((rng.standard_normal((d, f)) / 8).astype(np.float32), "Wg"),
+            numpy_helper.from_array((rng.standard_normal((d, f)) / 8).astype(np.float32), "Wu"),
+            numpy_helper.from_array((rng.standard_normal((f, d)) / 8).astype(np.float32), "Wd"),
+        ],
+    )
+    return toy._model(graph)
+
+
+def test_awq_folds_its_scales_exactly_and_lowers_the_output_error(tmp_path: Path) -> None:
+    from graphopt.passes.weight_only import awq
+
+    rng = np.random.default_rng(24)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    source = _load(_norm_and_gated_mlp(), tmp_path)
+    config = WeightOnlyConfig(awq=True)
+    hessians = collect_hessians(source, DataSpec(source=str(tmp_path / "calib.npz")), config)
+    assert hessians is not None and len(hessians) == 2  # the norm's output (gate, up) and the gated product (down)
+    expected = runtime.run(runtime.create_session(source), {"x": x})["y"]
+
+    # the scaling alone, before any rounding, computes the same function
+    scaled = _load(_norm_and_gated_mlp(), tmp_path, "scaled.onnx")
+    layers, _ = plan_layers(scaled.graph, config)
+    renamed = dict(hessians)
+    done = awq.apply(scaled.graph, layers, renamed, config)
+    assert sorted(s.fold for s in done) == ["matmul", "norm"] and all(s.alpha > 0 for s in done)
+    assert set(renamed) == {"n_awq", "h_awq"}  # scaled tensors renamed, their Hessians with them
+    got = runtime.run(runtime.create_session(scaled), {"x": x})["y"]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)  # exact up to float rounding
+
+    def error(options: dict[str, object]) -> float:
+        model = _load(_norm_and_gated_mlp(), tmp_path, "q.onnx")
+        quantize = WeightOnlyQuantizePass(WeightOnlyConfig(**options), hessians)  # type: ignore[arg-type]
+        assert quantize(model).modified
+        out = runtime.run(runtime.create_session(model), {"x": x})["y"]
+        return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
+
+    assert error({"awq": True}) < 0.9 * error({})  # 0.102 against 0.118 here
+    # the caller's statistics are not changed by the pass (the fallback re-runs it with them)
+    assert set(hessians) == {"n", "h"}
+
+
+def test_awq_leaves_an_input_alone_when_another_op_reads_it(tmp_path: Path) -> None:
+    from graphopt.passes.weight_only import awq
+
+    proto = _norm_and_gated_mlp()
+    proto.graph.node.append(helper.make_node("ReduceMean", ["n"], ["m"], name="probe"))
+    proto.graph.output.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, None))
+    model = _load(proto, tmp_path)
+    rng = np.random.default_rng(25)
+    x = rng.standard_normal((128, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    config = WeightOnlyConfig(awq=True)
+    hessians = collect_hessians(model, DataSpec(source=str(tmp_path / "calib.npz")), config)
+    layers, _ = plan_layers(model.graph, config)
+    done = awq.apply(model.graph, layers, dict(hessians or {}), config)
+    assert [s.activation for s in done] == ["h"]  # the gated product only: ReduceMean reads the norm's output
