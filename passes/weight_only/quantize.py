@@ -193,13 +193,15 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         A layer's loss is ``tr(D^T H D) / tr(W^T H W)`` for the round-to-nearest error ``D`` (the share of its
         output's energy that 4 bits turn into noise, on the calibration inputs), or ``||D||^2 / ||W||^2`` without
         a Hessian. 8 bits take that loss to ~1/256 of it, so the weights go by loss over size, largest first, while
-        they fit in the share (a greedy knapsack: small projections with large losses are promoted first). Tied
-        tables keep their own bits (``embedding_bits``).
+        they fit in the share (a greedy knapsack: small projections with large losses are promoted first). A tied
+        LM head competes like any MatMul (promoted, its table takes 8 bits too: one copy for both); embedding tables
+        otherwise keep their own bits (``embedding_bits``).
         """
         losses: dict[str, tuple[float, int]] = {}
+        tied_bits = self.config.embedding_bits or self.config.bits
         for layer in layers:
             name = layer.weight.name
-            if layer.kind == "gather" or name in self._tied or name in losses:
+            if layer.kind == "gather" or name in losses or (name in self._tied and tied_bits == 8):
                 continue
             w = _oriented(layer)
             hessian = self._hessian(layer)

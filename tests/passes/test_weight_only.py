@@ -796,3 +796,12 @@ def test_awq_leaves_an_input_alone_when_another_op_reads_it(tmp_path: Path) -> N
     layers, _ = plan_layers(model.graph, config)
     done = awq.apply(model.graph, layers, dict(hessians or {}), config)
     assert [s.activation for s in done] == ["h"]  # the gated product only: ReduceMean reads the norm's output
+
+
+def test_a_tied_lm_head_competes_for_8_bits_with_its_table(tmp_path: Path) -> None:
+    model = _load(_tied(), tmp_path)
+    quantize = WeightOnlyQuantizePass(WeightOnlyConfig(tied=True, mixed_share=1.0))
+    assert quantize(model).modified and quantize.details["layers_at_8_bits"] == 1
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert gather.attributes.get_int("bits") == 8 and head.attributes.get_int("bits") == 8  # one copy, both readers
