@@ -236,6 +236,11 @@ def variants() -> list[Variant]:
         for block in (32, 128):
             name = f"graphopt gptq mixed_share={share}, int4 b{block}"
             rows.append(Variant(name, "fp32", "graphopt", block, f",method=gptq,mixed_share={share}", True))
+    # AWQ: activation-aware row scales folded into the norms and gated products, then rounding
+    for method in ("rtn", "gptq"):
+        for block in (32, 128):
+            name = f"graphopt {method} awq, int4 b{block}"
+            rows.append(Variant(name, "fp32", "graphopt", block, f",method={method},awq=true", True))
     # decode speed: the LM head quantized too (tied) and int8 activations in the kernel, as ORT GenAI's builder does
     for options in ("tied=true", "tied=true,embedding_bits=8", "tied=true,mixed_share=0.1"):
         name = f"graphopt gptq {options.replace(',', ' ')}, int4 b32, accuracy_level 4"

@@ -92,6 +92,9 @@ def graphopt_tool(spec: str) -> Callable[[Path, Path, list[Feed], list[Feed], Ro
         verification = result.report.verification
         if verification is not None:
             row["graphopt_verify"] = "passed" if verification.passed else "; ".join(verification.violations)[:200]
+            decided = {o.name: o.decisions for o in verification.outputs if o.decisions is not None}
+            if decided:  # decision outputs: share of verification samples whose decisions stood
+                row["decisions"] = decided
         if result.report.fallback:
             row["float_nodes"] = len(result.report.fallback.get("float_nodes", []))
         speed = result.report.speed

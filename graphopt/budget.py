@@ -21,6 +21,10 @@ class Budget:
         min_cosine: Smallest allowed per-sample cosine similarity (the minimum over samples).
         min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
         min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
+        min_decisions: Smallest allowed share of samples whose class decisions stand, on outputs that are
+            decisions (:func:`graphopt.verify.decision_outputs`: class scores out of a Softmax, ArgMax ids): a
+            sample's decisions stand when at least 99% of its positions keep their arg-max class (every one in
+            a sequence shorter than 100: a CTC line, a short tag sequence, a single label).
         max_perplexity_increase: Largest allowed relative rise of a language model's perplexity on
             the verification tokens (0.1: +10%), for logits ``[batch, sequence, vocabulary]`` of a
             model fed token ids (see :mod:`graphopt.verify`).
@@ -37,6 +41,7 @@ class Budget:
     min_cosine: float | None = None
     min_cosine_mean: float | None = None
     min_top1: float | None = None
+    min_decisions: float | None = None
     max_perplexity_increase: float | None = None
     min_token_top1: float | None = None
     outputs: tuple[str, ...] = ()
@@ -58,6 +63,7 @@ BOUNDS = {
     "min_cosine": (-1.0, 1.0),
     "min_cosine_mean": (-1.0, 1.0),
     "min_top1": (0.0, 1.0),
+    "min_decisions": (0.0, 1.0),
     "max_perplexity_increase": (0.0, math.inf),
     "min_token_top1": (0.0, 1.0),
     "max_latency_ratio": (0.01, 100.0),
@@ -74,6 +80,7 @@ class OutputMetrics:
     cosine_mean: float = 1.0
     cosine_min: float = 1.0
     top1: float | None = None
+    decisions: float | None = None  # decision outputs only: share of samples whose decisions stand
     reference_max_abs: float = 0.0
     # language-model logits only: perplexity of the tokens that follow, and next-token agreement
     tokens: int | None = None
@@ -106,6 +113,7 @@ LIMITS = (
     Limit("min_cosine", "cosine_min", False, "min cosine", ".6f"),
     Limit("min_cosine_mean", "cosine_mean", False, "mean cosine", ".6f"),
     Limit("min_top1", "top1", False, "top-1 agreement", ".4f"),
+    Limit("min_decisions", "decisions", False, "decisions standing", ".4f"),
     Limit("max_perplexity_increase", "perplexity_increase", True, "perplexity increase", "+.2%"),
     Limit("min_token_top1", "token_top1", False, "next-token top-1 agreement", ".4f"),
 )

@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             p.add_argument("reference")
             p.add_argument("candidate")
-            limits = ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1", "--max-perplexity-increase")
-            for flag in (*limits, "--min-token-top1"):
+            limits = ("--max-abs", "--max-rel-l2", "--min-cosine", "--min-top1", "--min-decisions")
+            for flag in (*limits, "--max-perplexity-increase", "--min-token-top1"):
                 p.add_argument(
                     flag,
                     type=_limit(flag[2:].replace("-", "_")),

@@ -253,6 +253,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         max_rel_l2=args.max_rel_l2,
         min_cosine=args.min_cosine,
         min_top1=args.min_top1,
+        min_decisions=args.min_decisions,
         max_perplexity_increase=args.max_perplexity_increase,
         min_token_top1=args.min_token_top1,
     )

@@ -249,6 +249,10 @@ def _float_layers(
     chosen = state.prefix(helpful, settings.max_float_nodes) if helpful else None
     if chosen is None:
         chosen = state.greedy(order, baseline, settings.max_float_nodes, settings.width)
+    if chosen is None and not helpful:
+        # No single layer moves the score: a count (samples whose decisions flipped) moves in steps that several
+        # layers' rounding make together. The ranking's order, layer-wise suspects first, as long a prefix as it takes.
+        chosen = state.prefix(order, settings.max_float_nodes)
     return chosen
 
 

@@ -83,7 +83,7 @@ def render_verification(console: Console, result: VerifyResult) -> None:
     else:
         status = f"{'[green]PASSED[/green]' if result.passed else '[red]FAILED[/red]'} (budget: {result.budget})"
     table = Table(title=f"verification on {result.device}, {result.samples} samples: {status}", title_justify="left")
-    for column in ("output", "max abs", "rel L2", "cosine mean", "cosine min", "top-1"):
+    for column in ("output", "max abs", "rel L2", "cosine mean", "cosine min", "top-1", "decisions"):
         table.add_column(column, justify="left" if column == "output" else "right")
     for o in result.outputs:
         table.add_row(
@@ -93,6 +93,7 @@ def render_verification(console: Console, result: VerifyResult) -> None:
             f"{o.cosine_mean:.6f}",
             f"{o.cosine_min:.6f}",
             f"{o.top1:.4f}" if o.top1 is not None else "–",
+            f"{o.decisions:.4f}" if o.decisions is not None else "–",
         )
     console.print(table)
     for line in filter(None, map(token_summary, result.outputs)):

@@ -165,14 +165,15 @@ class Report:
             )
             lines += [f"Verification on {v.device}, {v.samples} samples: {verdict}", ""]
             lines += [
-                "| output | max abs | rel L2 | cosine mean | cosine min | top-1 |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| output | max abs | rel L2 | cosine mean | cosine min | top-1 | decisions |",
+                "|---|---:|---:|---:|---:|---:|---:|",
             ]
             for o in v.outputs:
                 top1 = f"{o.top1:.4f}" if o.top1 is not None else "–"
+                decisions = f"{o.decisions:.4f}" if o.decisions is not None else "–"
                 lines.append(
                     f"| {o.name} | {o.max_abs:.3g} | {o.rel_l2:.3g} | {o.cosine_mean:.6f} "
-                    f"| {o.cosine_min:.6f} | {top1} |"
+                    f"| {o.cosine_min:.6f} | {top1} | {decisions} |"
                 )
             lines += [f"- {line}" for line in filter(None, map(token_summary, v.outputs))]
             lines += [f"- {violation}" for violation in v.violations]

@@ -41,6 +41,9 @@ class _Accumulator:
     cand_nll: float = 0.0
     token_agree: int = 0
     positions: int = 0
+    kind: str | None = None  # a decision output (decision_outputs): "scores" or "ids"
+    decided: int = 0  # samples whose decisions were compared, and those whose decisions stood
+    stood: int = 0
 
     def add(
         self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray | None = None, mask: np.ndarray | None = None
@@ -66,6 +69,20 @@ class _Accumulator:
             self.classified += r.shape[0]
         if ids is not None and "logit" in self.name.lower() and is_lm_logits(ref, ids):
             self._add_tokens(r, c, ids, mask if mask is not None and mask.shape == ids.shape else None)
+        if self.kind is not None and ref.ndim >= 1:
+            self._add_decisions(ref, cand)
+
+    def _add_decisions(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        """Per sample (axis 0): whether its decisions stand, at least :data:`DECISIONS_KEPT` of its positions
+        keeping their class (the arg-max over the last axis of scores; the values themselves of ids)."""
+        if self.kind == "scores":
+            if ref.ndim < 2 or ref.shape[-1] < 2:
+                return
+            ref, cand = np.argmax(ref, axis=-1), np.argmax(cand, axis=-1)
+        same = (ref == cand).reshape(len(ref), -1) if ref.ndim > 0 else (ref == cand).reshape(1, 1)
+        kept = same.mean(axis=1) if same.shape[1] else np.ones(len(same))
+        self.decided += len(kept)
+        self.stood += int(np.sum(kept >= DECISIONS_KEPT - 1e-12))
 
     def _add_tokens(self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> None:
         """Perplexity of each sequence's next tokens under both models, and where their arg-maxes agree; padding
@@ -91,12 +108,76 @@ class _Accumulator:
             cosine_mean=self.cos_sum / self.rows if self.rows else 1.0,
             cosine_min=self.cos_min,
             top1=self.agree / self.classified if self.classified else None,
+            decisions=self.stood / self.decided if self.decided else None,
             reference_max_abs=self.ref_max,
             tokens=self.tokens or None,
             perplexity=math.exp(self.cand_nll / self.tokens) if self.tokens else None,
             reference_perplexity=math.exp(self.ref_nll / self.tokens) if self.tokens else None,
             token_top1=self.token_agree / self.positions if self.positions and self.tokens else None,
         )
+
+
+# A sample's decisions stand when this share of its positions keep their class: all of them below 100 positions.
+DECISIONS_KEPT = 0.99
+# Ops that move a tensor's data without changing its values: the class axis is followed through them.
+_MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
+
+
+def decision_outputs(model: ir.Model) -> dict[str, str]:
+    """The graph outputs that are class decisions, by kind: "scores" (a Softmax/LogSoftmax's probabilities whose
+    class axis ends up last, so that the arg-max there is the decision) or "ids" (an ArgMax's integers).
+
+    Found through data movement: the class axis is followed through Transposes (their ``perm``); Reshape,
+    Squeeze, Unsqueeze and Flatten are crossed only with the classes last on both sides (the output's last
+    dimension fixed). Logits with no Softmax in the graph (a classifier's Gemm) are not recognized: their top-1
+    is ``min_top1`` (rank-2 outputs).
+    """
+    opset = model.opset_imports.get("", 0)
+    found: dict[str, str] = {}
+    for value in model.graph.outputs:
+        moves: list[ir.Node] = []
+        node = value.producer()
+        while node is not None and node.op_type in _MOVES and node.domain in ("", "ai.onnx") and len(moves) < 4:
+            moves.append(node)
+            source = node.inputs[0] if node.inputs else None
+            node = source.producer() if source is not None else None
+        if node is None or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "ArgMax" and value.dtype in (ir.DataType.INT64, ir.DataType.INT32):
+            found[value.name] = "ids"
+        elif node.op_type in ("Softmax", "LogSoftmax") and _classes_last(node, reversed(moves), value, opset):
+            found[value.name] = "scores"
+    return found
+
+
+def _classes_last(softmax: ir.Node, moves: Iterable[ir.Node], output: ir.Value, opset: int) -> bool:
+    """Whether the Softmax's class axis is ``output``'s last axis after ``moves`` (Softmax first)."""
+    out_shape = output.shape
+    if out_shape is None or len(out_shape) < 2 or not isinstance(out_shape[-1], int) or out_shape[-1] < 2:
+        return False
+    shape = softmax.outputs[0].shape
+    rank = len(shape) if shape is not None else None
+    axis = softmax.attributes.get_int("axis", -1 if opset >= 13 else 1)
+    if opset < 13 and not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return False  # opset < 13 normalizes over every axis from ``axis`` on: per-position classes only if last
+    last = axis == -1 or (rank is not None and axis == rank - 1)
+    for move in moves:
+        if move.op_type == "Transpose":
+            perm = list(move.attributes.get_ints("perm", ()))
+            if not perm:
+                return False
+            rank, position = len(perm), axis if axis >= 0 else len(perm) + axis
+            if not 0 <= position < rank:
+                return False
+            axis = perm.index(position)
+            last = axis == rank - 1
+        elif move.op_type in ("Identity", "Cast"):
+            continue
+        elif not last:  # Reshape, Squeeze, Unsqueeze, Flatten: only with the classes last on both sides
+            return False
+        else:
+            axis, rank = -1, None
+    return last
 
 
 # Names under which models take the token ids their logits score (Hugging Face, ORT GenAI, fairseq); the output
@@ -205,8 +286,10 @@ def compare_sessions(
     *,
     device: str = "cpu",
     budget: Budget | None = None,
+    decisions: dict[str, str] | None = None,
 ) -> VerifyResult:
-    """Run two open sessions on ``batches`` and reduce per-output metrics."""
+    """Run two open sessions on ``batches`` and reduce per-output metrics (``decisions``: the outputs that are
+    class decisions, :func:`decision_outputs`)."""
     ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in ref_names if n not in cand_names]
@@ -216,7 +299,7 @@ def compare_sessions(
     unknown = [name for name in budget.outputs if name not in ref_names]
     if unknown:
         raise RecipeError(f"budget.outputs names {unknown}, which the model does not have; its outputs: {ref_names}.")
-    accumulators = {name: _Accumulator(name) for name in ref_names}
+    accumulators = {name: _Accumulator(name, kind=(decisions or {}).get(name)) for name in ref_names}
     samples = 0
     for batch in batches:
         ref_out = runtime.run(ref_session, batch, ref_names)
@@ -247,11 +330,12 @@ def compare(
     device: str = "cpu",
     budget: Budget | None = None,
     threads: int | None = None,
+    decisions: dict[str, str] | None = None,
 ) -> VerifyResult:
     """Run both models on ``batches`` and reduce per-output metrics."""
     ref_session = runtime.create_session(reference, device, threads=threads)
     cand_session = open_candidate(candidate, device, threads)
-    return compare_sessions(ref_session, cand_session, batches, device=device, budget=budget)
+    return compare_sessions(ref_session, cand_session, batches, device=device, budget=budget, decisions=decisions)
 
 
 def verify_models(
@@ -266,7 +350,8 @@ def verify_models(
     """Verify ``candidate`` against ``reference`` on inputs described by ``data``."""
     _check_same_inputs(reference, candidate)
     batches = iter_batches(data, input_specs(reference))
-    return compare(reference, candidate, batches, device=device, budget=budget, threads=threads)
+    decisions = decision_outputs(reference)
+    return compare(reference, candidate, batches, device=device, budget=budget, threads=threads, decisions=decisions)
 
 
 def _check_same_inputs(reference: ir.Model, candidate: ir.Model) -> None:
@@ -367,6 +452,7 @@ class Checker:
         self.reference, self.data, self.budget, self.device, self.threads = reference, data, budget, device, threads
         self.ref_session = runtime.create_session(reference, device, threads=threads)
         self.specs = input_specs(reference)
+        self.decisions = decision_outputs(reference)
         self._timing_ref: ort.InferenceSession | None = None
         self._timing_cand: tuple[ir.Model, ort.InferenceSession] | None = None
         self._last_timed: tuple[ir.Model, dict[str, runtime.Latency]] | None = None
@@ -387,7 +473,10 @@ class Checker:
                 raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
         session = open_candidate(candidate, self.device, self.threads)
         batches = self._batches()
-        return session, compare_sessions(self.ref_session, session, batches, device=self.device, budget=self.budget)
+        result = compare_sessions(
+            self.ref_session, session, batches, device=self.device, budget=self.budget, decisions=self.decisions
+        )
+        return session, result
 
     def score(self, candidate: ir.Model) -> float:
         """Budget score of ``candidate`` (<= 1: within budget)."""

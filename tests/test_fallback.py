@@ -284,3 +284,25 @@ def test_the_step_that_lost_the_accuracy_is_searched(tmp_path: Path) -> None:
     rel_l2 = run({}).report.verification.outputs[0].rel_l2
     result = run({"max_rel_l2": rel_l2 / 3})
     assert result.report.fallback["pass_name"] == "weight_only" and result.report.verification.passed
+
+
+def test_a_score_that_moves_in_steps_still_finds_its_float_layers(tmp_path: Path) -> None:
+    """Decisions flip back only when three layers are float together: no layer alone helps, and the search takes
+    the shortest prefix of the candidates (suspects first) that meets the budget."""
+    from graphopt import fallback, io
+    from graphopt.passes.quantize import QuantizeConfig
+
+    rng = np.random.default_rng(3)
+    weights = [rng.standard_normal((8, 8)) for _ in range(6)]
+    before = io.load_model(toy.save(toy.matmul_chain(weights), tmp_path / "chain.onnx"))
+    spec = graphopt.registry.PassSpec("tagging", _Tagging, QuantizeConfig, lossy=graphopt.registry.Lossy())
+
+    def evaluate(model: ir.Model) -> float:
+        floats = set(filter(None, model.doc_string.split(",")))
+        return 0.0 if {"fc3", "fc4", "fc5"} <= floats else 3.0  # one flipped sample of 16 against 0.98
+
+    settings = graphopt.recipe.FallbackSettings()
+    result, _, _ = fallback.search(
+        spec, QuantizeConfig(), before, None, evaluate, 3.0, settings, suspects=["fc5", "fc4", "fc3"]
+    )
+    assert result.passed and sorted(result.float_nodes) == ["fc3", "fc4", "fc5"]

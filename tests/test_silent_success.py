@@ -42,7 +42,10 @@ def test_the_report_files_carry_the_warnings_and_say_not_checked(
     data = json.loads((tmp_path / "r.json").read_text())
     assert any(w.startswith("nothing was compressed") for w in data["warnings"])
     markdown = (tmp_path / "r.md").read_text()
-    assert "- nothing was compressed" in markdown and "PASSED (budget: min cosine >= 0.9)" in markdown
+    assert (
+        "- nothing was compressed" in markdown
+        and "PASSED (budget: min cosine >= 0.9; decisions standing >= 0.98)" in markdown
+    )
     (tmp_path / "none.yaml").write_text("passes: [fold]\n")  # no budget: nothing is judged
     args = ["optimize", str(DATA / "digits_cnn.onnx"), "-o", str(tmp_path / "f.onnx"), "--recipe"]
     assert cli.main([*args, str(tmp_path / "none.yaml"), "--report-md", str(tmp_path / "f.md")]) == 0
@@ -52,7 +55,7 @@ def test_the_report_files_carry_the_warnings_and_say_not_checked(
 def test_verify_without_limits_judges_by_the_default_budget(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model = str(DATA / "digits_cnn.onnx")
     code, text = _run(capsys, "verify", model, model)
-    assert code == 0 and "PASSED (budget: min cosine >= 0.9)" in text
+    assert code == 0 and "PASSED (budget: min cosine >= 0.9; decisions standing >= 0.98)" in text
 
 
 def test_metrics_without_a_budget_are_not_called_passed(capsys: pytest.CaptureFixture[str]) -> None:

@@ -352,3 +352,78 @@ def test_the_latency_budget_judges_a_decoders_decode_step_too(tmp_path: Path, mo
     np.savez(tokens, input_ids=ids, attention_mask=np.ones_like(ids))
     no_cache = verify.Checker(plain, DataSpec(source=str(tokens)), budget.Budget(), "cpu", 1)
     assert no_cache.latency_ratio(plain) == pytest.approx(0.5)  # no decode step: the prompt alone
+
+
+def _decider() -> onnx.ModelProto:
+    """Scores of 5 classes per position out of a Softmax moved to the last axis; ids out of an ArgMax; raw logits."""
+    rng = np.random.default_rng(8)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["z"]),
+            helper.make_node("Transpose", ["z"], ["zt"], perm=[0, 2, 1]),
+            helper.make_node("Softmax", ["zt"], ["p"], axis=1),
+            helper.make_node("Transpose", ["p"], ["probs"], perm=[0, 2, 1]),
+            helper.make_node("ArgMax", ["z"], ["ids"], axis=-1, keepdims=0),
+            helper.make_node("Identity", ["z"], ["logits"]),
+        ],
+        "decider",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "time", 4])],
+        [
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", "time", 5]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "time"]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", 5]),
+        ],
+        [numpy_helper.from_array(rng.standard_normal((4, 5)).astype(np.float32), "W")],
+    )
+    return toy._model(graph)
+
+
+def test_decision_outputs_are_found_through_data_movement(tmp_path: Path) -> None:
+    model = io.load_model(toy.save(_decider(), tmp_path / "d.onnx"))
+    # the Softmax's classes (its axis 1, size 5) are the output's last axis after the Transpose; raw logits are not
+    # known to be decisions
+    assert verify.decision_outputs(model) == {"probs": "scores", "ids": "ids"}
+
+
+def test_a_sample_stands_when_99_percent_of_its_positions_keep_their_class() -> None:
+    rng = np.random.default_rng(9)
+    short = rng.standard_normal((4, 10, 5)).astype(np.float32)
+    flipped = short.copy()
+    flipped[1, 3] = -flipped[1, 3]  # one position of sample 1 changes its arg-max
+    acc = verify._Accumulator("probs", kind="scores")
+    acc.add(short, flipped)
+    assert acc.result().decisions == 0.75  # 10 positions: one flip is 90% kept
+    long = rng.standard_normal((2, 200, 5)).astype(np.float32)
+    flipped = long.copy()
+    flipped[0, 7] = -flipped[0, 7]
+    acc = verify._Accumulator("probs", kind="scores")
+    acc.add(long, flipped)
+    assert acc.result().decisions == 1.0  # 199 of 200 kept: a frame-level wobble, the sequence stands
+    ids = np.arange(12).reshape(3, 4)
+    changed = ids.copy()
+    changed[2, 0] = 99
+    acc = verify._Accumulator("ids", kind="ids")
+    acc.add(ids, changed)
+    assert acc.result().decisions == pytest.approx(2 / 3)
+    plain = verify._Accumulator("logits")
+    plain.add(short, short)
+    assert plain.result().decisions is None  # not a decision output: no figure
+
+
+def test_min_decisions_judges_the_decision_outputs(tmp_path: Path) -> None:
+    path = toy.save(_decider(), tmp_path / "d.onnx")
+    model = io.load_model(path)
+    x = np.random.default_rng(10).standard_normal((8, 12, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    noisy = _decider()
+    w = numpy_helper.to_array(noisy.graph.initializer[0])
+    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 0.3 * np.sign(w), "W"))
+    candidate = io.load_model(toy.save(noisy, tmp_path / "noisy.onnx"))
+    spec = DataSpec(source=str(tmp_path / "x.npz"))
+    result = verify.verify_models(model, candidate, spec, budget=budget.Budget(min_decisions=0.98))
+    by_name = {o.name: o for o in result.outputs}
+    assert by_name["logits"].decisions is None and by_name["probs"].decisions is not None
+    assert by_name["probs"].decisions < 0.98 and by_name["ids"].decisions == by_name["probs"].decisions
+    assert any("decisions standing" in v for v in result.violations) and not result.passed
+    same = verify.verify_models(model, model, spec, budget=budget.Budget(min_decisions=0.98))
+    assert same.passed and {o.decisions for o in same.outputs if o.decisions is not None} == {1.0}

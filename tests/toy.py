@@ -247,6 +247,23 @@ def relu_mlp(k: int = 16, hidden: int = 32, n: int = 8, seed: int = 0) -> onnx.M
     return _model(graph)
 
 
+def matmul_chain(weights: list[np.ndarray]) -> onnx.ModelProto:
+    """x @ W0 @ W1 @ ...: MatMuls of the given weights in a row, named fc0, fc1, ..."""
+    nodes = [
+        helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"W{i}"], [f"h{i + 1}"], name=f"fc{i}")
+        for i in range(len(weights))
+    ]
+    nodes[-1].output[0] = "y"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weights[0].shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weights[-1].shape[1]])],
+        [_init(f"W{i}", w.astype(np.float32)) for i, w in enumerate(weights)],
+    )
+    return _model(graph)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path

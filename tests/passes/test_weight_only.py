@@ -629,30 +629,13 @@ def test_embedding_bits_give_the_table_its_own_width(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-2 * np.abs(expected).max())
 
 
-def _chain(weights: list[np.ndarray]) -> onnx.ModelProto:
-    """x @ W0 @ W1 @ ...: MatMuls of the given weights in a row, named fc0, fc1, ..."""
-    nodes = [
-        helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"W{i}"], [f"h{i + 1}"], name=f"fc{i}")
-        for i in range(len(weights))
-    ]
-    nodes[-1].output[0] = "y"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weights[0].shape[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weights[-1].shape[1]])],
-        [numpy_helper.from_array(w.astype(np.float32), f"W{i}") for i, w in enumerate(weights)],
-    )
-    return toy._model(graph)
-
-
 def test_mixed_share_stores_the_layers_that_lose_most_at_8_bits(tmp_path: Path) -> None:
     """Three equal layers; the one whose blocks hold outliers loses the most at 4 bits: it alone fits a third."""
     rng = np.random.default_rng(21)
     heavy = rng.standard_normal((64, 64)) / 8
     heavy[rng.random((64, 64)) < 0.03] *= 20  # an outlier in most blocks of 32 stretches their 4-bit step
     weights = [rng.standard_normal((64, 64)) / 8, heavy, rng.standard_normal((64, 64)) / 8]
-    model = _load(_chain(weights), tmp_path)
+    model = _load(toy.matmul_chain(weights), tmp_path)
     quantize = WeightOnlyQuantizePass(WeightOnlyConfig(mixed_share=0.34))
     assert quantize(model).modified
     bits = {n.name: n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits"}
@@ -672,7 +655,7 @@ def test_mixed_share_stores_the_layers_that_lose_most_at_8_bits(tmp_path: Path) 
     expected = x @ approx[0] @ approx[1] @ approx[2]  # the 8-bit layer's kernel takes int8 activations (level 4)
     np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
     # none fits a share smaller than one layer: all stay at 4 bits
-    model = _load(_chain(weights), tmp_path, "small.onnx")
+    model = _load(toy.matmul_chain(weights), tmp_path, "small.onnx")
     WeightOnlyQuantizePass(WeightOnlyConfig(mixed_share=0.2))(model)
     assert {n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits"} == {4}
 
@@ -680,7 +663,7 @@ def test_mixed_share_stores_the_layers_that_lose_most_at_8_bits(tmp_path: Path) 
 def test_the_fallback_widens_layers_to_8_bits_before_leaving_any_in_float(tmp_path: Path) -> None:
     rng = np.random.default_rng(22)
     weights = [rng.standard_normal((64, 64)) / 8 for _ in range(4)]
-    path = toy.save(_chain(weights), tmp_path / "chain.onnx")
+    path = toy.save(toy.matmul_chain(weights), tmp_path / "chain.onnx")
     np.savez(tmp_path / "x.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
 
     def run(options: str, budget: dict[str, float]) -> graphopt.pipeline.Result:
