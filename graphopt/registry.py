@@ -299,7 +299,7 @@ REGISTRY = Registry(
                 wider=f"{_P}.weight_only.config:wider_alternatives",
                 op_types=True,
             ),
-            data="method=gptq (and method=auto, when data is given)",
+            data="method=gptq (method=auto and awq=true, when data is given)",
         ),
     ]
 )

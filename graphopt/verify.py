@@ -46,7 +46,12 @@ class _Accumulator:
     stood: int = 0
 
     def add(
-        self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray | None = None, mask: np.ndarray | None = None
+        self,
+        ref: np.ndarray,
+        cand: np.ndarray,
+        ids: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+        samples: int | None = None,
     ) -> None:
         if ref.shape != cand.shape:
             raise DataError(f"output {self.name!r}: reference shape {ref.shape} != candidate shape {cand.shape}")
@@ -70,16 +75,24 @@ class _Accumulator:
         if ids is not None and "logit" in self.name.lower() and is_lm_logits(ref, ids):
             self._add_tokens(r, c, ids, mask if mask is not None and mask.shape == ids.shape else None)
         if self.kind is not None and ref.ndim >= 1:
-            self._add_decisions(ref, cand)
+            self._add_decisions(ref, cand, samples or ref.shape[0])
 
-    def _add_decisions(self, ref: np.ndarray, cand: np.ndarray) -> None:
-        """Per sample (axis 0): whether its decisions stand, at least :data:`DECISIONS_KEPT` of its positions
-        keeping their class (the arg-max over the last axis of scores; the values themselves of ids)."""
+    def _add_decisions(self, ref: np.ndarray, cand: np.ndarray, samples: int) -> None:
+        """Per sample: whether its decisions stand, at least :data:`DECISIONS_KEPT` of its positions keeping their
+        class (the arg-max over the last axis of scores; the values themselves of ids).
+
+        The sample axis is the one as long as the batch (axis 0 first: a time-major ``[T, B, C]`` output has it
+        second); an output with none, or several, is one sample whole (a batch folded into positions)."""
         if self.kind == "scores":
             if ref.ndim < 2 or ref.shape[-1] < 2:
                 return
             ref, cand = np.argmax(ref, axis=-1), np.argmax(cand, axis=-1)
-        same = (ref == cand).reshape(len(ref), -1) if ref.ndim > 0 else (ref == cand).reshape(1, 1)
+        same = ref == cand
+        if same.ndim and same.shape[0] == samples:
+            same = same.reshape(samples, -1)
+        else:
+            axes = [a for a in range(same.ndim) if same.shape[a] == samples]
+            same = np.moveaxis(same, axes[0], 0).reshape(samples, -1) if len(axes) == 1 else same.reshape(1, -1)
         kept = same.mean(axis=1) if same.shape[1] else np.ones(len(same))
         self.decided += len(kept)
         self.stood += int(np.sum(kept >= DECISIONS_KEPT - 1e-12))
@@ -128,9 +141,9 @@ def decision_outputs(model: ir.Model) -> dict[str, str]:
     class axis ends up last, so that the arg-max there is the decision) or "ids" (an ArgMax's integers).
 
     Found through data movement: the class axis is followed through Transposes (their ``perm``); Reshape,
-    Squeeze, Unsqueeze and Flatten are crossed only with the classes last on both sides (the output's last
-    dimension fixed). Logits with no Softmax in the graph (a classifier's Gemm) are not recognized: their top-1
-    is ``min_top1`` (rank-2 outputs).
+    Squeeze, Unsqueeze and Flatten are crossed only with the classes last on both sides, their count known
+    from the Softmax's shapes and equal to the output's fixed last dimension. Logits with no Softmax in the graph
+    (a classifier's Gemm) are not recognized: their top-1 is ``min_top1`` (rank-2 outputs).
     """
     opset = model.opset_imports.get("", 0)
     found: dict[str, str] = {}
@@ -161,6 +174,11 @@ def _classes_last(softmax: ir.Node, moves: Iterable[ir.Node], output: ir.Value, 
     if opset < 13 and not (axis == -1 or (rank is not None and axis == rank - 1)):
         return False  # opset < 13 normalizes over every axis from ``axis`` on: per-position classes only if last
     last = axis == -1 or (rank is not None and axis == rank - 1)
+    classes = None  # the class count, where the Softmax's shapes say it
+    for known in (shape, softmax.inputs[0].shape if softmax.inputs and softmax.inputs[0] is not None else None):
+        if known is not None and -len(known) <= axis < len(known) and isinstance(known[axis], int):
+            classes = known[axis]
+            break
     for move in moves:
         if move.op_type == "Transpose":
             perm = list(move.attributes.get_ints("perm", ()))
@@ -173,7 +191,9 @@ def _classes_last(softmax: ir.Node, moves: Iterable[ir.Node], output: ir.Value, 
             last = axis == rank - 1
         elif move.op_type in ("Identity", "Cast"):
             continue
-        elif not last:  # Reshape, Squeeze, Unsqueeze, Flatten: only with the classes last on both sides
+        elif not last or classes != out_shape[-1]:
+            # Reshape, Squeeze, Unsqueeze, Flatten: only with the classes last on both sides, as many as the output's
+            # last dimension (a flattened [B, T * C] is not per-position classes)
             return False
         else:
             axis, rank = -1, None
@@ -308,9 +328,10 @@ def compare_sessions(
         except DataError as exc:  # the reference ran on this batch, so the data is not to blame
             raise PassError(f"the candidate model refuses inputs its reference runs on: {exc}") from exc
         ids, mask = token_ids(batch), batch.get("attention_mask")
+        count = len(next(iter(batch.values()))) if batch else 1
         for name in ref_names:
-            accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]), ids, mask)
-        samples += len(next(iter(batch.values()))) if batch else 1
+            accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]), ids, mask, count)
+        samples += count
     if samples == 0:
         raise DataError("no input batches to verify with; give data with samples in it.")
     metrics = [acc.result() for acc in accumulators.values()]

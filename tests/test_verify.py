@@ -427,3 +427,30 @@ def test_min_decisions_judges_the_decision_outputs(tmp_path: Path) -> None:
     assert any("decisions standing" in v for v in result.violations) and not result.passed
     same = verify.verify_models(model, model, spec, budget=budget.Budget(min_decisions=0.98))
     assert same.passed and {o.decisions for o in same.outputs if o.decisions is not None} == {1.0}
+
+
+def test_decisions_find_the_sample_axis_and_refuse_flattened_classes(tmp_path: Path) -> None:
+    """A time-major [T, B, C] output is judged a text line at a time, not a time step at a time; a Softmax
+    flattened into [B, T * C] is not per-position classes."""
+    rng = np.random.default_rng(11)
+    lines = rng.standard_normal((26, 4, 5)).astype(np.float32)  # 26 steps, 4 samples, 5 classes
+    flipped = lines.copy()
+    flipped[3, 2] = -flipped[3, 2]  # one step of sample 2
+    acc = verify._Accumulator("probs", kind="scores")
+    acc.add(lines, flipped, samples=4)
+    assert acc.result().decisions == 0.75
+    flipped[9, 0] = -flipped[9, 0]  # and one of sample 0: 102 of the 104 positions keep their class
+    folded = verify._Accumulator("probs", kind="scores")  # no axis as long as the batch: one sample whole
+    folded.add(lines.reshape(104, 5), flipped.reshape(104, 5), samples=3)
+    assert folded.result().decisions == 0.0 and folded.decided == 1
+    graph = helper.make_graph(
+        [
+            helper.make_node("Softmax", ["x"], ["p"], axis=-1),
+            helper.make_node("Flatten", ["p"], ["flat"], axis=1),
+        ],
+        "flat",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 7])],
+        [helper.make_tensor_value_info("flat", TensorProto.FLOAT, [2, 35])],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "flat.onnx"))
+    assert verify.decision_outputs(model) == {}

@@ -11,7 +11,8 @@ summed over the layers that read the same input (Q, K and V; gate and up). Round
 clip search stands in for the final rounding while ``a`` is searched.
 
 ``1/s`` has to go into what makes ``x``, so nothing runs at inference that did not before; an input is
-scaled only when that fold is exact and every reader of ``x`` is a scaled layer:
+scaled only when that fold is exact (up to the rounding of the scaled values) and every reader of ``x`` is a
+scaled layer:
 
 - a normalization's scale (and bias): LayerNormalization, SimplifiedLayerNormalization and ONNX Runtime's
   SkipLayerNormalization / SkipSimplifiedLayerNormalization (output 0 only; the residual sum is untouched);
@@ -38,6 +39,7 @@ from graphopt.passes.weight_only.layers import Layer
 logger = logging.getLogger(__name__)
 
 ALPHAS = tuple(round(a, 2) for a in np.linspace(0.0, 1.0, 11))
+S_BOUNDS = (1e-2, 1e2)  # scales kept within this range: float16 weights and scales stay clear of under/overflow
 # normalizations whose output 0 is ``normalized * scale (+ bias)``: index of the scale and of the bias (or None)
 NORMS = {
     ("", "LayerNormalization"): (1, 2),
@@ -81,7 +83,7 @@ def apply(
         own = len(layer.weight.uses()) == 1 and not layer.weight.is_graph_output() and layer.node.graph is graph
         if layer.kind == "matmul" and not layer.transposed and layer.activation is not None and own:
             groups.setdefault(layer.activation.name, []).append(layer)
-    taken = {v.name for v in graph.initializers.values()} | {v.name for n in graph for v in n.outputs if v.name}
+    taken: set[str] = set()  # filled by edit.unique_name on first use: every name of the graph and its bodies
     done = []
     for name, readers in groups.items():
         x = readers[0].activation
@@ -122,12 +124,14 @@ def _search(
     for alpha in ALPHAS:
         s = energy**alpha
         s /= np.sqrt(s.max() * s.min())  # AWQ's normalization: the scales straddle 1
-        s = s.astype(np.float32)
+        s = np.clip(s, *S_BOUNDS).astype(np.float32)
         total = 0.0
         for layer, w in zip(readers, weights, strict=True):
             block = config.block_for(layer.k)
             scaled = w * s[:, None]
-            grid = quantize_int_blocks(scaled, config.bits, block, symmetric=config.symmetric, scale_type="float32")
+            # rounded as the pass will round it: float16 scales (for a float16 layer always) can underflow
+            kind = "float16" if layer.dtype == ir.DataType.FLOAT16 else config.scale_type
+            grid = quantize_int_blocks(scaled, config.bits, block, symmetric=config.symmetric, scale_type=kind)
             total += output_error(w, grid.dequantize() / s[:, None], hessian)
         errors[alpha] = (total, s)
     base = errors[0.0][0]
@@ -160,12 +164,12 @@ def _fold_target(x: ir.Value, channels: int) -> tuple[str, ir.Node, int | None, 
         return None
     norm = NORMS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
     if norm is not None:
-        if node.outputs[0] is not x or not _own_constant(node, norm[0], 1):
+        if node.outputs[0] is not x or not _own_constant(node, norm[0], 1, channels):
             return None
         bias = norm[1] is not None and len(node.inputs) > norm[1] and node.inputs[norm[1]] is not None
-        if bias and not _own_constant(node, norm[1], 1):  # type: ignore[arg-type]
+        if bias and not _own_constant(node, norm[1], 1, channels):  # type: ignore[arg-type]
             return None
-        if node.op_type == "LayerNormalization" and node.attributes.get_int("axis", -1) != -1:
+        if "Skip" not in node.op_type and node.attributes.get_int("axis", -1) != -1:  # normalized over the last axis
             return None
         return ("norm", node, norm[0], norm[1])
     if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or node.inputs[0] is node.inputs[1]:
@@ -178,21 +182,22 @@ def _fold_target(x: ir.Value, channels: int) -> tuple[str, ir.Node, int | None, 
             and matmul.domain in ("", "ai.onnx")
             and len(value.uses()) == 1  # type: ignore[union-attr]
             and not value.is_graph_output()  # type: ignore[union-attr]
-            and _own_constant(matmul, 1, 2)
-            and matmul.inputs[1].const_value.shape[1] == channels  # type: ignore[union-attr]
+            and _own_constant(matmul, 1, 2, channels)
         ):
             return ("matmul", matmul, None, None)
     return None
 
 
-def _own_constant(node: ir.Node, index: int, rank: int) -> bool:
-    """Input ``index`` of ``node`` is a constant float tensor of ``rank`` dims that only this node reads (a
-    normalization's scale or bias: rank 1; a MatMul's B, whose columns can be scaled: rank 2)."""
+def _own_constant(node: ir.Node, index: int, rank: int, channels: int) -> bool:
+    """Input ``index`` of ``node`` is a constant float tensor of ``rank`` dims, ``channels`` along the last, that
+    only this node reads (a normalization's scale or bias: rank 1; a MatMul's B, whose columns can be scaled:
+    rank 2)."""
     value = node.inputs[index] if len(node.inputs) > index else None
     return (
         value is not None
         and value.const_value is not None
         and len(value.const_value.shape) == rank
+        and value.const_value.shape[-1] == channels
         and value.const_value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
         and len(value.uses()) == 1
         and not value.is_graph_output()
