@@ -33,7 +33,7 @@ class Budget:
         outputs: Outputs the budget applies to; empty means all.
         max_latency_ratio: Largest allowed median latency of the output over the input's, timed
             interleaved on the verification device (a whole-model limit: :mod:`graphopt.speed`); for a
-            decoder with a KV cache, the worse of the prompt's ratio and one decode step's.
+            decoder with a KV cache, that of one generation: the prompt, then a decode step per prompt token.
     """
 
     max_abs: float | None = None
