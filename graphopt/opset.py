@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import onnx_ir as ir
-from onnxscript import version_converter
 
 from graphopt import verify
 from graphopt.calibration.sources import Batch
@@ -48,6 +47,8 @@ def wanted_opset(steps: Sequence[Any]) -> int:
 
 def upgrade(model: ir.Model, target: int, batches: Sequence[Batch], device: str) -> tuple[ir.Model, OpsetChange]:
     """``model`` converted to opset ``target`` when ORT computes the same outputs; else ``model`` itself."""
+    from onnxscript import version_converter  # here: importing onnxscript costs ~0.2 s, and few models need it
+
     before = model_opset(model)
     converted = model.clone()
     try:
