@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -423,6 +423,7 @@ def label_accuracy(
     return correct / len(labels) if len(labels) else 0.0
 
 
+Timings = dict[str, runtime.Latency]  # "reference" and "optimized" medians of one interleaved timing
 PAST, PRESENT = PAST_PREFIX, "present"  # the KV-cache names of ORT GenAI and Hugging Face exports
 
 
@@ -522,21 +523,15 @@ class Checker:
         )
         self._last_timed = (candidate, timed)
         ratio = timed["optimized"].median_ms / timed["reference"].median_ms
-        feeds = self._decode_feeds()
-        if feeds is not None:
-            try:
-                steps = runtime.sized_latency(
-                    self._timing_reference(), self._timing_session(candidate), feeds, min_runs=min_runs
-                )
-            except (DataError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
-                logger.warning("the decode step was not timed: ONNX Runtime refused it (%s)", str(exc).splitlines()[0])
-            else:
-                self._last_decode = (candidate, steps)
-                ids = token_ids(self._timing_feeds())
-                n = ids.shape[1] if ids is not None else 1
-                ratio = (timed["optimized"].median_ms + n * steps["optimized"].median_ms) / (
-                    timed["reference"].median_ms + n * steps["reference"].median_ms
-                )
+        steps = self._time_step(
+            candidate, lambda ref, cand, feeds: runtime.sized_latency(ref, cand, feeds, min_runs=min_runs)
+        )
+        if steps is not None:
+            ids = token_ids(self._timing_feeds())
+            n = ids.shape[1] if ids is not None else 1
+            ratio = (timed["optimized"].median_ms + n * steps["optimized"].median_ms) / (
+                timed["reference"].median_ms + n * steps["reference"].median_ms
+            )
         return ratio
 
     def timed(self, candidate: ir.Model, runs: int) -> dict[str, runtime.Latency]:
@@ -551,31 +546,41 @@ class Checker:
         return runtime.interleaved_latency(sessions, self._timing_feeds(), runs=runs)
 
     def timed_decode(self, candidate: ir.Model, runs: int) -> dict[str, runtime.Latency] | None:
-        """A decoder's one-token step after the first verification batch's KV cache, timed like :meth:`timed`;
-        None when the model has no KV cache to feed back (:func:`decode_feeds`) or ORT refuses the step."""
+        """A decoder's one-token step after the first verification batch's KV cache, timed like :meth:`timed`
+        (the latency budget's timing of this same model, when there is one); None when the model has no KV cache
+        to feed back (:func:`decode_feeds`) or ORT refuses the step."""
         if self._last_decode is not None and self._last_decode[0] is candidate:
             return self._last_decode[1]
+        return self._time_step(
+            candidate,
+            lambda ref, cand, feeds: runtime.interleaved_latency(
+                {"reference": ref, "optimized": cand}, feeds, runs=runs
+            ),
+        )
+
+    def _time_step(
+        self, candidate: ir.Model, timer: Callable[[ort.InferenceSession, ort.InferenceSession, Batch], Timings]
+    ) -> Timings | None:
+        """``timer(reference, candidate, feeds)`` on one decode step after the first verification batch's cache,
+        kept for the report; None without a KV cache, or when ONNX Runtime refuses the step (e.g. ORT 1.31 reusing
+        a prompt-sized buffer for one token on a float16 GenAI export). The step's inputs are made once, and the
+        input model runs the step once then: when it refuses, no step is timed again (said once, not per trial)."""
         try:
-            feeds = self._decode_feeds()
+            if self._decode is None:
+                self._decode = (None,)  # until made: a refusal here holds for every candidate
+                feeds = decode_feeds(self._timing_reference(), self._timing_feeds())
+                if feeds is not None:
+                    self._timing_reference().run(None, feeds)
+                self._decode = (feeds,)
+            feeds = self._decode[0]
             if feeds is None:
                 return None
-            sessions = {"reference": self._timing_reference(), "optimized": self._timing_session(candidate)}
-            return runtime.interleaved_latency(sessions, feeds, runs=runs)
+            steps = timer(self._timing_reference(), self._timing_session(candidate), feeds)
         except (DataError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
-            # e.g. ORT 1.31 reusing a prompt-sized buffer for one token on a float16 GenAI export
             logger.warning("the decode step was not timed: ONNX Runtime refused it (%s)", str(exc).splitlines()[0])
             return None
-
-    def _decode_feeds(self) -> Batch | None:
-        """The inputs of one decode step after the first verification batch (:func:`decode_feeds`), made once;
-        None for a model without a KV cache, or when ONNX Runtime refuses the prompt's run that makes them."""
-        if self._decode is None:
-            try:
-                self._decode = (decode_feeds(self._timing_reference(), self._timing_feeds()),)
-            except (DataError, RuntimeError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
-                logger.warning("the decode step was not timed: ONNX Runtime refused it (%s)", str(exc).splitlines()[0])
-                self._decode = (None,)
-        return self._decode[0]
+        self._last_decode = (candidate, steps)
+        return steps
 
     def timing_shapes(self) -> dict[str, list[int]]:
         """The input shapes latency is measured with (the first verification batch)."""

@@ -79,8 +79,9 @@ def gptq(w: np.ndarray, u: np.ndarray, grid: Grid, order: np.ndarray | None = No
     return unpermuted
 
 
-def output_error(w: np.ndarray, approx: np.ndarray, hessian: np.ndarray) -> float:
-    """The layer's mean squared output error ``tr(D^T H D)`` for ``D = w - approx``."""
+def output_error(w: np.ndarray, approx: np.ndarray | float, hessian: np.ndarray) -> float:
+    """The layer's mean squared output error ``tr(D^T H D)`` for ``D = w - approx`` (``approx`` 0: the energy of the
+    layer's own output, ``tr(W^T H W)``)."""
     d = np.asarray(w, dtype=np.float32) - approx
     return float(np.einsum("kn,kn->", hessian @ d, d, dtype=np.float64))
 

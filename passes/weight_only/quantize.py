@@ -87,7 +87,7 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
             self._scalings = awq.apply(
                 model.graph, [x for x in layers if x.weight.name not in self._tied], self.hessians, self.config
             )
-        self._wide = set()
+        self._wide = set()  # empty while _mixed rounds every weight at 4 bits to rank them
         self._wide = self._mixed(layers) if self.config.mixed_share else set()
         pending = Counter(self._cache_key(layer) for layer in layers)
         # Readers that share one quantization (a tied table and LM head) take it from the one with calibration
@@ -301,8 +301,8 @@ def _output_loss(w: np.ndarray, blocks: IntBlocks | Bnb4Blocks, hessian: np.ndar
             num += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
             den += float(np.einsum("ij,ij->", ref, ref, dtype=np.float64))
         else:
-            num += float(np.einsum("kn,kn->", hessian @ diff, diff, dtype=np.float64))
-            den += float(np.einsum("kn,kn->", hessian @ ref, ref, dtype=np.float64))
+            num += numerics_gptq.output_error(diff, 0.0, hessian)
+            den += numerics_gptq.output_error(ref, 0.0, hessian)
     return num / den if den > 0 else 0.0
 
 
