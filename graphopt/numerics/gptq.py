@@ -9,6 +9,7 @@ a row onto them. Rows go in act-order (decreasing ``diag(H)``) when asked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -29,21 +30,41 @@ class Grid(Protocol):
 
 def inverse_cholesky(hessian: np.ndarray, damp: float) -> np.ndarray | None:
     """Upper ``U`` with ``U^T U = (H + damp * mean(diag H) * I)^-1``; None if H stays singular."""
-    h = np.array(hessian, dtype=np.float32)
-    diagonal = np.diag_indices(len(h))
+    u, ok = inverse_cholesky_stack(np.asarray(hessian)[None], damp)
+    return u[0] if ok[0] else None
+
+
+def inverse_cholesky_stack(hessians: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`inverse_cholesky` of each ``H [B, S, S]`` at once: ``(U [B, S, S], ok [B])``, where a block whose
+    Hessian stays singular has ``ok`` False (and an identity ``U``)."""
+    h = np.array(hessians, dtype=np.float32)
+    index = np.arange(h.shape[-1])
     # An input that calibration never saw active carries no information: weigh it like a unit input.
-    dead = h[diagonal] <= 0
-    h[diagonal[0][dead], diagonal[1][dead]] = 1.0
-    mean = float(np.mean(h[diagonal]))
-    for attempt in range(_DAMP_RETRIES):
-        damped = h.copy()
-        damped[diagonal] += np.float32(damp * (10.0**attempt) * mean)
-        try:
-            inverse = np.linalg.inv(damped)
-            return np.linalg.cholesky((inverse + inverse.T) / 2).T
-        except np.linalg.LinAlgError:
-            continue
-    return None
+    diagonal = h[:, index, index]
+    diagonal[diagonal <= 0] = 1.0
+    h[:, index, index] = diagonal
+    mean = diagonal.mean(axis=1)
+    try:  # one LAPACK call per block either way; the stack only saves Python's overhead
+        return _inverse_cholesky(h, index, damp * mean), np.ones(len(h), bool)
+    except np.linalg.LinAlgError:
+        pass
+    u, ok = np.broadcast_to(np.eye(len(index), dtype=np.float32), h.shape).copy(), np.zeros(len(h), bool)
+    for b in range(len(h)):
+        for attempt in range(_DAMP_RETRIES):
+            try:
+                u[b] = _inverse_cholesky(h[b : b + 1], index, damp * (10.0**attempt) * mean[b : b + 1])[0]
+            except np.linalg.LinAlgError:
+                continue
+            ok[b] = True
+            break
+    return u, ok
+
+
+def _inverse_cholesky(h: np.ndarray, index: np.ndarray, added: np.ndarray) -> np.ndarray:
+    damped = h.copy()
+    damped[:, index, index] += added.astype(np.float32)[:, None]
+    inverse = np.linalg.inv(damped)
+    return np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
 
 
 def act_order(hessian: np.ndarray) -> np.ndarray:
@@ -57,26 +78,35 @@ def gptq(w: np.ndarray, u: np.ndarray, grid: Grid, order: np.ndarray | None = No
 
     With ``order`` (a permutation of the rows), rows are quantized in that order and ``u`` must come from the
     Hessian permuted the same way; each row still snaps onto its own block's scale (static groups)."""
-    work = np.array(w if order is None else w[order], dtype=np.float32)
-    rows_of = np.arange(len(work)) if order is None else order
-    rounded = np.empty_like(work)
-    k = len(work)
-    for start in range(0, k, _LAZY_BATCH):
-        end = min(start + _LAZY_BATCH, k)
-        rows = work[start:end].copy()
-        errors = np.empty_like(rows)
-        for i in range(end - start):
-            row = start + i
-            rounded[row] = grid.snap(int(rows_of[row]), rows[i])
-            errors[i] = (rows[i] - rounded[row]) / u[row, row]
-            rows[i + 1 :] -= np.outer(u[row, row + 1 : end], errors[i])
-        # Rows after this lazy batch receive its accumulated update in one product.
-        work[end:] -= u[start:end, end:].T @ errors
+    rows_of = np.arange(len(w)) if order is None else order
+    work = np.asarray(w if order is None else w[order], dtype=np.float32)
+    rounded = gptq_stack(work[None], np.asarray(u)[None], lambda i, v: grid.snap(int(rows_of[i]), v[0])[None])[0]
     if order is None:
         return rounded
     unpermuted = np.empty_like(rounded)
     unpermuted[order] = rounded
     return unpermuted
+
+
+def gptq_stack(w: np.ndarray, u: np.ndarray, snap: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+    """:func:`gptq` of ``B`` independent problems at once (a grouped conv's groups, a weight's Hessian blocks):
+    ``w [B, S, N]`` with its ``U [B, S, S]``, rows in the order given; ``snap(i, values [B, N])`` puts row ``i``
+    of every problem on its grid. The rounded ``[B, S, N]``."""
+    work = np.array(w, dtype=np.float32)
+    rounded = np.empty_like(work)
+    k = work.shape[1]
+    for start in range(0, k, _LAZY_BATCH):
+        end = min(start + _LAZY_BATCH, k)
+        rows = work[:, start:end].copy()
+        errors = np.empty_like(rows)
+        for i in range(end - start):
+            row = start + i
+            rounded[:, row] = snap(row, rows[:, i])
+            errors[:, i] = (rows[:, i] - rounded[:, row]) / u[:, row, row, None]
+            rows[:, i + 1 :] -= u[:, row, row + 1 : end, None] * errors[:, i, None, :]
+        # Rows after this lazy batch receive its accumulated update in one product.
+        work[:, end:] -= np.matmul(u[:, start:end, end:].transpose(0, 2, 1), errors)
+    return rounded
 
 
 def output_error(w: np.ndarray, approx: np.ndarray | float, hessian: np.ndarray) -> float:
@@ -86,8 +116,23 @@ def output_error(w: np.ndarray, approx: np.ndarray | float, hessian: np.ndarray)
     return float(np.einsum("kn,kn->", hessian @ d, d, dtype=np.float64))
 
 
+def output_error_stack(w: np.ndarray, approx: np.ndarray, hessians: np.ndarray) -> np.ndarray:
+    """:func:`output_error` of each of ``B`` problems: ``w``, ``approx`` ``[B, S, N]``, ``hessians [B, S, S]``."""
+    d = np.asarray(w, dtype=np.float32) - approx
+    return np.einsum("bkn,bkn->b", np.matmul(hessians, d), d, dtype=np.float64)
+
+
 def prepare(hessian: np.ndarray, damp: float, ordered: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The row order (None: as stored) and the matching ``U`` of :func:`inverse_cholesky` for one layer input."""
     order = act_order(hessian) if ordered else None
     permuted = hessian if order is None else hessian[np.ix_(order, order)]
     return order, inverse_cholesky(permuted, damp)
+
+
+def prepare_stack(hessians: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`prepare` in act-order for each ``H [B, S, S]``: ``(order [B, S], U [B, S, S], ok [B])``."""
+    index = np.arange(hessians.shape[-1])
+    order = np.argsort(-hessians[:, index, index], axis=1, kind="stable")
+    permuted = np.take_along_axis(np.take_along_axis(hessians, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    u, ok = inverse_cholesky_stack(permuted, damp)
+    return order, u, ok

@@ -42,8 +42,10 @@ class Editor:
         channels: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
         power: Mapping[str, np.ndarray] | None = None,
+        rounded: dict[tuple[object, ...], tuple[np.ndarray, float, float] | None] | None = None,
     ) -> None:
         self.graph, self.config, self.ranges = graph, config, ranges
+        self.rounded = {} if rounded is None else rounded  # GPTQ results by quantize.rounding.memo_key
         self.channels = dict(channels or {})
         self.hessians = dict(hessians or {})
         self.power = dict(power or {})
@@ -248,15 +250,18 @@ class Editor:
         hessian = self.hessians.get(self.hessian_of.get(weight.name, weight.name)) if node is not None else None
         if hessian is not None:
             symmetric = self.config.weight_symmetric
-            found = quantize_rounding.round_weight(
-                array, params, hessian, node, symmetric=symmetric, reduce_range=self.reduce_range
-            )
+            key = quantize_rounding.memo_key(array, params, hessian, node, symmetric, self.reduce_range)
+            if key not in self.rounded:
+                self.rounded[key] = quantize_rounding.round_weight(
+                    array, params, hessian, node, symmetric=symmetric, reduce_range=self.reduce_range
+                )
+            found = self.rounded[key]
             if found is not None:
                 codes, nearest, rounded = found
                 self.output_error["nearest"] += nearest
                 self.output_error["gptq"] += rounded
                 self.counts["gptq_weights"] += 1
-                return codes
+                return codes.copy()  # the memo's array stays the memo's
         return params.quantize(array)
 
     def _bias(self, node: ir.Node, b_index: int | None, w_params: affine.QuantParams) -> None:

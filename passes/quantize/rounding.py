@@ -15,6 +15,7 @@ activation ranges): MatMul/Gemm rows are the input's last axis, a Conv's are its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -166,20 +167,6 @@ class HessianPlan:
         return out
 
 
-class _ChannelGrid:
-    """Per-output-channel (column) scales and zero points fixed; a row of ``W [K, N]`` snaps onto them.
-
-    Weights that were exactly zero (pruned, 2:4) stay zero: GPTQ moves the error of the others, never
-    the sparsity pattern (as SparseGPT's mask)."""
-
-    def __init__(self, scale: np.ndarray, zero: np.ndarray, qmin: int, qmax: int, zeros: np.ndarray) -> None:
-        self.scale, self.zero, self.qmin, self.qmax, self.zeros = scale, zero, qmin, qmax, zeros
-
-    def snap(self, row: int | slice, values: np.ndarray) -> np.ndarray:
-        q = np.clip(np.rint(values / self.scale) + self.zero, self.qmin, self.qmax)
-        return np.where(self.zeros[row], 0.0, (q - self.zero) * self.scale).astype(np.float32)
-
-
 def _as_columns(array: np.ndarray, op_type: str, trans_b: bool, group: int) -> list[np.ndarray]:
     """The weight as ``[K, N]`` matrices, one per group."""
     if op_type == "Conv":
@@ -192,6 +179,21 @@ def _from_columns(mats: list[np.ndarray], op_type: str, trans_b: bool, shape: tu
     if op_type == "Conv":
         return np.concatenate([m.T for m in mats]).reshape(shape)
     return mats[0].T if trans_b else mats[0]
+
+
+def memo_key(
+    array: np.ndarray, params: affine.QuantParams, hessian: np.ndarray, node: ir.Node, *flags: object
+) -> tuple[object, ...]:
+    """What :func:`round_weight`'s result depends on, with the arrays as a digest: the accuracy fallback re-runs the
+    pass dozens of times on one calibration, and a layer's GPTQ codes (fixed scales, fixed Hessian) do not change
+    between trials unless its weight, scales or Hessian did (SmoothQuant rescales both)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (array, params.scale, params.zero_point, hessian):
+        part = np.ascontiguousarray(part)
+        digest.update(f"{part.dtype}{part.shape}".encode())
+        digest.update(part.tobytes())
+    group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+    return (node.op_type, group, edit.trans_b(node), params.qtype, params.axis, *flags, digest.digest())
 
 
 def round_weight(
@@ -220,25 +222,30 @@ def round_weight(
     scale = np.broadcast_to(np.asarray(params.scale, np.float32).reshape(-1), (columns,))
     zero = np.broadcast_to(np.asarray(params.zero_point, np.float32).reshape(-1), (columns,))
     per = columns // group
-    rounded, err_nearest, err_gptq = [], 0.0, 0.0
-    for j, mat in enumerate(mats):
-        cols = slice(j * per, (j + 1) * per) if node.op_type == "Conv" else slice(None)
-        padded = np.pad(mat, ((0, count * size - k), (0, 0)))  # zero rows: on the grid, never moved
-        zeros = padded == 0
-        out = padded.copy()
-        for b in range(count):
-            rows, h = slice(b * size, (b + 1) * size), hessian[j * count + b]
-            grid = _ChannelGrid(scale[cols], zero[cols], qmin, qmax, zeros[rows])
-            out[rows] = grid.snap(slice(None), padded[rows])  # round-to-nearest: every row at once
-            order, u = numerics_gptq.prepare(h, DAMP, True)
-            nearest = out[rows]
-            e_near = numerics_gptq.output_error(padded[rows], nearest, h)
-            candidate = nearest if u is None else numerics_gptq.gptq(padded[rows], u, grid, order)
-            e_gptq = numerics_gptq.output_error(padded[rows], candidate, h)
-            err_nearest += e_near
-            if e_gptq < e_near:
-                out[rows] = candidate
-            err_gptq += min(e_near, e_gptq)
-        rounded.append(out[:k])
+    # every group's every block is one [size, per] problem: [group * count, size, per], solved together
+    padded = np.pad(np.stack(mats), ((0, 0), (0, count * size - k), (0, 0)))  # zero rows: on the grid, never moved
+    padded = padded.reshape(group * count, size, per)
+    scale = np.repeat(scale.reshape(group, 1, per), count, axis=0)
+    zero = np.repeat(zero.reshape(group, 1, per), count, axis=0)
+    # Weights that were exactly zero (pruned, 2:4) stay zero: GPTQ moves the error of the others, never the
+    # sparsity pattern (as SparseGPT's mask).
+    zeros = padded == 0
+
+    def snap(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        q = np.clip(np.rint(values / scale) + zero, qmin, qmax)
+        return np.where(keep, 0.0, (q - zero) * scale).astype(np.float32)
+
+    nearest = snap(padded, scale, zero, zeros)  # round-to-nearest: every row at once
+    order, u, ok = numerics_gptq.prepare_stack(hessian, DAMP)
+    permuted = np.take_along_axis(padded, order[:, :, None], axis=1)
+    zeros_permuted = np.take_along_axis(zeros, order[:, :, None], axis=1)
+    found = numerics_gptq.gptq_stack(permuted, u, lambda i, v: snap(v, scale[:, 0], zero[:, 0], zeros_permuted[:, i]))
+    candidate = np.empty_like(found)
+    np.put_along_axis(candidate, order[:, :, None], found, axis=1)
+    candidate = np.where(ok[:, None, None], candidate, nearest)  # a Hessian that stays singular: nearest
+    e_near = numerics_gptq.output_error_stack(padded, nearest, hessian)
+    e_gptq = numerics_gptq.output_error_stack(padded, candidate, hessian)
+    out = np.where((e_gptq < e_near)[:, None, None], candidate, nearest)  # a block keeps GPTQ's codes if better
+    rounded = list(out.reshape(group, count * size, per)[:, :k])
     values = _from_columns(rounded, node.op_type, trans_b, w.shape)
-    return params.quantize(values), err_nearest, err_gptq
+    return params.quantize(values), float(e_near.sum()), float(np.minimum(e_near, e_gptq).sum())

@@ -208,3 +208,5 @@ class CalibratedRanges(dict[str, Range]):
         self.channels = dict(channels or {})
         self.hessians = dict(hessians or {})
         self.power = dict(power or {})  # per-channel mean of x**2 of the same tensors as channels
+        # GPTQ's codes per weight (see quantize.rounding.memo_key), shared by every run of the pass on these ranges
+        self.rounded: dict[tuple[object, ...], tuple[np.ndarray, float, float] | None] = {}

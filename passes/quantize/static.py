@@ -46,6 +46,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.channels = dict(getattr(ranges, "channels", {}))
         self.hessians = dict(getattr(ranges, "hessians", {}))
         self.power = dict(getattr(ranges, "power", {}))
+        self.rounded = getattr(ranges, "rounded", None)  # not copied: the fallback's trials share it
         self.details: dict[str, object] = {}
         self.notes: list[str] = []
 
@@ -76,7 +77,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
             if pools:
                 infer_types(model)
-        editor = Editor(graph, self.config, self.ranges, self.channels, self.hessians, self.power)
+        editor = Editor(graph, self.config, self.ranges, self.channels, self.hessians, self.power, self.rounded)
         editor.counts["mean_to_pool"] = pools
         editor.run(selected_nodes(graph, self.config))
         self.details = {**editor.summary(), **({"notes": self.notes} if self.notes else {})}

@@ -506,6 +506,68 @@ def test_gptq_rounding_lowers_layer_error_and_keeps_the_integer_range(
     assert verify.label_accuracy(model, {"input": digits["test"]}, digits["labels"]) >= before - 0.005
 
 
+def test_gptq_of_a_grouped_conv_is_each_groups_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grouped conv's groups (and a weight's Hessian blocks) are rounded together as one stack: each group gets
+    the codes it gets as a conv of its own, and a memo hands the same result to a second run."""
+    from graphopt.numerics import affine
+    from graphopt.passes.quantize import rounding
+
+    rng = np.random.default_rng(0)
+    group, per, kernel = 6, 4, (3, 3)
+    w = rng.standard_normal((group * per, 2, *kernel)).astype(np.float32)
+    w[rng.random(w.shape) < 0.1] = 0  # pruned weights stay zero
+    k = 2 * 9
+    x = rng.standard_normal((500, group, k)).astype(np.float32) * rng.uniform(0.1, 3, k).astype(np.float32)
+    hessian = np.einsum("ngk,ngl->gkl", x, x) / len(x)
+
+    def conv(g: int) -> ir.Node:
+        return ir.node("Conv", [ir.Value(name="x"), ir.Value(name="w")], attributes={"group": g})
+
+    params = affine.weight_params(w, "int8", axis=0, symmetric=True, reduce_range=True)
+    codes, nearest, rounded = rounding.round_weight(w, params, hessian, conv(group), symmetric=True, reduce_range=True)
+    assert rounded < nearest
+    for j in range(group):
+        own = affine.QuantParams(params.scale[j * per : (j + 1) * per], params.zero_point[j * per : (j + 1) * per],
+                                 params.qtype, 0)  # fmt: skip
+        alone = rounding.round_weight(
+            w[j * per : (j + 1) * per], own, hessian[j : j + 1], conv(1), symmetric=True, reduce_range=True
+        )
+        np.testing.assert_array_equal(codes[j * per : (j + 1) * per], alone[0])
+    assert np.all(codes[w == 0] == 0)
+    assert rounding.memo_key(w, params, hessian, conv(group), True) == rounding.memo_key(
+        w.copy(), params, hessian.copy(), conv(group), True
+    )
+    assert rounding.memo_key(w, params, hessian * 2, conv(group), True) != rounding.memo_key(
+        w, params, hessian, conv(group), True
+    )
+
+
+def test_the_fallbacks_trials_reuse_gptq_codes(
+    digits: dict[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run of the pass on one calibration (the accuracy fallback's trials) rounds each weight once."""
+    from graphopt.passes.quantize import rounding
+
+    reference = io.load_model(DATA / "digits_cnn.onnx")
+    FoldConstantsPass()(reference)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=digits["calib"])
+    config = QuantizeConfig()
+    ranges = collect_ranges(reference, DataSpec(source=str(calib), samples=64, batch_size=32), config)
+    calls = []
+    original = rounding.round_weight
+    monkeypatch.setattr(rounding, "round_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
+    outputs = []
+    for _ in range(2):
+        model = reference.clone()
+        quantize = QuantizeQDQPass(config, ranges)
+        quantize(model)
+        outputs.append({n: v.const_value.numpy() for n, v in model.graph.initializers.items()})
+    assert len(calls) == quantize.details["gptq_weights"] > 0  # the second run rounded nothing again
+    assert outputs[0].keys() == outputs[1].keys()
+    assert all(np.array_equal(outputs[0][n], outputs[1][n]) for n in outputs[0])
+
+
 def test_weights_that_arrive_as_cast_mul_are_quantized_as_weights(tmp_path: Path) -> None:
     """A weight dequantized in the graph (int8 codes, Cast, Mul by per-column scales: an int8 export) is a weight:
     per-channel int8 through a DequantizeLinear, the Cast·Mul gone, not a per-tensor activation Q/DQ."""
