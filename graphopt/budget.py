@@ -87,6 +87,9 @@ class OutputMetrics:
     perplexity: float | None = None
     reference_perplexity: float | None = None
     token_top1: float | None = None
+    # feeds on which the candidate's output had another shape, of all feeds, and the first pair of shapes:
+    # nothing compares there, so it misses any budget
+    reshaped: tuple[int, int, tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def perplexity_increase(self) -> float | None:
@@ -162,8 +165,11 @@ def checked(metrics: OutputMetrics, budget: Budget) -> Iterable[tuple[Limit, flo
 
 
 def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
-    """One message per limit this output misses."""
+    """One message per limit this output misses (a change of shape misses every budget)."""
     found = []
+    if metrics.reshaped and not (budget.outputs and metrics.name not in budget.outputs):
+        count, feeds, ref, cand = metrics.reshaped
+        found.append(f"output {metrics.name!r}: shape {cand} instead of {ref} on {count} of {feeds} feeds")
     for limit, value, bound in checked(metrics, budget):
         if ratio(limit, value, bound) > 1.0:
             sign = ">" if limit.upper else "<"
@@ -202,5 +208,7 @@ def score(outputs: Iterable[OutputMetrics], budget: Budget) -> float:
     """The worst budget ratio over outputs and limits: <= 1 means within budget."""
     outputs = list(outputs)
     budget = for_outputs(outputs, budget)
+    if any(o.reshaped for o in outputs if not budget.outputs or o.name in budget.outputs):
+        return math.inf
     ratios = (ratio(limit, value, bound) for out in outputs for limit, value, bound in checked(out, budget))
     return max(ratios, default=0.0)

@@ -87,9 +87,14 @@ class _Sums:
 
     def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         r, c = ref.astype(np.float64), cand.astype(np.float64)
-        diff = r - c
-        self.diff_sq += float(np.sum(diff * diff))
-        self.ref_sq += float(np.sum(r * r))
+        with np.errstate(invalid="ignore", over="ignore"):
+            # Equal values (a mask's -inf in both models included) differ by nothing; a value non-finite in one
+            # model only (an overflow, a NaN) differs without bound.
+            same = (r == c) | (np.isnan(r) & np.isnan(c))
+            diff = np.where(same, 0.0, r - c)
+            diff[np.isnan(diff)] = np.inf
+            self.diff_sq += float(np.sum(diff * diff))
+            self.ref_sq += float(np.sum(np.where(np.isfinite(r), r * r, 0.0)))
         self.max_abs = max(self.max_abs, float(np.max(np.abs(diff), initial=0.0)))
 
 

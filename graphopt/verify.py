@@ -18,7 +18,15 @@ import onnxruntime as ort
 from graphopt import budget as budget_rules
 from graphopt import prober, runtime
 from graphopt.budget import Budget, OutputMetrics
-from graphopt.calibration.sources import PAST_PREFIX, Batch, DataSpec, InputSpec, input_specs, iter_batches
+from graphopt.calibration.sources import (
+    PAST_PREFIX,
+    Batch,
+    DataSpec,
+    InputSpec,
+    batch_samples,
+    input_specs,
+    iter_batches,
+)
 from graphopt.errors import DataError, ModelLoadError, PassError, RecipeError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +52,9 @@ class _Accumulator:
     kind: str | None = None  # a decision output (decision_outputs): "scores" or "ids"
     decided: int = 0  # samples whose decisions were compared, and those whose decisions stood
     stood: int = 0
+    feeds: int = 0  # feeds run, and those where the candidate's output had another shape (the first such pair)
+    reshaped: int = 0
+    shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     def add(
         self,
@@ -53,8 +64,11 @@ class _Accumulator:
         mask: np.ndarray | None = None,
         samples: int | None = None,
     ) -> None:
-        if ref.shape != cand.shape:
-            raise DataError(f"output {self.name!r}: reference shape {ref.shape} != candidate shape {cand.shape}")
+        self.feeds += 1
+        if ref.shape != cand.shape:  # e.g. a TTS model's predicted durations moved: no value compares, it fails
+            self.reshaped += 1
+            self.shapes = self.shapes or (tuple(ref.shape), tuple(cand.shape))
+            return
         if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
@@ -127,6 +141,7 @@ class _Accumulator:
             perplexity=math.exp(self.cand_nll / self.tokens) if self.tokens else None,
             reference_perplexity=math.exp(self.ref_nll / self.tokens) if self.tokens else None,
             token_top1=self.token_agree / self.positions if self.positions and self.tokens else None,
+            reshaped=(self.reshaped, self.feeds, *self.shapes) if self.shapes else None,
         )
 
 
@@ -328,7 +343,7 @@ def compare_sessions(
         except DataError as exc:  # the reference ran on this batch, so the data is not to blame
             raise PassError(f"the candidate model refuses inputs its reference runs on: {exc}") from exc
         ids, mask = token_ids(batch), batch.get("attention_mask")
-        count = len(next(iter(batch.values()))) if batch else 1
+        count = batch_samples(batch)
         for name in ref_names:
             accumulators[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]), ids, mask, count)
         samples += count
@@ -467,6 +482,10 @@ def decode_feeds(session: ort.InferenceSession, prompt: Batch) -> Batch | None:
 CACHED_BYTES = 256 * 2**20
 
 
+# Ops whose outputs differ from run to run: a model holding them may not reproduce its own outputs.
+RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
+
+
 class Checker:
     """Verifies candidates against one reference session, opened once for every trial."""
 
@@ -493,12 +512,33 @@ class Checker:
                 prober.probe_load(candidate, self.device)
             except ModelLoadError as exc:
                 raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
+        if probe:
+            self._reproducible()
         session = open_candidate(candidate, self.device, self.threads)
         batches = self._batches()
         result = compare_sessions(
             self.ref_session, session, batches, device=self.device, budget=self.budget, decisions=self.decisions
         )
         return session, result
+
+    def _reproducible(self) -> None:
+        """Refuse a reference whose second run on the first batch misses the budget against its first: no candidate
+        could be judged against it (a sampling model's noise, a TTS model's random durations)."""
+        first = next(iter(self._batches()), None)
+        if first is None:
+            return
+        session = self.ref_session
+        again = compare_sessions(session, session, [first], budget=self.budget, decisions=self.decisions)
+        if again.passed:
+            return
+        graphs = ir.traversal.RecursiveGraphIterator(self.reference.graph)
+        random = sorted({n.op_type for n in graphs if n.op_type in RANDOM_OPS and n.domain in ("", "ai.onnx")})
+        raise DataError(
+            f"the input model does not reproduce its own outputs: run twice on the same inputs, {again.violations[0]}"
+            + (f" (it holds {', '.join(random)})" if random else "")
+            + ". No optimized model can be verified against it. Give inputs that make it deterministic (for a "
+            "sampling model, noise scales of 0), or skip verification (--no-verify)."
+        )
 
     def score(self, candidate: ir.Model) -> float:
         """Budget score of ``candidate`` (<= 1: within budget)."""

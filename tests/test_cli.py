@@ -150,6 +150,14 @@ def test_version_and_help_with_examples(capsys: pytest.CaptureFixture[str]) -> N
     assert "examples:" in text and "graphopt bench model.onnx model.int8.onnx" in text and "exit codes" in text
 
 
+def test_python_dash_m_graphopt_is_the_command() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "graphopt", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("graphopt ")
+
+
 def test_argparse_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["optimize"])

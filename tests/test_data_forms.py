@@ -10,8 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
-from graphopt import cli
+from graphopt import cli, io
 from graphopt.calibration.sources import DataSpec, Replayable, input_specs, iter_batches
+from tests import toy
 
 
 def _text_model(path: Path) -> Path:
@@ -126,3 +127,24 @@ def test_a_calibration_script_is_imported_as_python_runs_it(tmp_path: Path, caps
     )
     code, text = _static(capsys, model, tmp_path / "o.onnx", "--calib-script", f"{tmp_path / 'broken.py'}:feeds")
     assert code == 2 and "the data source failed at feed 1: KeyError" in text and "Traceback" not in text
+
+
+def test_each_file_of_a_per_sample_folder_is_one_sample(tmp_path: Path) -> None:
+    """A graph model fed [nodes, features] with no sample axis: every file is read, each one sample (counting the
+    first input's axis 0 read 1 of 12 files and called it 35 samples)."""
+    from graphopt.calibration.sources import batch_samples
+
+    model = toy.save(toy.relu_mlp(), tmp_path / "m.onnx")
+    folder = tmp_path / "graphs"
+    folder.mkdir()
+    for i in range(12):
+        np.savez(folder / f"{i:03d}.npz", x=np.full((35 + i, 16), i, np.float32))
+    specs = input_specs(io.load_model(model))
+    batches = list(iter_batches(DataSpec(source=folder, samples=10), specs))
+    assert [int(b["x"][0, 0]) for b in batches] == list(range(10))
+    assert all(batch_samples(b) == 1 for b in batches)
+    skipped = list(iter_batches(DataSpec(source=folder, samples=10, skip=10), specs))
+    assert [int(b["x"][0, 0]) for b in skipped] == [10, 11]
+    plan = {"passes": ["fold"], "verify": {"data": str(folder), "samples": 16, "latency_runs": 0}}
+    result = graphopt.optimize(model, plan)
+    assert result.report.verification is not None and result.report.verification.samples == 12

@@ -65,3 +65,26 @@ def test_an_overflowed_candidate_tensor_ranks_worst_without_crashing() -> None:
     sums.add(np.array([1.0, 2.0], np.float32), np.array([np.inf, 2.0], np.float32))
     node = ir.node("Relu", [ir.Value(name="x")])
     assert _row("y", node, sums).sqnr_db == -math.inf
+
+
+def test_a_mask_of_minus_inf_in_both_models_is_no_error() -> None:
+    """An attention mask's -inf is the same in both models: it must not rank as the worst layer (inf - inf is
+    NaN), nor warn; a NaN or an infinity in one model only still ranks worst."""
+    import warnings
+
+    from graphopt.localize import _row, _Sums
+
+    node = ir.node("Where", [ir.Value(name="x")])
+    mask = np.array([0.0, -np.inf, -np.inf, 0.0], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = _Sums()
+        same.add(mask, mask.copy())
+        moved = _Sums()
+        moved.add(np.array([1.0, -np.inf, 3.0], np.float32), np.array([1.5, -np.inf, 3.0], np.float32))
+        broken = _Sums()
+        broken.add(np.array([1.0, 2.0], np.float32), np.array([np.nan, 2.0], np.float32))
+    assert same.diff_sq == 0 and same.ref_sq == 0  # dropped from the ranking: nothing to compare
+    row = _row("m", node, moved)
+    assert math.isfinite(row.sqnr_db) and row.max_abs == 0.5
+    assert _row("b", node, broken).sqnr_db == -math.inf

@@ -130,6 +130,37 @@ def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:
         list(iter_batches(DataSpec(source=str(tmp_path / "none.npz")), input_specs(model)))
 
 
+def test_an_output_that_changes_shape_misses_any_budget() -> None:
+    """A TTS model whose quantized durations lengthen its audio: no value compares, so the output fails the
+    budget (and the fallback scores it worst) instead of stopping the run as a data error."""
+    acc = verify._Accumulator("audio")
+    acc.add(np.ones((1, 8)), np.ones((1, 8)))
+    acc.add(np.ones((1, 8)), np.ones((1, 9)))
+    metrics = acc.result()
+    assert metrics.reshaped == (1, 2, (1, 8), (1, 9))
+    found = budget.violations(metrics, verify.Budget())
+    assert found == ["output 'audio': shape (1, 9) instead of (1, 8) on 1 of 2 feeds"]
+    assert budget.score([metrics], verify.Budget(min_cosine=0.5)) == float("inf")
+    assert budget.violations(metrics, verify.Budget(outputs=("other",))) == []
+
+
+def test_a_reference_that_does_not_reproduce_itself_is_refused(tmp_path: Path) -> None:
+    """Random ops make the input's own second run differ: no candidate can be judged against it."""
+    graph = helper.make_graph(
+        [helper.make_node("RandomNormalLike", ["x"], ["n"]), helper.make_node("Add", ["x", "n"], ["y"])],
+        "noisy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "noisy.onnx"))
+    checker = verify.Checker(model, DataSpec(samples=2), verify.Budget(min_cosine=0.99), "cpu", None)
+    with pytest.raises(DataError, match=r"does not reproduce its own outputs.*RandomNormalLike.*--no-verify"):
+        checker.check(model.clone(), probe=True)
+    steady = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
+    checker = verify.Checker(steady, DataSpec(samples=2), verify.Budget(max_abs=0), "cpu", None)
+    assert checker.check(steady.clone(), probe=True)[1].passed
+
+
 def test_verify_models_end_to_end(tmp_path: Path) -> None:
     model = io.load_model(toy.save(toy.foldable(), tmp_path / "m.onnx"))
     result = verify.verify_models(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt import runtime
-from graphopt.calibration.sources import DataSpec, input_specs, iter_batches
+from graphopt.calibration.sources import DataSpec, batch_samples, input_specs, iter_batches
 from graphopt.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def stream_activations(
             outputs = runtime.run(session, batch, fetch) if fetch else {}
             for name in group:
                 consume(name, batch[name] if name in batch else outputs[name])
-            samples += len(next(iter(batch.values()))) if batch else 1
+            samples += batch_samples(batch)
         logger.debug("calibration: %d tensors over %d samples", len(group), samples)
     if samples == 0:
         raise DataError("the calibration data has no samples; give at least one batch.")

@@ -28,6 +28,22 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 
+
+class Sample(dict[str, np.ndarray]):
+    """One feed that is one sample whatever its shapes (a file of a per-sample folder): a graph of 35 nodes fed as
+    ``[35, F]`` is one sample, not 35."""
+
+    samples = 1
+
+
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """How many samples ``batch`` holds: one for a :class:`Sample`, else its first input's axis 0 (1 for a scalar)."""
+    if isinstance(batch, Sample):
+        return 1
+    first = next(iter(batch.values()), None)
+    return len(first) if first is not None and np.ndim(first) else 1
+
+
 # Calibration samples used when a data source is given without a count.
 DEFAULT_CALIBRATION_SAMPLES = 128
 # A symbolic dimension past the first with no --dim gets this size in generated inputs (with a warning).
@@ -564,7 +580,7 @@ def iter_batches(data: DataSpec, specs: list[InputSpec]) -> Iterator[Batch]:
     if data.source is None:
         return iter_random(specs, seed=data.seed, samples=data.samples, dims=dims, batch_size=batch_size)
     if isinstance(data.source, (str, os.PathLike)) and is_sample_folder(data.source):
-        return _iter_given(SampleFolder(data.source), specs, data.samples, data.skip)
+        return _iter_given(SampleFolder(data.source), specs, data.samples, data.skip, per_feed=True)
     if isinstance(data.source, (str, os.PathLike, Mapping)):
         # A mapping holds what an .npz does: one array per input, samples along axis 0.
         if isinstance(data.source, Mapping):
@@ -590,13 +606,21 @@ def _lone_array(arrays: dict[str, np.ndarray], path: Path, specs: list[InputSpec
 
 
 def _iter_given(
-    source: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], samples: int, skip: int = 0
+    source: Iterable[Mapping[str, np.ndarray]],
+    specs: list[InputSpec],
+    samples: int,
+    skip: int = 0,
+    *,
+    per_feed: bool = False,
 ) -> Iterator[Batch]:
+    """Feeds of ``source``, checked and cast, up to ``samples`` samples after ``skip``: a feed holds its first input's
+    axis 0 of them, or one with ``per_feed`` (a folder of per-sample files)."""
     seen, passed = 0, 0
     for batch in source:
+        if per_feed:
+            batch = Sample(batch)
         if passed < skip:  # whole feeds are passed over until ``skip`` samples have gone by
-            first = next(iter(batch.values()), None)
-            passed += len(first) if first is not None and np.ndim(first) else 1
+            passed += batch_samples(batch)
             continue
         if seen >= samples:
             return
@@ -606,6 +630,8 @@ def _iter_given(
         for spec in specs:
             _check_array(np.asarray(batch[spec.name]), spec)
         feeds = {s.name: np.asarray(batch[s.name], dtype=s.dtype) for s in specs}
+        if per_feed:
+            feeds = Sample(feeds)
         check_batch(feeds, specs, first_sample=seen)
-        seen += len(next(iter(feeds.values()))) if feeds and next(iter(feeds.values())).ndim else 1
+        seen += batch_samples(feeds)
         yield feeds
