@@ -93,7 +93,9 @@ def _build_recipe(args: argparse.Namespace) -> recipe.Recipe:
         budget=dataclasses.replace(base.budget, max_latency_ratio=_latency_limit(args, base)),
         device=args.device or base.device,
         check=base.check or args.check,
-        fallback=base.fallback,
+        # Passes named one by one are what the user asked for: one that cannot meet the budget fails the run (exit 1)
+        # rather than being dropped, as the default job drops it (fallback.drop).
+        fallback=dataclasses.replace(base.fallback, drop=False) if _passes_alone(args) else base.fallback,
         target="" if args.passes else target,  # its own passes make it another recipe
     )
 
@@ -106,9 +108,14 @@ def _latency_limit(args: argparse.Namespace, base: recipe.Recipe) -> float | Non
     """
     if args.max_latency_ratio is not None:
         return float(args.max_latency_ratio)
-    if args.passes and not (args.recipe or args.target):
+    if _passes_alone(args):
         return None
     return base.budget.max_latency_ratio
+
+
+def _passes_alone(args: argparse.Namespace) -> bool:
+    """``--pass`` with neither ``--recipe`` nor ``--target``: the user's own list of passes."""
+    return bool(args.passes) and not (args.recipe or args.target)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

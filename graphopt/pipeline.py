@@ -407,6 +407,9 @@ def _verify(
     if not result.passed and pipeline.lossy_snapshots():
         stage("accuracy fallback: searching layers to keep in float")
         candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
+    if not result.passed and plan.fallback.drop and pipeline.lossy_snapshots():
+        stage("accuracy budget: dropping the lossy steps it could not hold to it")
+        candidate, result, errors = _drop_lossy(report, pipeline, checker, candidate, result, errors, calibration)
     if plan.budget.max_latency_ratio is not None:
         kept = candidate
         stage("latency budget: timing against the input")
@@ -515,6 +518,35 @@ def _meet_latency(
     report.passes, report.after = pipeline.records, pipeline.records[-1].after
     report.speed = outcome.to_dict()
     return candidate, result
+
+
+def _drop_lossy(
+    report: Report,
+    pipeline: Pipeline,
+    checker: verify.Checker,
+    candidate: ir.Model,
+    result: verify.VerifyResult,
+    errors: list[localize.LayerError] | None,
+    calibration: DataSpec | None,
+) -> tuple[ir.Model, verify.VerifyResult, list[localize.LayerError] | None]:
+    """``fallback.drop``: drop lossy steps, the last first, until the output meets the accuracy budget, as the latency
+    budget drops a step with no placement that pays. The default job then writes the model without the step, and
+    the report says why, where a run that asks for the step itself fails (exit 1)."""
+    searched = report.fallback
+    if searched is None:
+        found = "the accuracy fallback is off"
+    else:
+        stopped = f" ({searched['stopped']})" if searched.get("stopped") else ""
+        found = f"the fallback found no layers to keep in float within its limits{stopped}"
+    for snapshot in pipeline.lossy_snapshots():
+        misses = "; ".join(result.violations[:2])
+        reason = f"dropped by the accuracy budget: {found} ({misses})"
+        candidate = pipeline.skip(snapshot, reason, calibration)
+        result, errors = checker.check(candidate)[1], None
+        report.passes, report.after = pipeline.records, pipeline.records[-1].after
+        if result.passed:
+            break
+    return candidate, result, errors
 
 
 def _recalibrator(spec: registry.PassSpec, before: ir.Model, calibration: DataSpec | None) -> Any:

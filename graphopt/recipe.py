@@ -59,6 +59,9 @@ class FallbackSettings:
     # Seconds the search may run: each trial runs the whole model on the verification data, so on a
     # slow model (an autoregressive decoder) 48 ranking trials alone take many minutes.
     max_seconds: float = 300.0
+    # Where no placement meets the accuracy budget, drop the lossy steps (the last first) and write what is left,
+    # saying so, instead of failing the run (exit 1): the default job's "best model within budget".
+    drop: bool = False
 
     def __post_init__(self) -> None:
         limits = (("max_float_nodes", 0), ("max_candidates", 0), ("width", 1), ("timed", 0), ("max_seconds", 0))

@@ -11,6 +11,7 @@ import graphopt
 from graphopt import io, registry
 from graphopt.errors import AccuracyBudgetError, DataError, PassError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
+from graphopt.report import outcome_warnings
 from tests import toy
 from tests.conftest import NoisePasses
 
@@ -44,6 +45,28 @@ def test_budget_failure_names_the_lossy_pass(model_path: Path, noise_passes: Noi
     assert "output 'y': relative L2" in message and "Passes that changed the model: noise" in message
     assert info.value.report is not None and not info.value.report.verification.passed
     assert info.value.exit_code == 1
+
+
+def test_fallback_drop_writes_the_model_without_the_step_it_could_not_hold(
+    model_path: Path, noise_passes: NoisePasses
+) -> None:
+    """The default job's ``fallback.drop``: no placement meets the budget, so the lossy step goes, the output is the
+    exact passes' and the report says why; without it the same run fails (exit 1, the test above)."""
+    plan = {
+        "passes": ["fold", "noise"],
+        "budget": {"max_rel_l2": 1e-3},
+        "fallback": {"drop": True},
+        "verify": {"latency_runs": 0},
+    }
+    result = graphopt.optimize(model_path, plan, known=noise_passes.known)
+    assert result.report.verification is not None and result.report.verification.passed
+    fold, noise = result.report.passes
+    assert fold.modified and not noise.modified
+    assert noise.details["skipped"].startswith("dropped by the accuracy budget")
+    assert "relative L2" in noise.details["skipped"]
+    assert any("nothing was compressed" in w for w in outcome_warnings(result.report))
+    folded = graphopt.optimize(model_path, {"passes": ["fold"], "verify": {"latency_runs": 0}}).model
+    assert [n.op_type for n in result.model.graph] == [n.op_type for n in folded.graph]
 
 
 def test_report_only_does_not_raise(model_path: Path, noise_passes: NoisePasses) -> None:
