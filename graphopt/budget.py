@@ -87,9 +87,9 @@ class OutputMetrics:
     perplexity: float | None = None
     reference_perplexity: float | None = None
     token_top1: float | None = None
-    # feeds on which the candidate's output had another shape, of all feeds, and the first pair of shapes:
-    # nothing compares there, so it misses any budget
-    reshaped: tuple[int, int, tuple[int, ...], tuple[int, ...]] | None = None
+    # feeds on which the candidate's output had another shape, of all feeds, the first pair of shapes, and the mean
+    # relative difference of sizes there: nothing compares, so it misses any budget
+    reshaped: tuple[int, int, tuple[int, ...], tuple[int, ...], float] | None = None
 
     @property
     def perplexity_increase(self) -> float | None:
@@ -168,7 +168,7 @@ def violations(metrics: OutputMetrics, budget: Budget) -> list[str]:
     """One message per limit this output misses (a change of shape misses every budget)."""
     found = []
     if metrics.reshaped and not (budget.outputs and metrics.name not in budget.outputs):
-        count, feeds, ref, cand = metrics.reshaped
+        count, feeds, ref, cand, _ = metrics.reshaped
         found.append(f"output {metrics.name!r}: shape {cand} instead of {ref} on {count} of {feeds} feeds")
     for limit, value, bound in checked(metrics, budget):
         if ratio(limit, value, bound) > 1.0:
@@ -204,11 +204,18 @@ def describe(budget: Budget) -> str:
     return "; ".join(parts) + where
 
 
+# The score of an output whose shape changed: above any ratio a comparable output reaches in practice, plus the
+# share of feeds it changed on and how far its sizes moved.
+RESHAPED = 1e3
+
+
 def score(outputs: Iterable[OutputMetrics], budget: Budget) -> float:
-    """The worst budget ratio over outputs and limits: <= 1 means within budget."""
+    """The worst budget ratio over outputs and limits: <= 1 means within budget (an output whose shape changed
+    scores :data:`RESHAPED` and more)."""
     outputs = list(outputs)
     budget = for_outputs(outputs, budget)
-    if any(o.reshaped for o in outputs if not budget.outputs or o.name in budget.outputs):
-        return math.inf
+    reshaped = [o.reshaped for o in outputs if o.reshaped and (not budget.outputs or o.name in budget.outputs)]
+    if reshaped:  # over any budget; still ranked, so that the fallback finds the layers that move a shape back
+        return RESHAPED + sum(count / feeds + gap for count, feeds, _, _, gap in reshaped)
     ratios = (ratio(limit, value, bound) for out in outputs for limit, value, bound in checked(out, budget))
     return max(ratios, default=0.0)

@@ -338,6 +338,9 @@ def run(args: argparse.Namespace, known: registry.Registry) -> int:
     """Run the parsed command: exit code 0 ok, 1 over budget, 2 user error, 3 pass failed, 130 interrupted."""
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=False)])
+    if not args.verbose:  # the libraries' warnings (onnxscript's version converter falling back) say what the report
+        for library in ("onnxscript", "onnx_ir"):  # says in graphopt's words; -v shows them
+            logging.getLogger(library).setLevel(logging.ERROR)
     args.known = known
     # signal handlers can only be set from the main thread; elsewhere SIGTERM keeps its default
     handles_sigterm = threading.current_thread() is threading.main_thread()

@@ -85,7 +85,8 @@ def _session_options(
     if not prepacking:
         options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = _OPT_LEVELS[optimization]
-    options.log_severity_level = 3
+    # ORT's own error lines would print before graphopt's message about the same failure (it raises them too)
+    options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -55,6 +55,7 @@ class _Accumulator:
     feeds: int = 0  # feeds run, and those where the candidate's output had another shape (the first such pair)
     reshaped: int = 0
     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    size_gap: float = 0.0  # sum over those feeds of |candidate size - reference size| / reference size
 
     def add(
         self,
@@ -68,6 +69,7 @@ class _Accumulator:
         if ref.shape != cand.shape:  # e.g. a TTS model's predicted durations moved: no value compares, it fails
             self.reshaped += 1
             self.shapes = self.shapes or (tuple(ref.shape), tuple(cand.shape))
+            self.size_gap += abs(cand.size - ref.size) / max(ref.size, 1)
             return
         if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
@@ -141,7 +143,7 @@ class _Accumulator:
             perplexity=math.exp(self.cand_nll / self.tokens) if self.tokens else None,
             reference_perplexity=math.exp(self.ref_nll / self.tokens) if self.tokens else None,
             token_top1=self.token_agree / self.positions if self.positions and self.tokens else None,
-            reshaped=(self.reshaped, self.feeds, *self.shapes) if self.shapes else None,
+            reshaped=(self.reshaped, self.feeds, *self.shapes, self.size_gap / self.reshaped) if self.shapes else None,
         )
 
 

@@ -135,13 +135,19 @@ def test_an_output_that_changes_shape_misses_any_budget() -> None:
     budget (and the fallback scores it worst) instead of stopping the run as a data error."""
     acc = verify._Accumulator("audio")
     acc.add(np.ones((1, 8)), np.ones((1, 8)))
-    acc.add(np.ones((1, 8)), np.ones((1, 9)))
+    acc.add(np.ones((1, 8)), np.ones((1, 10)))
     metrics = acc.result()
-    assert metrics.reshaped == (1, 2, (1, 8), (1, 9))
+    assert metrics.reshaped == (1, 2, (1, 8), (1, 10), 0.25)
     found = budget.violations(metrics, verify.Budget())
-    assert found == ["output 'audio': shape (1, 9) instead of (1, 8) on 1 of 2 feeds"]
-    assert budget.score([metrics], verify.Budget(min_cosine=0.5)) == float("inf")
+    assert found == ["output 'audio': shape (1, 10) instead of (1, 8) on 1 of 2 feeds"]
     assert budget.violations(metrics, verify.Budget(outputs=("other",))) == []
+    # over any budget, and nearer shapes score lower: the fallback can rank layers by how they move the shape
+    far = budget.score([metrics], verify.Budget(min_cosine=0.5))
+    nearer = verify._Accumulator("audio")
+    nearer.add(np.ones((1, 8)), np.ones((1, 9)))
+    nearer.add(np.ones((1, 8)), np.ones((1, 8)))
+    assert far == budget.RESHAPED + 0.5 + 0.25
+    assert budget.RESHAPED < budget.score([nearer.result()], verify.Budget(min_cosine=0.5)) < far
 
 
 def test_a_reference_that_does_not_reproduce_itself_is_refused(tmp_path: Path) -> None:
