@@ -101,6 +101,14 @@ class Pipeline:
         change): every lossy pass then sees them as the weights they are.
         """
         self.records, self._snapshots, self.new_reference, self.skipped = [], [], None, {}
+        for step in self.steps:  # a typo in ``exclude`` would leave in the pass what the user meant to keep out
+            missing = edit.unmatched_patterns(model, getattr(step.config, "exclude", ()) or ())
+            if missing:
+                logger.warning(
+                    "%s: exclude %s matches no node name and no weight name in the model; it excludes nothing",
+                    step.name,
+                    ", ".join(repr(p) for p in missing),
+                )
         if any(not step.spec.exact for step in self.steps):
             self.lifted_constants = edit.lift_constant_weights(model)
         self.run_from(model, 0, calibration=calibration, progress=progress)

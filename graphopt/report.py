@@ -65,7 +65,7 @@ class Report:
     runtime: dict[str, Any] | None = None
     layers: list[dict[str, Any]] | None = None
     opset: dict[str, Any] | None = None  # the opset conversion before the passes, when one was wanted
-    lifted_constants: int = 0  # weights stored as Constant nodes, made initializers before the lossy passes
+    lifted_constants: int = 0  # weights in Constant nodes or Identity copies, made initializers before the lossy passes
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,7 +116,11 @@ class Report:
         if self.data:
             lines += [f"Data: {step}: {text}." for step, text in self.data.items()] + [""]
         if self.lifted_constants:
-            lines += [f"{self.lifted_constants} weights stored as Constant nodes became initializers.", ""]
+            lines += [
+                f"{self.lifted_constants} weights stored as Constant nodes or read through Identity copies became "
+                "initializers read directly.",
+                "",
+            ]
         if self.opset:
             o = self.opset
             lines += [f"Opset: {o['before']} → {o['after']} (wanted {o['wanted']}): {o['reason']}.", ""]

@@ -74,6 +74,11 @@ class _Accumulator:
         if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
+        if not (np.isfinite(r).all() and np.isfinite(c).all()):
+            # An infinity or NaN both models give (a -inf mask passed through) agrees: it counts as 0 in both. One
+            # that only one model gives is an error without bound (NaN, below, counts as infinite).
+            same = (r == c) | (np.isnan(r) & np.isnan(c))
+            r, c = np.where(same & ~np.isfinite(r), 0.0, r), np.where(same & ~np.isfinite(c), 0.0, c)
         diff = np.abs(r - c)
         self.max_abs = max(self.max_abs, float(np.nanmax(diff, initial=0.0)) if not np.isnan(diff).any() else math.inf)
         self.ref_max = max(self.ref_max, float(np.max(np.abs(r), initial=0.0)))

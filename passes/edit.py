@@ -132,24 +132,73 @@ def excluded(node: ir.Node, patterns: Sequence[str], op_types: Sequence[str] = (
     Its op type is listed, or its name or its weight's name matches one of the shell ``patterns``
     (a plain name matches itself).
     """
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    weight = weight_input(node)
     names = [n for n in (node.name, weight.name if weight is not None else None) if n]
     return node.op_type in op_types or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
+def weight_input(node: ir.Node) -> ir.Value | None:
+    """The input a lossy pass compresses: a Gather's table (input 0), else input 1 (Conv, MatMul, Gemm)."""
+    index = 0 if node.op_type == "Gather" else 1
+    return node.inputs[index] if len(node.inputs) > index else None
+
+
+def unmatched_patterns(model: ir.Model, patterns: Sequence[str]) -> list[str]:
+    """The ``exclude`` patterns that match no node name and no weight name (subgraphs included): a typo."""
+    names: set[str] = set()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        weight = weight_input(node)
+        names.update(n for n in (node.name, weight.name if weight is not None else None) if n)
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def finite_weight(node: ir.Node) -> bool:
+    """False when ``node``'s constant weight holds an infinity or a NaN (a padding row of -inf in an attention-bias
+    table): its scale would be infinite and every value read through it NaN, so it stays in float."""
+    return finite(weight_input(node))
+
+
+def finite(value: ir.Value | None) -> bool:
+    """False only for a constant float tensor holding an infinity or a NaN."""
+    array = value.const_value if value is not None else None
+    if array is None or array.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
+        return True
+    return bool(np.isfinite(array.numpy()).all())
+
+
 def lift_constant_weights(model: ir.Model, min_elements: int = 16) -> int:
-    """Turn Constant nodes holding tensors of ``min_elements`` or more into initializers (exact).
+    """Turn Constant nodes holding tensors of ``min_elements`` or more into initializers, and let readers of an
+    initializer's Identity copy read it (both exact).
 
     Paddle and older exporters store every weight as a Constant node; to the lossy passes,
     which look for constant initializers, such a model has no weights. paddle2onnx also
     carries a Loop body's weights through the loop unchanged: they become outer-scope reads
-    (:mod:`graphopt.passes.loops`). Returns how many Constants were lifted (subgraphs included).
+    (:mod:`graphopt.passes.loops`). Returns how many Constants were lifted and copies bypassed (subgraphs included).
     """
     before = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=min_elements)(model)
     LoopInvariantsPass()(model)
     after = sum(1 for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.op_type == "Constant")
-    return before - after
+    return before - after + _bypass_weight_copies(model)
+
+
+def _bypass_weight_copies(model: ir.Model) -> int:
+    """Let readers of ``Identity(initializer)`` read the initializer (exact): exporters that reuse a layer write its
+    weights once and an Identity per reuse, and a lossy pass that looks for constant weights would leave every such
+    layer in float, or quantize a copy and keep the float original for the Identity. Returns how many were bypassed."""
+    bypassed = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if source is None or not source.is_initializer() or source.const_value is None or out.is_graph_output():
+            continue
+        if source.is_graph_input():  # an overridable default: the caller may feed another value
+            continue
+        ir.convenience.replace_all_uses_with(out, source)
+        node.graph.remove(node, safe=True)  # type: ignore[union-attr]
+        bypassed += 1
+    return bypassed
 
 
 @contextlib.contextmanager

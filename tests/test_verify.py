@@ -130,6 +130,17 @@ def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:
         list(iter_batches(DataSpec(source=str(tmp_path / "none.npz")), input_specs(model)))
 
 
+def test_an_infinity_both_models_give_agrees() -> None:
+    """A -inf mask passed through to an output is the same in both models; an infinity in one only is an error."""
+    ref = np.array([[0.5, -np.inf, 1.0], [2.0, 3.0, -np.inf]])
+    metrics = _acc(ref, ref.copy())
+    assert metrics.max_abs == 0 and metrics.rel_l2 == 0 and metrics.cosine_min == pytest.approx(1.0)
+    assert not budget.violations(metrics, verify.Budget(max_abs=0.0, min_cosine=0.999))
+    cand = ref.copy()
+    cand[0, 0] = np.inf
+    assert budget.violations(_acc(ref, cand), verify.Budget(max_abs=1.0))
+
+
 def test_an_output_that_changes_shape_misses_any_budget() -> None:
     """A TTS model whose quantized durations lengthen its audio: no value compares, so the output fails the
     budget (and the fallback scores it worst) instead of stopping the run as a data error."""

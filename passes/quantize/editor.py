@@ -288,6 +288,8 @@ class Editor:
         for index, value in enumerate(node.inputs):
             if value is None or value.const_value is None or value.dtype != ir.DataType.FLOAT:
                 continue
+            if not edit.finite(value):  # an additive mask of -inf stays float: its scale would be infinite
+                continue
             array = value.const_value.numpy()
             qtype = self.config.activation_type
             params = affine.weight_params(array, qtype, axis=None, symmetric=self.config.activation_symmetric)

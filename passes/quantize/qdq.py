@@ -11,6 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.numerics.affine import QuantParams
+from graphopt.passes import edit
 from graphopt.passes.edit import add_initializer, drop_if_unused, replace_node, unique_name
 
 _IR_TYPES = {
@@ -114,6 +115,8 @@ def quantize_gather_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> bo
         return False
     if node.attributes.get_int("axis", 0) != 0 or len(table.const_value.shape) != 2 or len(table.uses()) != 1:
         return False
+    if not edit.finite(table):  # a -inf padding row: an infinite scale would read back as NaN
+        return False
     array = table.const_value.numpy()
     absmax = np.abs(array).max(axis=1, keepdims=True)
     scales = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
@@ -144,6 +147,8 @@ def quantize_slice_table(graph: ir.Graph, node: ir.Node, taken: set[str]) -> boo
     """
     table = node.inputs[0]
     if table is None or table.const_value is None or table.dtype != ir.DataType.FLOAT or len(table.uses()) != 1:
+        return False
+    if not edit.finite(table):
         return False
     array = table.const_value.numpy()
     if array.size < 1024:

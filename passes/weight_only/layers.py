@@ -50,6 +50,8 @@ def plan_layers(graph: ir.Graph, config: WeightOnlyConfig) -> tuple[list[Layer],
             skipped["excluded by name"] += 1
             continue
         layer, reason = _match(node, config)
+        if layer is not None and not edit.finite(layer.weight):
+            layer, reason = None, "weight holds inf or NaN (a mask table)"
         if layer is not None:
             layers.append(layer)
         elif reason:
