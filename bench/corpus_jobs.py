@@ -97,6 +97,10 @@ def graphopt_tool(spec: str) -> Callable[[Path, Path, list[Feed], list[Feed], Ro
                 row["decisions"] = decided
         if result.report.fallback:
             row["float_nodes"] = len(result.report.fallback.get("float_nodes", []))
+        skipped = {p.name: str(p.details.get("skipped", "")) for p in result.report.passes}
+        dropped = [name for name, why in skipped.items() if why.startswith("dropped by the accuracy budget")]
+        if dropped:  # fallback.drop: no placement held the accuracy budget, the step is gone
+            row["note"] = f"accuracy budget: {', '.join(dropped)} dropped (the fallback found no placement)"
         speed = result.report.speed
         if speed is not None:
             keys = ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes", "changed")
