@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -164,8 +164,9 @@ def decision_outputs(model: ir.Model) -> dict[str, str]:
 
     Found through data movement: the class axis is followed through Transposes (their ``perm``); Reshape,
     Squeeze, Unsqueeze and Flatten are crossed only with the classes last on both sides, their count known
-    from the Softmax's shapes and equal to the output's fixed last dimension. Logits with no Softmax in the graph
-    (a classifier's Gemm) are not recognized: their top-1 is ``min_top1`` (rank-2 outputs).
+    from the Softmax's shapes and equal to the output's fixed last dimension. Raw logits with no Softmax in the
+    graph count when they are named so and come straight out of a linear head (:func:`_raw_logits`); other outputs
+    of a Gemm are not recognized (an embedding's arg-max means nothing): their top-1 is ``min_top1`` (rank 2).
     """
     opset = model.opset_imports.get("", 0)
     found: dict[str, str] = {}
@@ -180,9 +181,33 @@ def decision_outputs(model: ir.Model) -> dict[str, str]:
             continue
         if node.op_type == "ArgMax" and value.dtype in (ir.DataType.INT64, ir.DataType.INT32):
             found[value.name] = "ids"
-        elif node.op_type in ("Softmax", "LogSoftmax") and _classes_last(node, reversed(moves), value, opset):
-            found[value.name] = "scores"
+        else:
+            softmax = node.op_type in ("Softmax", "LogSoftmax") and _classes_last(node, reversed(moves), value, opset)
+            if softmax or _raw_logits(node, moves, value):
+                found[value.name] = "scores"
     return found
+
+
+# The most classes raw logits may have to be judged as decisions: a language model's vocabulary (tens of thousands
+# of tokens) is judged by perplexity on token windows instead.
+MAX_LOGIT_CLASSES = 4096
+
+
+def _raw_logits(node: ir.Node, moves: Sequence[ir.Node], output: ir.Value) -> bool:
+    """Whether ``output`` is a classifier's or tagger's raw class scores: named ``...logits...`` (as exporters name
+    them), straight out of a linear head (Gemm, MatMul, or the Add of its bias) with nothing but casts on the way,
+    rank 2 or 3, its last axis 2 to :data:`MAX_LOGIT_CLASSES` classes."""
+    shape = output.shape
+    if "logit" not in output.name.lower() or output.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        return False
+    if any(m.op_type not in ("Identity", "Cast") for m in moves) or shape is None or len(shape) not in (2, 3):
+        return False
+    if not isinstance(shape[-1], int) or not 2 <= shape[-1] <= MAX_LOGIT_CLASSES:
+        return False
+    if node.op_type == "Add":  # MatMul's bias
+        heads = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
+        node = next((h for h in heads if h.op_type in ("MatMul", "Gemm")), node)  # type: ignore[union-attr]
+    return node.op_type in ("Gemm", "MatMul") and node.domain in ("", "ai.onnx")
 
 
 def _classes_last(softmax: ir.Node, moves: Iterable[ir.Node], output: ir.Value, opset: int) -> bool:

@@ -429,9 +429,39 @@ def _decider() -> onnx.ModelProto:
 
 def test_decision_outputs_are_found_through_data_movement(tmp_path: Path) -> None:
     model = io.load_model(toy.save(_decider(), tmp_path / "d.onnx"))
-    # the Softmax's classes (its axis 1, size 5) are the output's last axis after the Transpose; raw logits are not
-    # known to be decisions
-    assert verify.decision_outputs(model) == {"probs": "scores", "ids": "ids"}
+    # the Softmax's classes (its axis 1, size 5) are the output's last axis after the Transpose; raw logits named so
+    # straight out of the MatMul are decisions too
+    assert verify.decision_outputs(model) == {"probs": "scores", "ids": "ids", "logits": "scores"}
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "reshaped", "is_decision"),
+    [
+        ("logits", 26, False, True),  # a classifier's Gemm head
+        ("embedding", 26, False, False),  # an embedding's arg-max means nothing
+        ("logits", 49152, False, False),  # a language model's vocabulary: perplexity judges it
+        ("logits", 26, True, False),  # flattened: no longer classes per position
+    ],
+)
+def test_raw_logits_are_decisions_only_as_a_linear_heads_named_output(
+    tmp_path: Path, name: str, classes: int, reshaped: bool, is_decision: bool
+) -> None:
+    nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["z" if reshaped else name], transB=1)]
+    if reshaped:
+        nodes.append(helper.make_node("Reshape", ["z", "flat"], [name]))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, None] if reshaped else ["batch", classes])],
+        [
+            numpy_helper.from_array(np.zeros((classes, 8), np.float32), "W"),
+            numpy_helper.from_array(np.zeros(classes, np.float32), "b"),
+            numpy_helper.from_array(np.array([1, -1], np.int64), "flat"),
+        ],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "head.onnx"))
+    assert (verify.decision_outputs(model) == {name: "scores"}) is is_decision
 
 
 def test_a_sample_stands_when_99_percent_of_its_positions_keep_their_class() -> None:
@@ -471,8 +501,8 @@ def test_min_decisions_judges_the_decision_outputs(tmp_path: Path) -> None:
     spec = DataSpec(source=str(tmp_path / "x.npz"))
     result = verify.verify_models(model, candidate, spec, budget=budget.Budget(min_decisions=0.98))
     by_name = {o.name: o for o in result.outputs}
-    assert by_name["logits"].decisions is None and by_name["probs"].decisions is not None
-    assert by_name["probs"].decisions < 0.98 and by_name["ids"].decisions == by_name["probs"].decisions
+    assert by_name["probs"].decisions is not None and by_name["probs"].decisions < 0.98
+    assert by_name["ids"].decisions == by_name["probs"].decisions == by_name["logits"].decisions
     assert any("decisions standing" in v for v in result.violations) and not result.passed
     same = verify.verify_models(model, model, spec, budget=budget.Budget(min_decisions=0.98))
     assert same.passed and {o.decisions for o in same.outputs if o.decisions is not None} == {1.0}
