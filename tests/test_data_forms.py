@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import cli, io
 from graphopt.calibration.sources import DataSpec, Replayable, input_specs, iter_batches
+from graphopt.errors import DataError
 from tests import toy
 
 
@@ -148,3 +149,33 @@ def test_each_file_of_a_per_sample_folder_is_one_sample(tmp_path: Path) -> None:
     plan = {"passes": ["fold"], "verify": {"data": str(folder), "samples": 16, "latency_runs": 0}}
     result = graphopt.optimize(model, plan)
     assert result.report.verification is not None and result.report.verification.samples == 12
+
+
+def test_a_string_input_takes_string_data_and_refuses_pickles(tmp_path: Path) -> None:
+    """A model fed words (a phoneme or vocabulary lookup) takes fixed-width string arrays from an .npz; numbers for
+    it, and object arrays (numpy pickles them), are refused with the fix."""
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "CategoryMapper", ["w"], ["y"], domain="ai.onnx.ml", cats_strings=["a", "b"], cats_int64s=[1, 2]
+            )
+        ],
+        "words",
+        [helper.make_tensor_value_info("w", TensorProto.STRING, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, ["n"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 10
+    path = tmp_path / "words.onnx"
+    onnx.save(model, path)
+    np.savez(tmp_path / "words.npz", w=np.array(["a", "b", "zz", "a"]))
+    plan = {"passes": ["fold"], "verify": {"data": str(tmp_path / "words.npz"), "samples": 4, "latency_runs": 0}}
+    result = graphopt.optimize(path, plan)
+    assert result.report.verification is not None and result.report.verification.passed
+    assert result.report.verification.samples == 4
+    np.savez(tmp_path / "numbers.npz", w=np.arange(4, dtype=np.float32))
+    with pytest.raises(DataError, match="input 'w' takes strings"):
+        graphopt.optimize(path, {**plan, "verify": {**plan["verify"], "data": str(tmp_path / "numbers.npz")}})
+    np.savez(tmp_path / "objects.npz", w=np.array(["a", None], dtype=object))
+    with pytest.raises(DataError, match="stores as a pickle"):
+        graphopt.optimize(path, {**plan, "verify": {**plan["verify"], "data": str(tmp_path / "objects.npz")}})

@@ -281,14 +281,14 @@ def _read_into(handle: typing.BinaryIO, array: np.ndarray, chunk: int = 64 * 2**
 
 
 def _read_header(handle: typing.BinaryIO, name: str, *, with_order: bool = False) -> typing.Any:
-    """(shape, dtype), or (shape, fortran order, dtype) with ``with_order``; refuses non-numeric dtypes."""
+    """(shape, dtype), or (shape, fortran order, dtype) with ``with_order``; refuses object arrays (pickles)."""
     version = np.lib.format.read_magic(handle)
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, fortran, dtype = read(handle)
-    if dtype.kind not in "biuf":
+    if dtype.kind not in "biufSU":
         raise DataError(
-            f"array {name!r} holds {dtype} values; graphopt feeds numbers only (bool, int, float). "
-            "Convert it, e.g. array.astype(np.float32)."
+            f"array {name!r} holds {dtype} values, which numpy stores as a pickle; graphopt reads numbers (bool, "
+            "int, float) and fixed-width strings only. Save numbers, or strings as np.array(words, dtype=str)."
         )
     return (shape, fortran, dtype) if with_order else (shape, dtype)
 
@@ -350,7 +350,13 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> None:
             f"the data for input {spec.name!r} is float64 and the model takes float32: it is rounded to float32 "
             "(save it as float32 to feed exactly what the model will see).",
         )
-    if array.dtype.kind not in "biuf":
+    if np.dtype(spec.dtype).kind in "OSU":  # a string input (phonemes, words): str or bytes arrays, fed as objects
+        if array.dtype.kind not in "OSU":
+            raise DataError(
+                f"array {spec.name!r} holds {array.dtype} values; input {spec.name!r} takes strings. "
+                "Give an array of str (numpy dtype <U or object)."
+            )
+    elif array.dtype.kind not in "biuf":
         raise DataError(
             f"array {spec.name!r} holds {array.dtype} values; input {spec.name!r} takes {spec.dtype}. "
             "Convert the data to numbers of that type."
