@@ -52,6 +52,9 @@ def _weight_elements(graph: ir.Graph, node: ir.Node) -> int:
         return node.attributes.get_int("K", 0) * node.attributes.get_int("N", 0)
     index = _WEIGHT_INPUT.get(node.op_type, 1)
     value = node.inputs[index] if len(node.inputs) > index else None
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs:
+        value = producer.inputs[0]  # a float layer behind a DequantizeLinear ORT did not fuse: its weights count too
     if value is not None and value.const_value is not None:
         return int(value.const_value.size)
     if value is not None and value.name in graph.initializers:

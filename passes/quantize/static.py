@@ -134,6 +134,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 f"this model's "
                 f"{', '.join(sorted(static_ops))} need static mode: give calibration data (--calib DATA)"
             )
+        compute = [n for n in model.graph if n.op_type in ("Conv", "MatMul", "Gemm") and n.domain in ("", "ai.onnx")]
+        left_out = [n for n in compute if excluded(n, self.config)]
+        if compute and len(left_out) == len(compute):
+            # the accuracy or latency search (or the recipe) kept every one in float: say so, not "none here"
+            return f"nothing to quantize: all {len(compute)} Conv/MatMul/Gemm are excluded (kept in float)"
         return "nothing to quantize: no float32 Conv/MatMul/Gemm with a constant weight that is not excluded"
 
     def _dynamic(self, model: ir.Model) -> ir.passes.PassResult:

@@ -720,3 +720,13 @@ def test_smoothing_alone_is_exact_in_float(tmp_path: Path, residual: bool) -> No
     got = runtime.create_session(model, threads=1).run(None, {"x": x})
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_every_layer_excluded_is_said_so_not_none_found(tmp_path: Path) -> None:
+    """When the search (or the recipe) keeps every Conv/MatMul/Gemm in float, the pass says that, not that the model
+    has none (MTCNN's default job said "no float32 Conv/MatMul/Gemm" of a model with eight)."""
+    model = io.load_model(toy.save(toy.relu_mlp(), tmp_path / "m.onnx"))
+    config = QuantizeConfig(exclude=("fc*",))
+    quantize = QuantizeQDQPass(config, _synthetic_ranges(model, QuantizeConfig()))
+    assert not quantize(model).modified
+    assert quantize.details["skipped"] == "nothing to quantize: all 2 Conv/MatMul/Gemm are excluded (kept in float)"
