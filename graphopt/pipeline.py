@@ -543,6 +543,8 @@ def _drop_lossy(
     searched = report.fallback
     if searched is None:
         found = "the accuracy fallback is off"
+    elif searched.get("passed"):  # its trials skip the exact passes after the step; the re-run with them missed
+        found = "the layers the fallback kept in float missed it once the whole pipeline re-ran with them"
     else:
         stopped = f" ({searched['stopped']})" if searched.get("stopped") else ""
         found = f"the fallback found no layers to keep in float within its limits{stopped}"

@@ -74,18 +74,20 @@ class _Accumulator:
         if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
+        # The error metrics compare values: an infinity or NaN both models give (a -inf mask passed through) agrees
+        # and counts as 0 in both; one that only one model gives is an error without bound (NaN, below: infinite).
+        # Arg-maxes and perplexity read the values as they are (a masked -inf is the smallest score there).
+        er, ec = r, c
         if not (np.isfinite(r).all() and np.isfinite(c).all()):
-            # An infinity or NaN both models give (a -inf mask passed through) agrees: it counts as 0 in both. One
-            # that only one model gives is an error without bound (NaN, below, counts as infinite).
             same = (r == c) | (np.isnan(r) & np.isnan(c))
-            r, c = np.where(same & ~np.isfinite(r), 0.0, r), np.where(same & ~np.isfinite(c), 0.0, c)
-        diff = np.abs(r - c)
+            er, ec = np.where(same & ~np.isfinite(r), 0.0, r), np.where(same & ~np.isfinite(c), 0.0, c)
+        diff = np.abs(er - ec)
         self.max_abs = max(self.max_abs, float(np.nanmax(diff, initial=0.0)) if not np.isnan(diff).any() else math.inf)
-        self.ref_max = max(self.ref_max, float(np.max(np.abs(r), initial=0.0)))
-        self.diff_sq += float(np.sum((r - c) ** 2))
-        self.ref_sq += float(np.sum(r**2))
-        rows_r = r.reshape(r.shape[0], -1) if r.ndim > 1 else r.reshape(1, -1)
-        rows_c = c.reshape(rows_r.shape)
+        self.ref_max = max(self.ref_max, float(np.max(np.abs(er), initial=0.0)))
+        self.diff_sq += float(np.sum((er - ec) ** 2))
+        self.ref_sq += float(np.sum(er**2))
+        rows_r = er.reshape(er.shape[0], -1) if er.ndim > 1 else er.reshape(1, -1)
+        rows_c = ec.reshape(rows_r.shape)
         cosine = _cosine_rows(rows_r, rows_c)
         self.cos_sum += float(cosine.sum())
         self.cos_min = min(self.cos_min, float(cosine.min(initial=1.0)))

@@ -173,6 +173,10 @@ def test_a_string_input_takes_string_data_and_refuses_pickles(tmp_path: Path) ->
     result = graphopt.optimize(path, plan)
     assert result.report.verification is not None and result.report.verification.passed
     assert result.report.verification.samples == 4
+    np.savez(tmp_path / "bytes.npz", w=np.array([b"a", b"b", b"zz", b"a"]))  # ORT would read b"a" as "b'a'"
+    specs = input_specs(graphopt.load(path))
+    (fed,) = list(iter_batches(DataSpec(source=str(tmp_path / "bytes.npz"), samples=4, batch_size=4), specs))
+    assert fed["w"].dtype == object and list(fed["w"]) == ["a", "b", "zz", "a"]
     np.savez(tmp_path / "numbers.npz", w=np.arange(4, dtype=np.float32))
     with pytest.raises(DataError, match="input 'w' takes strings"):
         graphopt.optimize(path, {**plan, "verify": {**plan["verify"], "data": str(tmp_path / "numbers.npz")}})

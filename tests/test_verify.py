@@ -139,6 +139,10 @@ def test_an_infinity_both_models_give_agrees() -> None:
     cand = ref.copy()
     cand[0, 0] = np.inf
     assert budget.violations(_acc(ref, cand), verify.Budget(max_abs=1.0))
+    # arg-maxes still read the real values: a masked -inf class is the smallest, not a 0 that wins over log-probs
+    logp = np.array([[np.log(0.7), np.log(0.3), -np.inf], [np.log(0.2), np.log(0.8), -np.inf]])  # class 2 masked
+    flipped = logp[:, [1, 0, 2]]
+    assert _acc(logp, flipped).top1 == 0.0
 
 
 def test_an_output_that_changes_shape_misses_any_budget() -> None:

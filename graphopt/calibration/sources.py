@@ -386,7 +386,19 @@ def _cut(array: np.ndarray, spec: InputSpec, start: int, size: int) -> np.ndarra
             f"array {spec.name!r} holds fractional values but input {spec.name!r} takes {spec.dtype}; "
             "give whole numbers (e.g. token ids as integers)."
         )
-    return np.ascontiguousarray(part, dtype=spec.dtype)
+    return as_input(part, spec)
+
+
+def as_input(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """``array`` in the input's dtype. Strings go to ONNX Runtime as str objects: it would read a ``bytes`` object
+    as its repr (``b"a"`` as ``"b'a'"``), so byte strings are decoded as UTF-8 first."""
+    array = np.asarray(array)
+    if np.dtype(spec.dtype).kind == "O":
+        if array.dtype.kind == "S":
+            array = np.char.decode(array, "utf-8")
+        elif array.dtype.kind == "O" and any(isinstance(x, bytes) for x in array.flat):
+            array = np.vectorize(lambda x: x.decode("utf-8") if isinstance(x, bytes) else x, otypes=[object])(array)
+    return np.ascontiguousarray(array, dtype=spec.dtype)
 
 
 def check_batch(batch: Batch, specs: list[InputSpec], *, first_sample: int = 0) -> None:
@@ -635,7 +647,7 @@ def _iter_given(
             raise DataError(f"a batch from the iterable lacks input(s) {missing}; it has {sorted(batch)}.")
         for spec in specs:
             _check_array(np.asarray(batch[spec.name]), spec)
-        feeds = {s.name: np.asarray(batch[s.name], dtype=s.dtype) for s in specs}
+        feeds = {s.name: as_input(batch[s.name], s) for s in specs}
         if per_feed:
             feeds = Sample(feeds)
         check_batch(feeds, specs, first_sample=seen)
