@@ -412,7 +412,7 @@ def _verify(
     result = checker.check(candidate, probe=True)[1]
     _check_token_data(result, plan, data)
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
-    if not result.passed and pipeline.lossy_snapshots():
+    if not result.passed and plan.fallback.enabled and pipeline.lossy_snapshots():
         stage("accuracy fallback: searching layers to keep in float")
         candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
     if not result.passed and plan.fallback.drop and pipeline.lossy_snapshots():

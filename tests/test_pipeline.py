@@ -69,6 +69,20 @@ def test_fallback_drop_writes_the_model_without_the_step_it_could_not_hold(
     assert [n.op_type for n in result.model.graph] == [n.op_type for n in folded.graph]
 
 
+def test_fallback_enabled_false_is_obeyed_under_a_latency_budget(model_path: Path, noise_passes: NoisePasses) -> None:
+    """A latency budget keeps the lossy step's snapshot; that must not start the accuracy search the recipe turned
+    off."""
+    plan = {
+        "passes": ["noise"],
+        "budget": {"max_rel_l2": 1e-3, "max_latency_ratio": 100},
+        "fallback": {"enabled": False},
+        "verify": {"latency_runs": 0},
+    }
+    with pytest.raises(AccuracyBudgetError) as info:
+        graphopt.optimize(model_path, plan, known=noise_passes.known)
+    assert info.value.report is not None and info.value.report.fallback is None
+
+
 def test_report_only_does_not_raise(model_path: Path, noise_passes: NoisePasses) -> None:
     plan = {"passes": ["noise"], "budget": {"max_rel_l2": 1e-3}, "verify": {"report_only": True, "latency_runs": 0}}
     result = graphopt.optimize(model_path, plan, known=noise_passes.known)
