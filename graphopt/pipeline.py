@@ -417,7 +417,8 @@ def _verify(
         candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
     if not result.passed and plan.fallback.drop and pipeline.lossy_snapshots():
         stage("accuracy budget: dropping the lossy steps it could not hold to it")
-        candidate, result, errors = _drop_lossy(report, pipeline, checker, candidate, result, errors, calibration)
+        candidate, result = _drop_lossy(report, pipeline, checker, result, calibration)
+        errors = None
     if plan.budget.max_latency_ratio is not None:
         kept = candidate
         stage("latency budget: timing against the input")
@@ -517,8 +518,9 @@ def _meet_latency(
                 "int8 does not pay on this model here"
             )
             outcome.dropped, outcome.float_nodes, outcome.changed = True, [], {}
-        candidate = pipeline.skip(snapshot, f"dropped by the latency budget: {outcome.reason}", calibration)
-        result = checker.check(candidate)[1]
+        candidate, result = _skip(
+            report, pipeline, checker, snapshot, f"dropped by the latency budget: {outcome.reason}", calibration
+        )
         current = outcome.ratio_after = ratio(candidate)
         outcome.passed = speed.within(current, limit)
         if outcome.passed:
@@ -532,11 +534,9 @@ def _drop_lossy(
     report: Report,
     pipeline: Pipeline,
     checker: verify.Checker,
-    candidate: ir.Model,
     result: verify.VerifyResult,
-    errors: list[localize.LayerError] | None,
     calibration: DataSpec | None,
-) -> tuple[ir.Model, verify.VerifyResult, list[localize.LayerError] | None]:
+) -> tuple[ir.Model, verify.VerifyResult]:
     """``fallback.drop``: drop lossy steps, the last first, until the output meets the accuracy budget, as the latency
     budget drops a step with no placement that pays. The default job then writes the model without the step, and
     the report says why, where a run that asks for the step itself fails (exit 1)."""
@@ -548,15 +548,26 @@ def _drop_lossy(
     else:
         stopped = f" ({searched['stopped']})" if searched.get("stopped") else ""
         found = f"the fallback found no layers to keep in float within its limits{stopped}"
-    for snapshot in pipeline.lossy_snapshots():
-        misses = "; ".join(result.violations[:2])
-        reason = f"dropped by the accuracy budget: {found} ({misses})"
-        candidate = pipeline.skip(snapshot, reason, calibration)
-        result, errors = checker.check(candidate)[1], None
-        report.passes, report.after = pipeline.records, pipeline.records[-1].after
+    for snapshot in pipeline.lossy_snapshots():  # checked non-empty by the caller
+        reason = f"dropped by the accuracy budget: {found} ({'; '.join(result.violations[:2])})"
+        candidate, result = _skip(report, pipeline, checker, snapshot, reason, calibration)
         if result.passed:
             break
-    return candidate, result, errors
+    return candidate, result
+
+
+def _skip(
+    report: Report,
+    pipeline: Pipeline,
+    checker: verify.Checker,
+    snapshot: Snapshot,
+    reason: str,
+    calibration: DataSpec | None,
+) -> tuple[ir.Model, verify.VerifyResult]:
+    """The pipeline's output without ``snapshot``'s step (its record gives ``reason``), and its verification."""
+    candidate = pipeline.skip(snapshot, reason, calibration)
+    report.passes, report.after = pipeline.records, pipeline.records[-1].after
+    return candidate, checker.check(candidate)[1]
 
 
 def _recalibrator(spec: registry.PassSpec, before: ir.Model, calibration: DataSpec | None) -> Any:

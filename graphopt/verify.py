@@ -546,7 +546,6 @@ class Checker:
                 prober.probe_load(candidate, self.device)
             except ModelLoadError as exc:
                 raise PassError(f"the optimized model does not load although the input does: {exc}") from exc
-        if probe:
             self._reproducible()
         session = open_candidate(candidate, self.device, self.threads)
         batches = self._batches()

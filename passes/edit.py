@@ -152,14 +152,10 @@ def unmatched_patterns(model: ir.Model, patterns: Sequence[str]) -> list[str]:
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
-def finite_weight(node: ir.Node) -> bool:
-    """False when ``node``'s constant weight holds an infinity or a NaN (a padding row of -inf in an attention-bias
-    table): its scale would be infinite and every value read through it NaN, so it stays in float."""
-    return finite(weight_input(node))
-
-
 def finite(value: ir.Value | None) -> bool:
-    """False only for a constant float tensor holding an infinity or a NaN."""
+    """False only for a constant float tensor holding an infinity or a NaN (a padding row of -inf in an
+    attention-bias table): a weight's scale would be infinite and every value read through it NaN, so the lossy
+    passes leave such a tensor in float."""
     array = value.const_value if value is not None else None
     if array is None or array.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE):
         return True

@@ -33,8 +33,6 @@ class Sample(dict[str, np.ndarray]):
     """One feed that is one sample whatever its shapes (a file of a per-sample folder): a graph of 35 nodes fed as
     ``[35, F]`` is one sample, not 35."""
 
-    samples = 1
-
 
 def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
     """How many samples ``batch`` holds: one for a :class:`Sample`, else its first input's axis 0 (1 for a scalar)."""
@@ -635,10 +633,8 @@ def _iter_given(
     axis 0 of them, or one with ``per_feed`` (a folder of per-sample files)."""
     seen, passed = 0, 0
     for batch in source:
-        if per_feed:
-            batch = Sample(batch)
         if passed < skip:  # whole feeds are passed over until ``skip`` samples have gone by
-            passed += batch_samples(batch)
+            passed += 1 if per_feed else batch_samples(batch)
             continue
         if seen >= samples:
             return

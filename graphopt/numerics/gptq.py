@@ -67,12 +67,6 @@ def _inverse_cholesky(h: np.ndarray, index: np.ndarray, added: np.ndarray) -> np
     return np.linalg.cholesky((inverse + inverse.transpose(0, 2, 1)) / 2).transpose(0, 2, 1)
 
 
-def act_order(hessian: np.ndarray) -> np.ndarray:
-    """Rows by decreasing ``diag(H)`` (GPTQ's act-order): the inputs that carry the most energy go first, while
-    the most rows are left to absorb their error."""
-    return np.argsort(-np.diag(hessian), kind="stable")
-
-
 def gptq(w: np.ndarray, u: np.ndarray, grid: Grid, order: np.ndarray | None = None) -> np.ndarray:
     """GPTQ-quantize ``w [K, N]`` onto ``grid`` given ``U`` of :func:`inverse_cholesky`; the rounded weight.
 
@@ -113,10 +107,10 @@ def output_error(w: np.ndarray, approx: np.ndarray | float, hessian: np.ndarray)
     """The layer's mean squared output error ``tr(D^T H D)`` for ``D = w - approx`` (``approx`` 0: the energy of the
     layer's own output, ``tr(W^T H W)``)."""
     d = np.asarray(w, dtype=np.float32) - approx
-    return float(np.einsum("kn,kn->", hessian @ d, d, dtype=np.float64))
+    return float(output_error_stack(d[None], 0.0, np.asarray(hessian)[None])[0])
 
 
-def output_error_stack(w: np.ndarray, approx: np.ndarray, hessians: np.ndarray) -> np.ndarray:
+def output_error_stack(w: np.ndarray, approx: np.ndarray | float, hessians: np.ndarray) -> np.ndarray:
     """:func:`output_error` of each of ``B`` problems: ``w``, ``approx`` ``[B, S, N]``, ``hessians [B, S, S]``."""
     d = np.asarray(w, dtype=np.float32) - approx
     return np.einsum("bkn,bkn->b", np.matmul(hessians, d), d, dtype=np.float64)
@@ -124,13 +118,16 @@ def output_error_stack(w: np.ndarray, approx: np.ndarray, hessians: np.ndarray) 
 
 def prepare(hessian: np.ndarray, damp: float, ordered: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
     """The row order (None: as stored) and the matching ``U`` of :func:`inverse_cholesky` for one layer input."""
-    order = act_order(hessian) if ordered else None
-    permuted = hessian if order is None else hessian[np.ix_(order, order)]
-    return order, inverse_cholesky(permuted, damp)
+    if not ordered:
+        return None, inverse_cholesky(hessian, damp)
+    order, u, ok = prepare_stack(np.asarray(hessian)[None], damp)
+    return order[0], u[0] if ok[0] else None
 
 
 def prepare_stack(hessians: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`prepare` in act-order for each ``H [B, S, S]``: ``(order [B, S], U [B, S, S], ok [B])``."""
+    """:func:`prepare` in act-order (decreasing ``diag(H)``: the inputs that carry the most energy go first, while
+    the most rows are left to absorb their error) for each ``H [B, S, S]``: ``(order [B, S], U [B, S, S], ok
+    [B])``."""
     index = np.arange(hessians.shape[-1])
     order = np.argsort(-hessians[:, index, index], axis=1, kind="stable")
     permuted = np.take_along_axis(np.take_along_axis(hessians, order[:, :, None], axis=1), order[:, None, :], axis=2)

@@ -15,9 +15,9 @@ from graphopt.passes.quantize.config import QuantizeConfig
 Range = tuple[float, float]
 
 
-# op -> (weight input index, bias input index): weights quantized per channel to int8.
 logger = logging.getLogger(__name__)
 
+# op -> (weight input index, bias input index): weights quantized per channel to int8.
 COMPUTE_OPS: dict[str, tuple[int, int | None]] = {"Conv": (1, 2), "MatMul": (1, None), "Gemm": (1, 2)}
 
 
@@ -84,8 +84,8 @@ def _wanted(node: ir.Node, config: QuantizeConfig) -> bool:
         return False
     if node.op_type == "Mul" and _dequantization(node.outputs[0]) is not None:
         return False  # an arriving weight's dequantization: its reader quantizes the weight itself
-    if (node.op_type in COMPUTE_OPS or node.op_type == "Gather") and not edit.finite_weight(node):
-        logger.info("quantize: %s reads a weight holding inf or NaN (a mask table); left in float", node.name)
+    if node.op_type in COMPUTE_OPS and not edit.finite(edit.weight_input(node)):  # tables: qdq's own check
+        logger.info("quantize: %s reads a weight holding inf or NaN; left in float", node.name)
         return False
     return any(is_float_activation(v) for v in activation_inputs(node))
 
