@@ -183,3 +183,14 @@ def test_a_string_input_takes_string_data_and_refuses_pickles(tmp_path: Path) ->
     np.savez(tmp_path / "objects.npz", w=np.array(["a", None], dtype=object))
     with pytest.raises(DataError, match="stores as a pickle"):
         graphopt.optimize(path, {**plan, "verify": {**plan["verify"], "data": str(tmp_path / "objects.npz")}})
+
+
+def test_a_folder_for_another_model_is_named_in_the_error(tmp_path: Path) -> None:
+    model = toy.save(toy.relu_mlp(), tmp_path / "m.onnx")
+    folder = tmp_path / "other"
+    folder.mkdir()
+    np.savez(folder / "000.npz", image=np.zeros((1, 16), np.float32))
+    specs = input_specs(io.load_model(model))
+    expected = rf"a file of {folder} lacks the model's input\(s\) \['x'\]; it has \['image'\]"
+    with pytest.raises(DataError, match=expected):
+        list(iter_batches(DataSpec(source=folder), specs))

@@ -640,7 +640,11 @@ def _iter_given(
             return
         missing = [s.name for s in specs if s.name not in batch]
         if missing:
-            raise DataError(f"a batch from the iterable lacks input(s) {missing}; it has {sorted(batch)}.")
+            where = f"a file of {source.path}" if isinstance(source, SampleFolder) else "a feed of the data given"
+            raise DataError(
+                f"{where} lacks the model's input(s) {missing}; it has {sorted(batch)}. "
+                "Give data for this model's inputs (named as the model names them)."
+            )
         for spec in specs:
             _check_array(np.asarray(batch[spec.name]), spec)
         feeds = {s.name: as_input(batch[s.name], s) for s in specs}
