@@ -22,9 +22,10 @@ class Budget:
         min_cosine_mean: Smallest allowed mean over samples of the cosine similarity.
         min_top1: Smallest allowed share of samples whose arg-max class agrees (rank-2 outputs).
         min_decisions: Smallest allowed share of samples whose class decisions stand, on outputs that are
-            decisions (:func:`graphopt.verify.decision_outputs`: class scores out of a Softmax, ArgMax ids): a
-            sample's decisions stand when at least 99% of its positions keep their arg-max class (every one in
-            a sequence shorter than 100: a CTC line, a short tag sequence, a single label).
+            decisions (:func:`graphopt.verify.decision_outputs`: class scores out of a Softmax, ArgMax ids,
+            a Sigmoid's probabilities): a sample's decisions stand when at least 99% of its positions keep their
+            arg-max class (every one in a sequence shorter than 100: a CTC line, a short tag sequence, a single
+            label); for probabilities, when the positions at or above 0.5 keep an IoU of at least 0.95.
         max_perplexity_increase: Largest allowed relative rise of a language model's perplexity on
             the verification tokens (0.1: +10%), for logits ``[batch, sequence, vocabulary]`` of a
             model fed token ids (see :mod:`graphopt.verify`).

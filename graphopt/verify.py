@@ -49,7 +49,7 @@ class _Accumulator:
     cand_nll: float = 0.0
     token_agree: int = 0
     positions: int = 0
-    kind: str | None = None  # a decision output (decision_outputs): "scores" or "ids"
+    kind: str | None = None  # a decision output (decision_outputs): "scores", "ids" or "probabilities"
     decided: int = 0  # samples whose decisions were compared, and those whose decisions stood
     stood: int = 0
     feeds: int = 0  # feeds run, and those where the candidate's output had another shape (the first such pair)
@@ -101,8 +101,10 @@ class _Accumulator:
             self._add_decisions(ref, cand, samples or ref.shape[0])
 
     def _add_decisions(self, ref: np.ndarray, cand: np.ndarray, samples: int) -> None:
-        """Per sample: whether its decisions stand, at least :data:`DECISIONS_KEPT` of its positions keeping their
-        class (the arg-max over the last axis of scores; the values themselves of ids).
+        """Per sample: whether its decisions stand. Scores and ids: at least :data:`DECISIONS_KEPT` of its
+        positions keep their class (the arg-max over the last axis of scores; the values themselves of ids).
+        Probabilities: the positions at or above 0.5 in the two models overlap by at least :data:`MASK_IOU_KEPT`
+        (intersection over union; none in either model is full agreement).
 
         The sample axis is the one as long as the batch (axis 0 first: a time-major ``[T, B, C]`` output has it
         second); an output with none, or several, is one sample whole (a batch folded into positions)."""
@@ -110,15 +112,19 @@ class _Accumulator:
             if ref.ndim < 2 or ref.shape[-1] < 2:
                 return
             ref, cand = np.argmax(ref, axis=-1), np.argmax(cand, axis=-1)
-        same = ref == cand
-        if same.ndim and same.shape[0] == samples:
-            same = same.reshape(samples, -1)
+        elif self.kind == "probabilities":
+            ref, cand = ref >= 0.5, cand >= 0.5
+        ref, cand = _per_sample(ref, samples), _per_sample(cand, samples)
+        if self.kind == "probabilities":
+            union = np.sum(ref | cand, axis=1)
+            kept = np.sum(ref & cand, axis=1) / np.maximum(union, 1)
+            stood = np.where(union == 0, 1.0, kept) >= MASK_IOU_KEPT - 1e-12
         else:
-            axes = [a for a in range(same.ndim) if same.shape[a] == samples]
-            same = np.moveaxis(same, axes[0], 0).reshape(samples, -1) if len(axes) == 1 else same.reshape(1, -1)
-        kept = same.mean(axis=1) if same.shape[1] else np.ones(len(same))
-        self.decided += len(kept)
-        self.stood += int(np.sum(kept >= DECISIONS_KEPT - 1e-12))
+            same = ref == cand
+            kept = same.mean(axis=1) if same.shape[1] else np.ones(len(same))
+            stood = kept >= DECISIONS_KEPT - 1e-12
+        self.decided += len(stood)
+        self.stood += int(np.sum(stood))
 
     def _add_tokens(self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> None:
         """Perplexity of each sequence's next tokens under both models, and where their arg-maxes agree; padding
@@ -156,13 +162,27 @@ class _Accumulator:
 
 # A sample's decisions stand when this share of its positions keep their class: all of them below 100 positions.
 DECISIONS_KEPT = 0.99
+# A probability map's (a Sigmoid's) decisions stand when its thresholded positions overlap this much: the IoU that
+# segmentation and text-map detection are held to.
+MASK_IOU_KEPT = 0.95
+
+
+def _per_sample(array: np.ndarray, samples: int) -> np.ndarray:
+    """``array`` as ``[samples, positions]``: along the axis as long as the batch, or one sample whole."""
+    if array.ndim and array.shape[0] == samples:
+        return array.reshape(samples, -1)
+    axes = [a for a in range(array.ndim) if array.shape[a] == samples]
+    return np.moveaxis(array, axes[0], 0).reshape(samples, -1) if len(axes) == 1 else array.reshape(1, -1)
+
+
 # Ops that move a tensor's data without changing its values: the class axis is followed through them.
 _MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast")
 
 
 def decision_outputs(model: ir.Model) -> dict[str, str]:
     """The graph outputs that are class decisions, by kind: "scores" (a Softmax/LogSoftmax's probabilities whose
-    class axis ends up last, so that the arg-max there is the decision) or "ids" (an ArgMax's integers).
+    class axis ends up last, so that the arg-max there is the decision), "ids" (an ArgMax's integers) or
+    "probabilities" (a Sigmoid's: a yes/no per position, such as a voice-activity flag or a segmentation map).
 
     Found through data movement: the class axis is followed through Transposes (their ``perm``); Reshape,
     Squeeze, Unsqueeze and Flatten are crossed only with the classes last on both sides, their count known
@@ -183,6 +203,8 @@ def decision_outputs(model: ir.Model) -> dict[str, str]:
             continue
         if node.op_type == "ArgMax" and value.dtype in (ir.DataType.INT64, ir.DataType.INT32):
             found[value.name] = "ids"
+        elif node.op_type == "Sigmoid" and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            found[value.name] = "probabilities"
         else:
             softmax = node.op_type in ("Softmax", "LogSoftmax") and _classes_last(node, reversed(moves), value, opset)
             if softmax or _raw_logits(node, moves, value):

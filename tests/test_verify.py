@@ -537,3 +537,25 @@ def test_decisions_find_the_sample_axis_and_refuse_flattened_classes(tmp_path: P
     )
     model = io.load_model(toy.save(toy._model(graph), tmp_path / "flat.onnx"))
     assert verify.decision_outputs(model) == {}
+
+
+def test_a_sigmoid_map_is_judged_by_the_iou_of_its_thresholded_positions(tmp_path: Path) -> None:
+    """A probability map stands while its positions at or above 0.5 overlap by 0.95 (IoU): a boundary pixel may
+    move, a shrunk region fails; background-only samples agree whatever their values below 0.5."""
+    graph = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["map"])],
+        "seg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+    )
+    model = io.load_model(toy.save(toy._model(graph), tmp_path / "seg.onnx"))
+    assert verify.decision_outputs(model) == {"map": "probabilities"}
+    ref = np.zeros((3, 1, 8, 8), np.float32)
+    ref[:2, 0, :, :5] = 0.9  # 40 positive positions in samples 0 and 1; sample 2 is background
+    cand = ref.copy()
+    cand[0, 0, 0, 0] = 0.4  # one of 40 lost: IoU 39/40 = 0.975, stands
+    cand[1, 0, :, 4] = 0.1  # 8 of 40 lost: IoU 0.8, fails
+    cand[2] = 0.3  # moved, still below 0.5 everywhere: stands
+    acc = verify._Accumulator("map", kind="probabilities")
+    acc.add(ref, cand, samples=3)
+    assert acc.result().decisions == pytest.approx(2 / 3)
