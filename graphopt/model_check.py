@@ -1,9 +1,10 @@
 """What graphopt checks in a model right after loading it, before any pass sees it.
 
 A model can be valid ONNX and still be one graphopt cannot work on: an op neither ONNX Runtime
-nor onnx knows, a string initializer (graphopt sizes weights by their fixed width). Found here,
-these are a user error naming the element; found later, they would fail inside a pass or at
-save and be blamed on graphopt. Nodes out of topological order, which ONNX Runtime accepts,
+nor onnx knows. Found here, it is a user error naming the node; found later, it would fail inside
+a pass or at save and be blamed on graphopt. String tables (labels, vocabularies) are kept as
+they are: the passes change numeric weights only, and verification compares string outputs for
+equality. Nodes out of topological order, which ONNX Runtime accepts,
 are put in order instead.
 """
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 def check_model(model: ir.Model, path: Path) -> None:
     """Raise :class:`ModelLoadError` naming what graphopt cannot handle; sort unsorted graphs in place."""
     _check_ops(model, path)
-    _check_string_initializers(model, path)
     if not _sorted(model):
         ir.passes.common.TopologicalSortPass()(model)
         logger.info("%s: put the nodes in topological order (ONNX Runtime accepts them unsorted)", path)
@@ -50,16 +50,6 @@ def _check_ops(model: ir.Model, path: Path) -> None:
                 f"{path}: {where} uses op {node.op_type!r} of domain {domain or 'ai.onnx'!r}, which neither ONNX "
                 f"Runtime nor onnx knows. Replace it with standard ops, or export the model without the custom op."
             )
-
-
-def _check_string_initializers(model: ir.Model, path: Path) -> None:
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.dtype == ir.DataType.STRING:
-                raise ModelLoadError(
-                    f"{path}: initializer {value.name!r} holds strings; graphopt optimizes numeric weights only. "
-                    "Keep string tables (labels, vocabularies) outside the model, or optimize the numeric part alone."
-                )
 
 
 def _sorted(model: ir.Model) -> bool:

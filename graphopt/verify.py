@@ -71,7 +71,11 @@ class _Accumulator:
             self.shapes = self.shapes or (tuple(ref.shape), tuple(cand.shape))
             self.size_gap += abs(cand.size - ref.size) / max(ref.size, 1)
             return
-        if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
+        if ref.dtype.kind in "OSU" or cand.dtype.kind in "OSU":
+            # strings (a label looked up in a table) are equal or not: the candidate's difference is its mismatches
+            mismatch = (ref != cand).astype(np.float64)
+            ref, cand = np.zeros_like(mismatch), mismatch
+        elif ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
         # The error metrics compare values: an infinity or NaN both models give (a -inf mask passed through) agrees
@@ -181,7 +185,7 @@ _MOVES = ("Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
 
 def decision_outputs(model: ir.Model) -> dict[str, str]:
     """The graph outputs that are class decisions, by kind: "scores" (a Softmax/LogSoftmax's probabilities whose
-    class axis ends up last, so that the arg-max there is the decision), "ids" (an ArgMax's integers) or
+    class axis ends up last, so that the arg-max there is the decision), "ids" (an ArgMax's integers, or strings) or
     "probabilities" (a Sigmoid's: a yes/no per position, such as a voice-activity flag or a segmentation map).
 
     Found through data movement: the class axis is followed through Transposes (their ``perm``); Reshape,
@@ -199,6 +203,9 @@ def decision_outputs(model: ir.Model) -> dict[str, str]:
             moves.append(node)
             source = node.inputs[0] if node.inputs else None
             node = source.producer() if source is not None else None
+        if value.dtype == ir.DataType.STRING:  # labels from a table (Gather, ai.onnx.ml's LabelEncoder): equal or not
+            found[value.name] = "ids"
+            continue
         if node is None or node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type == "ArgMax" and value.dtype in (ir.DataType.INT64, ir.DataType.INT32):

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphopt import cli, runtime
+from graphopt import cli, io, runtime, verify
 from graphopt.budget import Budget
+from graphopt.calibration.sources import DataSpec
 from graphopt.errors import DataError
 from tests.harness.hostile_files import snapshot
 from tests.harness.hostile_user_errors import CASES, Case, linear_model, scalar_input_model, unsorted_model
@@ -80,3 +81,75 @@ def test_onnx_runtime_refusing_inputs_is_a_data_error_naming_them(tmp_path: Path
 def test_budget_refuses_limits_no_model_can_meet(limits: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Budget(**limits)
+
+
+def _labelled(path: Path, labels: list[bytes], in_subgraph: bool = False) -> Path:
+    """A classifier whose second output is its label looked up in a string table (top-level or in an If)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = helper.make_tensor("labels", TensorProto.STRING, [len(labels)], labels)
+    label = helper.make_tensor_value_info("label", TensorProto.STRING, ["batch"])
+    weight = _weights()
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y"]),
+        helper.make_node("ArgMax", ["y"], ["i"], axis=1, keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(weight, "W")]
+    if in_subgraph:
+        body = helper.make_graph(
+            [helper.make_node("Gather", ["labels", "i"], ["l"], axis=0)], "then", [], [label], [table]
+        )
+        body.output[0].name = "l"
+        inits.append(numpy_helper.from_array(np.array(True), "cond"))
+        nodes.append(helper.make_node("If", ["cond"], ["label"], then_branch=body, else_branch=body))
+    else:
+        inits.append(table)
+        nodes.append(helper.make_node("Gather", ["labels", "i"], ["label"], axis=0))
+    graph = helper.make_graph(
+        nodes,
+        "labelled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", len(labels)]), label],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("in_subgraph", [False, True], ids=["top-level", "in-if"])
+def test_string_tables_are_kept_and_string_outputs_compared(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], in_subgraph: bool
+) -> None:
+    """A label table is not a reason to refuse a model: the passes leave it, inspect counts it, and verification
+    judges a string output by equality (a changed label is a changed decision)."""
+    model = _labelled(tmp_path / "m.onnx", [b"cat", b"dog", b"emu"], in_subgraph)
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32))
+    for passes in (["--pass", "fold"], ["--pass", "fp16"], []):
+        code, out = _optimize(model, tmp_path, "--calib", str(data), *passes)
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert out.is_file()
+    assert _main(["inspect", str(model)]) == 0
+    assert "STRING" in capsys.readouterr().out
+    other = _labelled(tmp_path / "other.onnx", [b"cat", b"dog", b"yak"], in_subgraph)
+    assert _main(["verify", str(model), str(other), "--data", str(data)]) == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "'label': decisions standing" in captured.out + captured.err
+    result = verify.verify_models(
+        io.load_model(model),
+        io.load_model(other),
+        DataSpec(source=str(data), samples=16),
+        budget=Budget(min_decisions=0.98),
+    )
+    outputs = {o.name: o for o in result.outputs}
+    assert outputs["y"].decisions is None and outputs["y"].max_abs == 0
+    labels = np.array(["cat", "dog", "emu"])[np.argmax(np.load(data)["x"] @ _weights(), axis=1)]
+    assert outputs["label"].decisions == pytest.approx(np.mean(labels != "emu"))  # the "emu" samples changed
+
+
+def _weights() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)

@@ -271,26 +271,6 @@ _X = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
 _Y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
 
 
-def _string_initializer(folder: Path) -> list[str]:
-    names = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
-    out = helper.make_tensor_value_info("l", TensorProto.STRING, [2])
-    nodes = [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["labels"], ["l"])]
-    return _optimize(_save(folder, _graph_model(nodes, [_X], [_Y, out], [names])), folder)
-
-
-def _string_in_subgraph(folder: Path) -> list[str]:
-    names = helper.make_tensor("labels", TensorProto.STRING, [2], [b"cat", b"dog"])
-    out = helper.make_tensor_value_info("l", TensorProto.STRING, [2])
-    body = helper.make_graph([helper.make_node("Identity", ["labels"], ["l"])], "then", [], [out], [names])
-    cond = numpy_helper.from_array(np.array(True), "cond")
-    nodes = [
-        helper.make_node("Relu", ["x"], ["y"]),
-        helper.make_node("If", ["cond"], ["label"], then_branch=body, else_branch=body),
-    ]
-    label = helper.make_tensor_value_info("label", TensorProto.STRING, [2])
-    return _optimize(_save(folder, _graph_model(nodes, [_X], [_Y, label], [cond])), folder)
-
-
 def scalar_input_model(folder: Path) -> Path:
     """y = x * s with a rank-0 input s."""
     scale = helper.make_tensor_value_info("s", TensorProto.FLOAT, [])
@@ -364,8 +344,6 @@ _A, _B = "base_model.model.fc.lora_A.weight", "base_model.model.fc.lora_B.weight
 _GOOD_BF16 = {_A: _bf16([2, 4], [0, 16]), _B: _bf16([4, 2], [16, 32])}
 
 MODEL_CASES: tuple[Case, ...] = (
-    Case("string initializer", _string_initializer),
-    Case("string initializer in a subgraph", _string_in_subgraph),
     Case("rank-0 input fed per-sample data", _scalar_input_with_rows),
     Case("sequence input", _sequence_input),
     Case("unknown custom op", _custom_op("com.example")),
