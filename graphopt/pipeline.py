@@ -548,11 +548,15 @@ def _drop_lossy(
     else:
         stopped = f" ({searched['stopped']})" if searched.get("stopped") else ""
         found = f"the fallback found no layers to keep in float within its limits{stopped}"
+    dropped = []
     for snapshot in pipeline.lossy_snapshots():  # checked non-empty by the caller
         reason = f"dropped by the accuracy budget: {found} ({'; '.join(result.violations[:2])})"
         candidate, result = _skip(report, pipeline, checker, snapshot, reason, calibration)
+        dropped.append(snapshot.spec.name)
         if result.passed:
             break
+    if searched is not None:  # its float layers are gone with the step: the report says the step went instead
+        searched["dropped"] = dropped
     return candidate, result
 
 

@@ -137,7 +137,11 @@ class Report:
                 f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
                 f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
                 + (f"options changed: {changed}; " if changed else "")
-                + f"nodes left {f.get('kept', 'in float')}: {kept}.",
+                + (
+                    f"so {', '.join(f['dropped'])} was dropped."
+                    if f.get("dropped")
+                    else f"nodes left {f.get('kept', 'in float')}: {kept}."
+                ),
                 "",
             ]
         if self.speed:

@@ -65,6 +65,10 @@ def test_fallback_drop_writes_the_model_without_the_step_it_could_not_hold(
     assert noise.details["skipped"].startswith("dropped by the accuracy budget")
     assert "relative L2" in noise.details["skipped"]
     assert any("nothing was compressed" in w for w in outcome_warnings(result.report))
+    # the fallback's line says the step went, not "nodes left in float: none"
+    assert result.report.fallback is not None and result.report.fallback["dropped"] == ["noise"]
+    markdown = result.report.to_markdown()
+    assert "so noise was dropped." in markdown and "nodes left" not in markdown
     folded = graphopt.optimize(model_path, {"passes": ["fold"], "verify": {"latency_runs": 0}}).model
     assert [n.op_type for n in result.model.graph] == [n.op_type for n in folded.graph]
 
