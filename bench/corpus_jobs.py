@@ -285,6 +285,10 @@ def measure(model: CorpusModel, tool: Tool, src: Path, dst: Path, feeds: list[Fe
     _check_shapes(reference, candidate, names)
     if tool.exact:
         row["rel_l2"] = rel_l2(reference, candidate)
+        # As a user runs both: ORT's default rewrites on. ORT folds a BatchNormalization into its Conv at load
+        # with the arithmetic fold uses, so what remains here is what the tool changed beyond ORT's own rewrites.
+        deployed = _session(src, "all")
+        row["rel_l2_deployed"] = rel_l2(_run_all(deployed, feeds, names), _run_all(_session(dst, "all"), feeds, names))
     row["score"] = float(model.score(reference, candidate))
     row["nodes_in"], row["nodes_out"] = count_nodes(src), count_nodes(dst)
     row["size_ratio"] = model_bytes(dst) / model_bytes(src)
