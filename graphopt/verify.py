@@ -368,7 +368,7 @@ def _output_dict(metrics: OutputMetrics) -> dict[str, object]:
 
 
 def open_candidate(
-    candidate: runtime.ModelSource, device: str, threads: int | None = None, *, spinning: bool = True
+    candidate: runtime.ModelSource, device: str, threads: int | None = None, *, spinning: bool = False
 ) -> ort.InferenceSession:
     """A session for an optimized model; failing to load is the passes' fault, not the user's."""
     try:

@@ -232,3 +232,15 @@ def test_a_rerun_takes_the_later_steps_snapshots_again() -> None:
     output = pipeline.skip(fresh, "test", _calib())
     zeros = sum(int(np.sum(v.const_value.numpy() == 0)) for v in output.graph.initializers.values() if v.const_value)
     assert zeros < 100  # the dense weights of the re-run prune, not the first run's 50% zeros
+
+
+def test_graphopt_sessions_do_not_spin_unless_asked(tmp_path: Path) -> None:
+    """Calibration, verification and timing take turns with numpy's BLAS threads and with each other: an idle ORT
+    thread that spin-waits steals their core (calibration ran 2x slower between the Hessians' products)."""
+    from tests import toy
+
+    path = toy.save(toy.foldable(), tmp_path / "m.onnx")
+    quiet = runtime.create_session(path, threads=2)
+    assert quiet.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = runtime.create_session(path, threads=2, spinning=True).get_session_options()
+    assert not spinning.has_config_entry("session.intra_op.allow_spinning")  # ORT's default: spin
