@@ -52,6 +52,10 @@ class _Accumulator:
     kind: str | None = None  # a decision output (decision_outputs): "scores", "ids" or "probabilities"
     decided: int = 0  # samples whose decisions were compared, and those whose decisions stood
     stood: int = 0
+    # probabilities: the most positions a sample has; the reference's values read, and those still undecided
+    map_positions: int = 0
+    map_values: int = 0
+    map_undecided: int = 0
     feeds: int = 0  # feeds run, and those where the candidate's output had another shape (the first such pair)
     reshaped: int = 0
     shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None
@@ -72,10 +76,9 @@ class _Accumulator:
             self.size_gap += abs(cand.size - ref.size) / max(ref.size, 1)
             return
         if ref.dtype.kind in "OSU" or cand.dtype.kind in "OSU":
-            # strings (a label looked up in a table) are equal or not: the candidate's difference is its mismatches
-            mismatch = (ref != cand).astype(np.float64)
-            ref, cand = np.zeros_like(mismatch), mismatch
-        elif ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
+            self._add_strings(ref, cand, samples)
+            return
+        if ref.dtype == np.bool_ or not np.issubdtype(ref.dtype, np.number):
             ref, cand = ref.astype(np.float64), cand.astype(np.float64)
         r, c = ref.astype(np.float64, copy=False), cand.astype(np.float64, copy=False)
         # The error metrics compare values: an infinity or NaN both models give (a -inf mask passed through) agrees
@@ -104,6 +107,18 @@ class _Accumulator:
         if self.kind is not None and ref.ndim >= 1:
             self._add_decisions(ref, cand, samples or ref.shape[0])
 
+    def _add_strings(self, ref: np.ndarray, cand: np.ndarray, samples: int | None) -> None:
+        """Strings (a label looked up in a table) are equal or not. They have no angle and no class scores: their
+        max abs error is 1 where one changed, their relative L2 the square root of the share changed, and they are
+        decisions (ids) where the graph says so."""
+        changed = np.asarray(ref != cand, dtype=bool)
+        self.max_abs = max(self.max_abs, float(changed.any()))
+        self.ref_max = max(self.ref_max, 1.0)
+        self.diff_sq += float(np.count_nonzero(changed))
+        self.ref_sq += float(changed.size)
+        if self.kind is not None and ref.ndim >= 1:
+            self._add_decisions(ref, cand, samples or ref.shape[0])
+
     def _add_decisions(self, ref: np.ndarray, cand: np.ndarray, samples: int) -> None:
         """Per sample: whether its decisions stand. Scores and ids: at least :data:`DECISIONS_KEPT` of its
         positions keep their class (the arg-max over the last axis of scores; the values themselves of ids).
@@ -117,9 +132,12 @@ class _Accumulator:
                 return
             ref, cand = np.argmax(ref, axis=-1), np.argmax(cand, axis=-1)
         elif self.kind == "probabilities":
+            self.map_values += ref.size
+            self.map_undecided += int(np.count_nonzero((ref > UNDECIDED[0]) & (ref < UNDECIDED[1])))
             ref, cand = ref >= 0.5, cand >= 0.5
         ref, cand = _per_sample(ref, samples), _per_sample(cand, samples)
         if self.kind == "probabilities":
+            self.map_positions = max(self.map_positions, ref.shape[1])
             union = np.sum(ref | cand, axis=1)
             kept = np.sum(ref & cand, axis=1) / np.maximum(union, 1)
             stood = np.where(union == 0, 1.0, kept) >= MASK_IOU_KEPT - 1e-12
@@ -129,6 +147,13 @@ class _Accumulator:
             stood = kept >= DECISIONS_KEPT - 1e-12
         self.decided += len(stood)
         self.stood += int(np.sum(stood))
+
+    def _judged(self) -> bool:
+        """Whether the decisions counted are decisions: a Sigmoid's map only where the reference has decided
+        most of its positions (a probability of one position per sample, a binary classifier's, always is)."""
+        if self.kind != "probabilities" or self.map_positions <= 1:
+            return True
+        return self.map_undecided <= MAP_UNDECIDED_SHARE * self.map_values
 
     def _add_tokens(self, ref: np.ndarray, cand: np.ndarray, ids: np.ndarray, mask: np.ndarray | None) -> None:
         """Perplexity of each sequence's next tokens under both models, and where their arg-maxes agree; padding
@@ -154,7 +179,7 @@ class _Accumulator:
             cosine_mean=self.cos_sum / self.rows if self.rows else 1.0,
             cosine_min=self.cos_min,
             top1=self.agree / self.classified if self.classified else None,
-            decisions=self.stood / self.decided if self.decided else None,
+            decisions=self.stood / self.decided if self.decided and self._judged() else None,
             reference_max_abs=self.ref_max,
             tokens=self.tokens or None,
             perplexity=math.exp(self.cand_nll / self.tokens) if self.tokens else None,
@@ -169,6 +194,11 @@ DECISIONS_KEPT = 0.99
 # A probability map's (a Sigmoid's) decisions stand when its thresholded positions overlap this much: the IoU that
 # segmentation and text-map detection are held to.
 MASK_IOU_KEPT = 0.95
+# A Sigmoid's map is a yes/no map where at most this share of the reference's values lies strictly between
+# UNDECIDED's bounds: a text or segmentation map is saturated near 0 and 1 but at its edges; an image, a gain mask or
+# a matte in (0, 1) is not, and its values near 0.5 would flip the "decision" on noise.
+MAP_UNDECIDED_SHARE = 0.1
+UNDECIDED = (0.1, 0.9)
 
 
 def _per_sample(array: np.ndarray, samples: int) -> np.ndarray:
@@ -557,7 +587,6 @@ class Checker:
         self.ref_session = runtime.create_session(reference, device, threads=threads)
         self.specs = input_specs(reference)
         self.decisions = decision_outputs(reference)
-        self._timing_ref: ort.InferenceSession | None = None
         self._timing_cand: tuple[ir.Model, ort.InferenceSession] | None = None
         self._last_timed: tuple[ir.Model, dict[str, runtime.Latency]] | None = None
         self._last_decode: tuple[ir.Model, dict[str, runtime.Latency]] | None = None
@@ -688,7 +717,8 @@ class Checker:
         """The input shapes latency is measured with (the first verification batch)."""
         return {name: list(np.shape(array)) for name, array in self._timing_feeds().items()}
 
-    # Timing sessions do not spin-wait (see runtime.create_session): verification's sessions do.
+    # Timing sessions do not spin-wait (see runtime.create_session), nor do verification's: the reference's
+    # verification session times it too.
     def _timing_session(self, model: ir.Model) -> ort.InferenceSession:
         """The timing session of ``model``, opened once while it is the model timed (prompt, then decode step)."""
         if self._timing_cand is None or self._timing_cand[0] is not model:
@@ -696,9 +726,7 @@ class Checker:
         return self._timing_cand[1]
 
     def _timing_reference(self) -> ort.InferenceSession:
-        if self._timing_ref is None:
-            self._timing_ref = runtime.create_session(self.reference, self.device, threads=self.threads, spinning=False)
-        return self._timing_ref
+        return self.ref_session
 
     def _timing_feeds(self) -> dict[str, np.ndarray]:
         return next(iter(self._batches()))

@@ -148,7 +148,11 @@ def test_string_tables_are_kept_and_string_outputs_compared(
     outputs = {o.name: o for o in result.outputs}
     assert outputs["y"].decisions is None and outputs["y"].max_abs == 0
     labels = np.array(["cat", "dog", "emu"])[np.argmax(np.load(data)["x"] @ _weights(), axis=1)]
-    assert outputs["label"].decisions == pytest.approx(np.mean(labels != "emu"))  # the "emu" samples changed
+    changed = np.mean(labels == "emu")  # the samples labelled "emu" changed
+    label = outputs["label"]
+    assert label.decisions == pytest.approx(1 - changed) and label.max_abs == 1.0
+    # strings have no angle or class scores: only the share changed counts, as a relative L2
+    assert label.rel_l2 == pytest.approx(np.sqrt(changed)) and label.cosine_min == 1.0 and label.top1 is None
 
 
 def _weights() -> np.ndarray:

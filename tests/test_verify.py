@@ -559,3 +559,18 @@ def test_a_sigmoid_map_is_judged_by_the_iou_of_its_thresholded_positions(tmp_pat
     acc = verify._Accumulator("map", kind="probabilities")
     acc.add(ref, cand, samples=3)
     assert acc.result().decisions == pytest.approx(2 / 3)
+
+
+def test_a_sigmoid_output_in_between_is_not_read_as_a_mask() -> None:
+    """An image, a gain mask or a matte out of a Sigmoid sits between 0 and 1: thresholding it at 0.5 would flip
+    on noise, so it is judged by its values; a binary classifier's one probability per sample always is a decision."""
+    rng = np.random.default_rng(12)
+    image = rng.uniform(0.3, 0.7, (4, 1, 8, 8)).astype(np.float32)
+    nudged = image + rng.normal(0, 1e-3, image.shape).astype(np.float32)
+    acc = verify._Accumulator("image", kind="probabilities")
+    acc.add(image, nudged, samples=4)
+    assert acc.result().decisions is None and acc.result().cosine_min > 0.9999
+    flags = np.array([[0.45], [0.55], [0.2], [0.8]], np.float32)  # undecided-looking, but one per sample
+    acc = verify._Accumulator("flag", kind="probabilities")
+    acc.add(flags, flags[::-1].copy(), samples=4)
+    assert acc.result().decisions == 0.0  # every sample crossed 0.5
