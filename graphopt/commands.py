@@ -278,7 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     feeds = next(iter_batches(_data_from_args(args, args.batch_size), input_specs(models[0])))
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     if len(models) == 1:
-        session = runtime.create_session(models[0], args.device, threads=args.threads)
+        # alone, a session is timed as it is deployed: with ORT's default thread spinning
+        session = runtime.create_session(models[0], args.device, threads=args.threads, spinning=True)
         latency = runtime.measure_latency(session, feeds, warmup=args.warmup, runs=args.runs)
         console.print(
             f"{args.models[0]} on {args.device} ({', '.join(session.get_providers())}), "

@@ -51,16 +51,18 @@ def render_report(console: Console, report: Report) -> None:
         console.print(f"opset {o['before']} → {o['after']} (the passes want {o['wanted']}): {o['reason']}")
     if report.fallback:
         f = report.fallback
-        console.print(
-            f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
-            f"the budget after {f['trials']} trials; "
-            + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items())
-            + (
-                f"so {', '.join(f['dropped'])} was dropped"
-                if f.get("dropped")
-                else f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
+        if f.get("dropped"):  # whatever the search found, the whole pipeline did not hold the budget with it
+            console.print(
+                f"accuracy fallback on {f['pass_name']}: [red]no placement held the budget[/red] after {f['trials']} "
+                f"trials; dropped: {', '.join(f['dropped'])}"
             )
-        )
+        else:
+            console.print(
+                f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
+                f"the budget after {f['trials']} trials; "
+                + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items())
+                + f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
+            )
         if f.get("stopped"):
             console.print(f"[yellow]warning[/yellow]: the fallback search stopped early, at its {f['stopped']}")
     if report.speed:

@@ -133,17 +133,21 @@ class Report:
             f = self.fallback
             kept = ", ".join(f["float_nodes"]) or "none"
             changed = ", ".join(f"{k}={v}" for k, v in (f.get("changed") or {}).items())
-            lines += [
-                f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the budget "
-                f"(score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after {f['trials']} trials; "
-                + (f"options changed: {changed}; " if changed else "")
-                + (
-                    f"so {', '.join(f['dropped'])} was dropped."
-                    if f.get("dropped")
-                    else f"nodes left {f.get('kept', 'in float')}: {kept}."
-                ),
-                "",
-            ]
+            if f.get("dropped"):  # whatever the search found, the whole pipeline did not hold the budget with it
+                text = (
+                    f"Accuracy fallback on `{f['pass_name']}`: no placement held the budget after {f['trials']} "
+                    f"trials (score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within); dropped: "
+                    f"{', '.join(f['dropped'])}."
+                )
+            else:
+                text = (
+                    f"Accuracy fallback on `{f['pass_name']}`: {'reached' if f['passed'] else 'did not reach'} the "
+                    f"budget (score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after "
+                    f"{f['trials']} trials; "
+                    + (f"options changed: {changed}; " if changed else "")
+                    + f"nodes left {f.get('kept', 'in float')}: {kept}."
+                )
+            lines += [text, ""]
         if self.speed:
             text = summary(self.speed)
             lines += [text[0].upper() + text[1:] + ".", ""]

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from rich.console import Console
 
 import graphopt
-from graphopt import io, registry
+from graphopt import io, registry, render
 from graphopt.errors import AccuracyBudgetError, DataError, PassError
 from graphopt.passes.fold import FoldConfig, FoldConstantsPass
 from graphopt.report import outcome_warnings
@@ -68,7 +70,11 @@ def test_fallback_drop_writes_the_model_without_the_step_it_could_not_hold(
     # the fallback's line says the step went, not "nodes left in float: none"
     assert result.report.fallback is not None and result.report.fallback["dropped"] == ["noise"]
     markdown = result.report.to_markdown()
-    assert "so noise was dropped." in markdown and "nodes left" not in markdown
+    assert "no placement held the budget" in markdown and "dropped: noise." in markdown
+    assert "nodes left" not in markdown and "reached" not in markdown
+    console = Console(file=StringIO(), width=300)
+    render.render_report(console, result.report)
+    assert "no placement held the budget after" in console.file.getvalue()
     folded = graphopt.optimize(model_path, {"passes": ["fold"], "verify": {"latency_runs": 0}}).model
     assert [n.op_type for n in result.model.graph] == [n.op_type for n in folded.graph]
 
