@@ -415,9 +415,11 @@ def compare_sessions(
     device: str = "cpu",
     budget: Budget | None = None,
     decisions: dict[str, str] | None = None,
+    reference: Callable[[int, Batch, list[str]], dict[str, np.ndarray]] | None = None,
 ) -> VerifyResult:
     """Run two open sessions on ``batches`` and reduce per-output metrics (``decisions``: the outputs that are
-    class decisions, :func:`decision_outputs`)."""
+    class decisions, :func:`decision_outputs`; ``reference``: the reference's outputs on batch ``i``, where they are
+    kept from an earlier comparison, instead of running ``ref_session``)."""
     ref_names = [o.name for o in ref_session.get_outputs()]
     cand_names = {o.name for o in cand_session.get_outputs()}
     missing = [n for n in ref_names if n not in cand_names]
@@ -429,8 +431,8 @@ def compare_sessions(
         raise RecipeError(f"budget.outputs names {unknown}, which the model does not have; its outputs: {ref_names}.")
     accumulators = {name: _Accumulator(name, kind=(decisions or {}).get(name)) for name in ref_names}
     samples = 0
-    for batch in batches:
-        ref_out = runtime.run(ref_session, batch, ref_names)
+    for index, batch in enumerate(batches):
+        ref_out = reference(index, batch, ref_names) if reference else runtime.run(ref_session, batch, ref_names)
         try:
             cand_out = runtime.run(cand_session, batch, ref_names)
         except DataError as exc:  # the reference ran on this batch, so the data is not to blame
@@ -592,6 +594,8 @@ class Checker:
         self._last_decode: tuple[ir.Model, dict[str, runtime.Latency]] | None = None
         self._decode: tuple[Batch | None] | None = None  # a decoder's one-step feeds, once made
         self._cached: list[Batch] | tuple[()] | None = None
+        self._ref_outputs: dict[int, dict[str, np.ndarray]] = {}  # the reference's outputs per kept batch
+        self._ref_bytes = 0
 
     def check(self, candidate: ir.Model, *, probe: bool = False) -> tuple[ort.InferenceSession, VerifyResult]:
         """The candidate's session and its verification result.
@@ -608,9 +612,29 @@ class Checker:
         session = open_candidate(candidate, self.device, self.threads)
         batches = self._batches()
         result = compare_sessions(
-            self.ref_session, session, batches, device=self.device, budget=self.budget, decisions=self.decisions
+            self.ref_session,
+            session,
+            batches,
+            device=self.device,
+            budget=self.budget,
+            decisions=self.decisions,
+            reference=self._reference_outputs,
         )
         return session, result
+
+    def _reference_outputs(self, index: int, batch: Batch, names: list[str]) -> dict[str, np.ndarray]:
+        """The reference's outputs on verification batch ``index``: run once, and kept for every later trial while
+        the batches themselves are kept and the outputs fit in :data:`CACHED_BYTES` (the reference never changes;
+        it reproduces itself, :meth:`_reproducible`)."""
+        kept = self._ref_outputs.get(index)
+        if kept is not None:
+            return kept
+        outputs = runtime.run(self.ref_session, batch, names)
+        size = sum(np.asarray(a).nbytes for a in outputs.values())
+        if self._cached and self._ref_bytes + size <= CACHED_BYTES:
+            self._ref_outputs[index] = outputs
+            self._ref_bytes += size
+        return outputs
 
     def _reproducible(self) -> None:
         """Refuse a reference whose second run on the first batch misses the budget against its first: no candidate

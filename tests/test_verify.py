@@ -574,3 +574,35 @@ def test_a_sigmoid_output_in_between_is_not_read_as_a_mask() -> None:
     acc = verify._Accumulator("flag", kind="probabilities")
     acc.add(flags, flags[::-1].copy(), samples=4)
     assert acc.result().decisions == 0.0  # every sample crossed 0.5
+
+
+def test_the_checker_runs_the_reference_once_for_every_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback verifies dozens of candidates against one reference: its outputs on the kept verification
+    batches are computed once, and every trial's verdict is the one a fresh comparison gives."""
+    from graphopt import runtime
+
+    path = toy.save(_decider(), tmp_path / "d.onnx")
+    model = io.load_model(path)
+    x = np.random.default_rng(13).standard_normal((8, 12, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    noisy = _decider()
+    w = numpy_helper.to_array(noisy.graph.initializer[0])
+    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 0.3 * np.sign(w), "W"))
+    candidate = io.load_model(toy.save(noisy, tmp_path / "noisy.onnx"))
+    spec = DataSpec(source=str(tmp_path / "x.npz"), batch_size=2)
+    checker = verify.Checker(model, spec, budget.Budget(min_decisions=0.98), "cpu", 1)
+    runs: list[object] = []
+    real = runtime.run
+
+    def counted(session: object, feeds: object, outputs: object = None) -> dict:
+        runs.append(session)
+        return real(session, feeds, outputs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "run", counted)
+    first = checker.check(candidate)[1]
+    second = checker.check(candidate)[1]
+    same = checker.check(model)[1]
+    assert sum(s is checker.ref_session for s in runs) == 4  # 4 batches of 2, run once
+    fresh = verify.verify_models(model, candidate, spec, budget=budget.Budget(min_decisions=0.98))
+    assert first.to_dict() == second.to_dict() == {**fresh.to_dict(), "device": first.device}
+    assert not first.passed and same.passed
