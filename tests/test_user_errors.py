@@ -157,3 +157,50 @@ def test_string_tables_are_kept_and_string_outputs_compared(
 
 def _weights() -> np.ndarray:
     return np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+
+
+def test_nan_means_missing_where_the_model_reads_it_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tree ensemble (LightGBM, XGBoost exports) follows its missing-value branch on NaN, and its package feeds
+    NaN on purpose: such an input takes NaN (still not Inf); an input of an MLP refuses it (the hostile cases)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tree = helper.make_node(
+        "TreeEnsembleRegressor",
+        ["features"],
+        ["y"],
+        domain="ai.onnx.ml",
+        n_targets=1,
+        nodes_treeids=[0, 0, 0],
+        nodes_nodeids=[0, 1, 2],
+        nodes_featureids=[0, 0, 0],
+        nodes_values=[0.5, 0.0, 0.0],
+        nodes_modes=["BRANCH_LT", "LEAF", "LEAF"],
+        nodes_truenodeids=[1, 0, 0],
+        nodes_falsenodeids=[2, 0, 0],
+        nodes_missing_value_tracks_true=[1, 0, 0],
+        target_treeids=[0, 0],
+        target_nodeids=[1, 2],
+        target_ids=[0, 0],
+        target_weights=[1.0, 2.0],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["features"], to=TensorProto.FLOAT), tree],
+        "trees",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 10
+    path = tmp_path / "trees.onnx"
+    onnx.save(model, path)
+    x = np.random.default_rng(2).uniform(0, 1, (8, 2))
+    x[::3, 0] = np.nan
+    np.savez(tmp_path / "x.npz", x=x)
+    code, out = _optimize(path, tmp_path, "--calib", str(tmp_path / "x.npz"), "--pass", "fold")
+    captured = capsys.readouterr()
+    assert code == 0 and out.is_file(), captured.err
+    x[1, 1] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x)
+    code, _ = _optimize(path, tmp_path, "--calib", str(tmp_path / "inf.npz"), "--pass", "fold")
+    assert code == 2 and "input 'x', sample 1: the data holds Inf values" in capsys.readouterr().err

@@ -111,6 +111,10 @@ def test_float64_data_for_a_float32_input_is_said_once(
         for _ in range(2):
             assert all(b["x"].dtype == np.float32 for b in iter_batches(data, input_specs(model)))
     assert caplog.text.count("is float64 and the model takes float32") == 1
+    integers = DataSpec(source={"x": np.ones((4, 8), np.int64)}, samples=4, batch_size=2)
+    with caplog.at_level(logging.WARNING):
+        assert all(b["x"].dtype == np.float32 for b in iter_batches(integers, input_specs(model)))
+    assert "is int64 and the model takes float32: whole numbers are fed as they are" in caplog.text
 
 
 def test_npz_and_npy_folder_sources(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ class InputSpec:
     shape: tuple[int | str | None, ...]
     index_bound: int | None = None  # exclusive upper bound when the input indexes a table
     hints: tuple[tuple[str, int], ...] = ()  # sizes of symbolic dims read off the graph, for generated inputs
+    missing_ok: bool = False  # NaN means "missing" here: the input reaches an op that handles it (a tree ensemble)
 
 
 def input_specs(model: ir.Model) -> list[InputSpec]:
@@ -78,8 +79,34 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
         head = _attention_head_size(value) if len(dims) == 4 and isinstance(dims[3], str) else None
         if head is not None:  # a KV cache's head size the export left symbolic: read it off the attention op
             hints = ((str(dims[3]), head),)
-        specs.append(InputSpec(value.name, value.dtype.numpy(), dims, _index_bound(value), hints))
+        missing = _takes_missing(value)
+        specs.append(InputSpec(value.name, value.dtype.numpy(), dims, _index_bound(value), hints, missing))
     return specs
+
+
+# Ops that read NaN as a missing value (tree ensembles follow their missing-value branch; Imputer replaces it;
+# IsNaN tests for it), and the ops an input may pass through on its way there without losing that meaning.
+MISSING_VALUE_OPS = {
+    ("ai.onnx.ml", "TreeEnsembleClassifier"),
+    ("ai.onnx.ml", "TreeEnsembleRegressor"),
+    ("ai.onnx.ml", "TreeEnsemble"),
+    ("ai.onnx.ml", "Imputer"),
+    ("", "IsNaN"),
+}
+_PASS_THROUGH = ("Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice")
+
+
+def _takes_missing(value: ir.Value, depth: int = 0) -> bool:
+    """Whether NaN in ``value`` means "missing" to the model: it reaches a :data:`MISSING_VALUE_OPS` op through data
+    movement alone (LightGBM and XGBoost exports feed NaN to their trees on purpose)."""
+    for node, _ in value.uses():
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if (domain, node.op_type) in MISSING_VALUE_OPS:
+            return True
+        passes_on = domain == "" and node.op_type in _PASS_THROUGH and depth < 4
+        if passes_on and any(_takes_missing(out, depth + 1) for out in node.outputs):
+            return True
+    return False
 
 
 def _attention_head_size(value: ir.Value) -> int | None:
@@ -348,6 +375,13 @@ def _check_array(array: np.ndarray, spec: InputSpec) -> None:
             f"the data for input {spec.name!r} is float64 and the model takes float32: it is rounded to float32 "
             "(save it as float32 to feed exactly what the model will see).",
         )
+    if array.dtype.kind in "biu" and np.dtype(spec.dtype).kind == "f":
+        _warn_once(
+            (spec.name, "integer"),
+            f"the data for input {spec.name!r} is {array.dtype} and the model takes {np.dtype(spec.dtype)}: whole "
+            "numbers are fed as they are. If the values had fractions (features, logits, audio), they were cut off "
+            "before they were saved; save them as floating point.",
+        )
     if np.dtype(spec.dtype).kind in "OSU":  # a string input (phonemes, words): str or bytes arrays, fed as objects
         if array.dtype.kind not in "OSU":
             raise DataError(
@@ -400,7 +434,8 @@ def as_input(array: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def check_batch(batch: Batch, specs: list[InputSpec], *, first_sample: int = 0) -> None:
-    """Refuse values no model should get: NaN or Inf, and indices outside the table they index.
+    """Refuse values no model should get: NaN or Inf, and indices outside the table they index. NaN is let through
+    where the model reads it as a missing value (:attr:`InputSpec.missing_ok`).
 
     Caught here, they are named by input and sample; in ONNX Runtime they would surface as an
     accuracy failure (NaN compares as an infinite error) or an error inside a Gather node.
@@ -408,7 +443,10 @@ def check_batch(batch: Batch, specs: list[InputSpec], *, first_sample: int = 0) 
     for spec in specs:
         array = batch[spec.name]
         rows = array.reshape(array.shape[0], int(np.prod(array.shape[1:]))) if array.ndim else array.reshape(1, 1)
-        if np.issubdtype(array.dtype, np.floating):
+        if np.issubdtype(array.dtype, np.floating) and spec.missing_ok:  # NaN is "missing" there; Inf is not
+            bad = np.isinf(rows).any(axis=1)
+            what = "Inf values"
+        elif np.issubdtype(array.dtype, np.floating):
             bad = ~np.isfinite(rows).all(axis=1)
             what = "NaN or Inf values"
         elif spec.index_bound is not None and np.issubdtype(array.dtype, np.integer):
