@@ -61,7 +61,11 @@ def render_report(console: Console, report: Report) -> None:
                 f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
                 f"the budget after {f['trials']} trials; "
                 + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items())
-                + f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
+                + (
+                    f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
+                    if f["passed"] or f["float_nodes"]
+                    else f"no set of nodes left {f.get('kept', 'in float')} within its limits held it"
+                )
             )
         if f.get("stopped"):
             console.print(f"[yellow]warning[/yellow]: the fallback search stopped early, at its {f['stopped']}")

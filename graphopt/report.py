@@ -145,7 +145,11 @@ class Report:
                     f"budget (score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after "
                     f"{f['trials']} trials; "
                     + (f"options changed: {changed}; " if changed else "")
-                    + f"nodes left {f.get('kept', 'in float')}: {kept}."
+                    + (
+                        f"nodes left {f.get('kept', 'in float')}: {kept}."
+                        if f["passed"] or f["float_nodes"]
+                        else f"no set of nodes left {f.get('kept', 'in float')} within its limits held it."
+                    )
                 )
             lines += [text, ""]
         if self.speed:

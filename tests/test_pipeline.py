@@ -47,6 +47,9 @@ def test_budget_failure_names_the_lossy_pass(model_path: Path, noise_passes: Noi
     assert "output 'y': relative L2" in message and "Passes that changed the model: noise" in message
     assert info.value.report is not None and not info.value.report.verification.passed
     assert info.value.exit_code == 1
+    assert info.value.report.fallback is not None  # a failed search does not read as "nodes left in float: none"
+    markdown = info.value.report.to_markdown()
+    assert "within its limits held it" in markdown and "nodes left in float: none" not in markdown
 
 
 def test_fallback_drop_writes_the_model_without_the_step_it_could_not_hold(
