@@ -68,13 +68,23 @@ class WeightOnlyQuantizePass(ir.passes.InPlacePass):
         self._wide: set[str] = set()  # weights stored at 8 bits in a 4-bit model (mixed_share)
         self._scalings: list[awq.Scaling] = []
 
+    def _why_no_work(self, model: ir.Model) -> str:
+        """Why no layer was a candidate at all (a conv net, a tree model), and which pass would compress it."""
+        convs = sum(
+            1
+            for n in ir.traversal.RecursiveGraphIterator(model.graph)
+            if n.op_type == "Conv" and n.domain in ("", "ai.onnx")
+        )
+        reason = f"nothing to quantize: no {'/'.join(self.config.op_types)} with a constant float weight"
+        return reason + (f"; its {convs} Conv weights are quantize's to compress (static int8)" if convs else "")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self._inverses = {}
         if self.config.method == "gptq" and not self.hessians:
             logger.info("weight_only: method gptq without Hessians; falling back to round-to-nearest")
         layers, skipped = plan_layers(model.graph, self.config)
         if not layers:
-            self.details = {"layers": 0, "skipped": skipped}
+            self.details = {"layers": 0, "skipped": skipped or self._why_no_work(model)}
             return ir.passes.PassResult(model, modified=False)
         opset_from = raise_opset(model) if self.config.format == "qdq" else None
         lowering = Lowering(model.graph, self.config)

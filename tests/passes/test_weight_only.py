@@ -788,3 +788,14 @@ def test_a_tied_lm_head_competes_for_8_bits_with_its_table(tmp_path: Path) -> No
     gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
     head = next(n for n in model.graph if n.op_type == "MatMulNBits")
     assert gather.attributes.get_int("bits") == 8 and head.attributes.get_int("bits") == 8  # one copy, both readers
+
+
+def test_a_conv_net_is_told_which_pass_compresses_it(tmp_path: Path) -> None:
+    """weight_only covers MatMul/Gemm/Gather weights: on a conv net it changes nothing and says quantize's the pass."""
+    model = _load(toy.conv_bn(), tmp_path, "conv.onnx")
+    quantize = WeightOnlyQuantizePass(WeightOnlyConfig())
+    assert not quantize(model).modified
+    assert quantize.details["skipped"] == (
+        "nothing to quantize: no MatMul/Gemm/Gather with a constant float weight; "
+        "its 1 Conv weights are quantize's to compress (static int8)"
+    )
