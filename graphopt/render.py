@@ -7,7 +7,7 @@ from rich.table import Table
 
 from graphopt import speed
 from graphopt.budget import token_summary
-from graphopt.report import Report, decode_line, latency_line, outcome_warnings
+from graphopt.report import Report, decode_line, fallback_outcome, latency_line, outcome_warnings
 from graphopt.stats import ModelStats
 from graphopt.verify import VerifyResult
 
@@ -51,22 +51,13 @@ def render_report(console: Console, report: Report) -> None:
         console.print(f"opset {o['before']} → {o['after']} (the passes want {o['wanted']}): {o['reason']}")
     if report.fallback:
         f = report.fallback
-        if f.get("dropped"):  # whatever the search found, the whole pipeline did not hold the budget with it
-            console.print(
-                f"accuracy fallback on {f['pass_name']}: [red]no placement held the budget[/red] after {f['trials']} "
-                f"trials; dropped: {', '.join(f['dropped'])}"
-            )
-        else:
-            console.print(
-                f"accuracy fallback on {f['pass_name']}: {'reached' if f['passed'] else '[red]did not reach[/red]'} "
-                f"the budget after {f['trials']} trials; "
-                + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items())
-                + (
-                    f"nodes left {f.get('kept', 'in float')}: {', '.join(f['float_nodes']) or 'none'}"
-                    if f["passed"] or f["float_nodes"]
-                    else f"no set of nodes left {f.get('kept', 'in float')} within its limits held it"
-                )
-            )
+        reached = "" if f.get("dropped") else "reached" if f["passed"] else "[red]did not reach[/red]"
+        console.print(
+            f"accuracy fallback on {f['pass_name']}: "
+            + (f"{reached} the budget after {f['trials']} trials; " if reached else "")
+            + "".join(f"options changed: {k}={v}; " for k, v in (f.get("changed") or {}).items() if reached)
+            + fallback_outcome(f)
+        )
         if f.get("stopped"):
             console.print(f"[yellow]warning[/yellow]: the fallback search stopped early, at its {f['stopped']}")
     if report.speed:

@@ -131,13 +131,11 @@ class Report:
             lines += [decode_line(self.decode_latency), ""]
         if self.fallback:
             f = self.fallback
-            kept = ", ".join(f["float_nodes"]) or "none"
             changed = ", ".join(f"{k}={v}" for k, v in (f.get("changed") or {}).items())
-            if f.get("dropped"):  # whatever the search found, the whole pipeline did not hold the budget with it
+            if f.get("dropped"):
                 text = (
-                    f"Accuracy fallback on `{f['pass_name']}`: no placement held the budget after {f['trials']} "
-                    f"trials (score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within); dropped: "
-                    f"{', '.join(f['dropped'])}."
+                    f"Accuracy fallback on `{f['pass_name']}` (score {f['score_before']:.3g} → {f['score_after']:.3g}, "
+                    f"≤ 1 is within): {fallback_outcome(f)}."
                 )
             else:
                 text = (
@@ -145,11 +143,8 @@ class Report:
                     f"budget (score {f['score_before']:.3g} → {f['score_after']:.3g}, ≤ 1 is within) after "
                     f"{f['trials']} trials; "
                     + (f"options changed: {changed}; " if changed else "")
-                    + (
-                        f"nodes left {f.get('kept', 'in float')}: {kept}."
-                        if f["passed"] or f["float_nodes"]
-                        else f"no set of nodes left {f.get('kept', 'in float')} within its limits held it."
-                    )
+                    + fallback_outcome(f)
+                    + "."
                 )
             lines += [text, ""]
         if self.speed:
@@ -282,6 +277,18 @@ def outcome_warnings(report: Report) -> list[str]:
         elif step is not None and step > _SLOWER:
             warnings.append(f"a decode step of the output runs {step:.2f}× slower than the input's.")
     return warnings
+
+
+def fallback_outcome(fallback: dict[str, Any]) -> str:
+    """What the accuracy fallback left: the step dropped (whatever the search found, the whole pipeline did not hold
+    the budget with it), the layers it kept in float, or that no set of them within its limits held the budget."""
+    kept = fallback.get("kept", "in float")
+    if fallback.get("dropped"):
+        dropped = ", ".join(fallback["dropped"])
+        return f"no placement held the budget after {fallback['trials']} trials; dropped: {dropped}"
+    if fallback["passed"] or fallback["float_nodes"]:
+        return f"nodes left {kept}: {', '.join(fallback['float_nodes']) or 'none'}"
+    return f"no set of nodes left {kept} within its limits held it"
 
 
 def latency_line(report: Report) -> str:

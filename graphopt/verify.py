@@ -595,7 +595,6 @@ class Checker:
         self._decode: tuple[Batch | None] | None = None  # a decoder's one-step feeds, once made
         self._cached: list[Batch] | tuple[()] | None = None
         self._ref_outputs: dict[int, dict[str, np.ndarray]] = {}  # the reference's outputs per kept batch
-        self._ref_bytes = 0
 
     def check(self, candidate: ir.Model, *, probe: bool = False) -> tuple[ort.InferenceSession, VerifyResult]:
         """The candidate's session and its verification result.
@@ -630,10 +629,9 @@ class Checker:
         if kept is not None:
             return kept
         outputs = runtime.run(self.ref_session, batch, names)
-        size = sum(np.asarray(a).nbytes for a in outputs.values())
-        if self._cached and self._ref_bytes + size <= CACHED_BYTES:
+        held = sum(np.asarray(a).nbytes for kept in (*self._ref_outputs.values(), outputs) for a in kept.values())
+        if self._cached and held <= CACHED_BYTES:
             self._ref_outputs[index] = outputs
-            self._ref_bytes += size
         return outputs
 
     def _reproducible(self) -> None:

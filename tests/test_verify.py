@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -497,16 +498,20 @@ def test_a_sample_stands_when_99_percent_of_its_positions_keep_their_class() -> 
     assert plain.result().decisions is None  # not a decision output: no figure
 
 
-def test_min_decisions_judges_the_decision_outputs(tmp_path: Path) -> None:
-    path = toy.save(_decider(), tmp_path / "d.onnx")
-    model = io.load_model(path)
-    x = np.random.default_rng(10).standard_normal((8, 12, 4)).astype(np.float32)
-    np.savez(tmp_path / "x.npz", x=x)
+def _decider_and_noisy(tmp_path: Path, seed: int) -> tuple[ir.Model, ir.Model, Path]:
+    """The decider, a copy whose weights moved enough to flip decisions, and 8 samples for them."""
+    model = io.load_model(toy.save(_decider(), tmp_path / "d.onnx"))
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(seed).standard_normal((8, 12, 4)).astype(np.float32))
     noisy = _decider()
     w = numpy_helper.to_array(noisy.graph.initializer[0])
     noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 0.3 * np.sign(w), "W"))
-    candidate = io.load_model(toy.save(noisy, tmp_path / "noisy.onnx"))
-    spec = DataSpec(source=str(tmp_path / "x.npz"))
+    return model, io.load_model(toy.save(noisy, tmp_path / "noisy.onnx")), data
+
+
+def test_min_decisions_judges_the_decision_outputs(tmp_path: Path) -> None:
+    model, candidate, data = _decider_and_noisy(tmp_path, 10)
+    spec = DataSpec(source=str(data))
     result = verify.verify_models(model, candidate, spec, budget=budget.Budget(min_decisions=0.98))
     by_name = {o.name: o for o in result.outputs}
     assert by_name["probs"].decisions is not None and by_name["probs"].decisions < 0.98
@@ -585,15 +590,8 @@ def test_the_checker_runs_the_reference_once_for_every_trial(tmp_path: Path, mon
     batches are computed once, and every trial's verdict is the one a fresh comparison gives."""
     from graphopt import runtime
 
-    path = toy.save(_decider(), tmp_path / "d.onnx")
-    model = io.load_model(path)
-    x = np.random.default_rng(13).standard_normal((8, 12, 4)).astype(np.float32)
-    np.savez(tmp_path / "x.npz", x=x)
-    noisy = _decider()
-    w = numpy_helper.to_array(noisy.graph.initializer[0])
-    noisy.graph.initializer[0].CopyFrom(numpy_helper.from_array(w + 0.3 * np.sign(w), "W"))
-    candidate = io.load_model(toy.save(noisy, tmp_path / "noisy.onnx"))
-    spec = DataSpec(source=str(tmp_path / "x.npz"), batch_size=2)
+    model, candidate, data = _decider_and_noisy(tmp_path, 13)
+    spec = DataSpec(source=str(data), batch_size=2)
     checker = verify.Checker(model, spec, budget.Budget(min_decisions=0.98), "cpu", 1)
     runs: list[object] = []
     real = runtime.run
