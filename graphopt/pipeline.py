@@ -412,6 +412,13 @@ def _verify(
     result = checker.check(candidate, probe=True)[1]
     _check_token_data(result, plan, data)
     errors = None  # layer-wise errors of ``candidate``, when the fallback measured them already
+    if not result.passed and plan.fallback.enabled and pipeline.lossy_snapshots() and plan.budget.max_latency_ratio:
+        # Over both budgets, latency decides first which layers stay int8: where no placement pays, the step goes
+        # and no accuracy search runs (on a detector whose int8 form ran 1.5x the input, that search spent its
+        # whole time limit on placements the latency budget then dropped); where one pays, the accuracy search
+        # starts from it, among the layers whose int8 form is worth keeping.
+        stage("latency budget: timing against the input before the accuracy search")
+        candidate, result = _meet_latency(report, pipeline, checker, candidate, result, plan, calibration, True)
     if not result.passed and plan.fallback.enabled and pipeline.lossy_snapshots():
         stage("accuracy fallback: searching layers to keep in float")
         candidate, result, errors = _fall_back(report, pipeline, checker, candidate, result, plan, calibration)
@@ -473,11 +480,14 @@ def _meet_latency(
     result: verify.VerifyResult,
     plan: recipe.Recipe,
     calibration: DataSpec | None,
+    accuracy_next: bool = False,
 ) -> tuple[ir.Model, verify.VerifyResult]:
     """Hold the output to ``budget.max_latency_ratio``: lossy layers whose int8 form does not pay go back to float.
 
     The last lossy step is searched first (:func:`speed.search`); a step with no placement
-    that meets the limit is dropped. Returns the model and its verification.
+    that meets the limit is dropped. With ``accuracy_next`` (the accuracy fallback runs after
+    this search), a placement that meets the limit is kept even though the output is still
+    over the accuracy budget. Returns the model and its verification.
     """
     limit = plan.budget.max_latency_ratio
     assert limit is not None
@@ -488,6 +498,14 @@ def _meet_latency(
 
     current = ratio(candidate)
     outcome = speed.SpeedResult("", limit, current, current, passed=speed.within(current, limit))
+    earlier = report.speed  # a search before the accuracy fallback's (see _verify)
+    still_runs = earlier is not None and (
+        earlier["dropped"] or any(s.spec.name == earlier["pass_name"] for s in pipeline.lossy_snapshots())
+    )
+    if still_runs and (earlier["tried"] or earlier["dropped"]) and (outcome.passed or not pipeline.lossy_snapshots()):
+        # Nothing to search now: the report keeps what that search did (unless the accuracy budget dropped the step
+        # it placed since), re-measured on the final output.
+        outcome = speed.SpeedResult(**{**earlier, "ratio_after": current, "passed": outcome.passed})
     for snapshot in pipeline.lossy_snapshots() if not outcome.passed else ():
         outcome, chosen = speed.search(
             snapshot.spec,
@@ -508,7 +526,7 @@ def _meet_latency(
             candidate = pipeline.rerun(snapshot, *chosen, calibration)
             result = checker.check(candidate)[1]
             current = outcome.ratio_after = ratio(candidate)
-            if result.passed and speed.within(current, limit):
+            if (result.passed or accuracy_next) and speed.within(current, limit):
                 outcome.passed = True
                 break
             # Confirmed on the whole pipeline's output, the placement missed: float it is.

@@ -245,3 +245,36 @@ def test_graphopt_sessions_do_not_spin_unless_asked(tmp_path: Path) -> None:
     spinning = runtime.create_session(path, threads=2, spinning=True).get_session_options()
     with pytest.raises(RuntimeError, match="does not have configuration"):  # left to ORT's default: spin
         spinning.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_over_both_budgets_a_step_int8_cannot_pay_for_goes_before_any_accuracy_search() -> None:
+    """No placement meets the latency limit: quantize goes at once, and no accuracy search is spent on placements the
+    latency budget would drop anyway (on a real text detector that search took its whole 300 s time limit)."""
+    plan = {**_recipe(0.01), "budget": {"max_rel_l2": 1e-6, "max_latency_ratio": 0.01}, "fallback": {"drop": True}}
+    result = optimize(DIGITS, plan, calibration=_calib())
+    assert result.report.fallback is None  # the accuracy search never ran
+    assert result.report.speed is not None and result.report.speed["dropped"]
+    assert "latency budget" in result.report.passes[1].details["skipped"]
+    assert result.report.verification is not None and result.report.verification.passed
+
+
+def test_over_both_budgets_the_accuracy_search_starts_from_the_placement_that_pays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The latency budget puts the layer class whose int8 form costs back to float first; the accuracy fallback then
+    searches only among the layers worth keeping in int8, and the report keeps the latency search's record."""
+    from graphopt import verify
+
+    # A stand-in for the clock: int8 spatial convolutions cost, the other int8 layers do not.
+    monkeypatch.setattr(verify.Checker, "latency_ratio", lambda self, m, runs=20: 0.6 + 0.2 * _int8_spatial_convs(m))
+    before = optimize(DIGITS, {"passes": ["fold"], "verify": {"enabled": False}}).model
+    convs = speed.classes(before, registry.REGISTRY["quantize"], QuantizeConfig())["spatial convolutions"]
+    plan = {**_recipe(1.0), "budget": {"max_rel_l2": 1e-6, "max_latency_ratio": 1.0}, "fallback": {"drop": True}}
+    plan["verify"] = {**plan["verify"], "latency_runs": 0}
+    result = optimize(DIGITS, plan, calibration=_calib())
+    found = result.report.speed
+    assert found is not None and found["passed"]
+    assert [t["trial"] for t in found["tried"] if t["kept"]] == ["in float: spatial convolutions"]
+    searched = result.report.fallback
+    assert searched is not None and searched["sensitivity"]  # the accuracy search ran after it
+    assert not set(searched["sensitivity"]) & set(convs)  # among the layers still int8 only
