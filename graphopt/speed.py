@@ -67,6 +67,9 @@ class SpeedResult:
     reason: str = ""
     stopped: str = ""  # why the search ended early (its time limit), or empty
     seconds: float = 0.0
+    # the model without the step (its input through the exact steps' work so far), timed the same way: the step must
+    # run faster than that too, or its int8 form costs accuracy for nothing
+    without: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -75,6 +78,13 @@ class SpeedResult:
 def within(ratio: float, limit: float) -> bool:
     """Whether a measured latency ratio meets ``limit`` (medians vary by :data:`NOISE` between runs)."""
     return ratio <= limit * (1.0 + NOISE)
+
+
+def bar(limit: float, without: float | None) -> float:
+    """The ratio a lossy step's output must meet: the budget's ``limit``, or the model without the step's ratio
+    (``without``) where that is faster. A limit of at most 1 asks for speed, and a step that slows the exact model
+    down does not give it; a limit above 1 trades speed for size, and only the limit binds."""
+    return limit if without is None or limit > 1.0 else min(limit, without)
 
 
 def layer_class(node: ir.Node) -> str | None:
@@ -185,6 +195,7 @@ def search(
     device: str = "cpu",
     threads: int | None = None,
     max_seconds: float = 300.0,
+    without: float | None = None,
 ) -> tuple[SpeedResult, tuple[Any, Any] | None]:
     """Make one lossy step's output meet the latency ``limit``: a faster placement, then layers back to float.
 
@@ -194,11 +205,15 @@ def search(
     when the recipe's placement misses the limit, the pass's faster alternatives
     (:meth:`registry.PassSpec.faster`) are timed; one within the accuracy budget that runs
     faster is searched the same way, and kept if it ends faster.
+    ``without`` (the ratio of the model without the step) lowers the limit to it: a placement
+    slower than the exact model is not one.
     Returns the search's record and the (config, statistics) to re-run the step with, or None
     when the step should be dropped (no placement of its layers met the limit).
     """
     start = time.monotonic()
-    result = SpeedResult(spec.name, limit, current)
+    result = SpeedResult(spec.name, limit, current, without=without)
+    budget = limit
+    limit = bar(limit, without)
     trials = _Trials(spec, config, before, statistics, ratio, result, start + max_seconds)
     chosen: list[str] = []
     best = current
@@ -232,10 +247,16 @@ def search(
     # No placement meets the limit: the step is dropped.
     result.dropped = True
     result.float_nodes, result.changed = [], {}
-    result.reason = (
-        f"no placement of {spec.name}'s layers ran within {limit:g}× of the input "
-        f"(best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
-    )
+    if limit < budget:
+        result.reason = (
+            f"no placement of {spec.name}'s layers ran faster than the model without it ({limit:.2f}× the input; "
+            f"best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
+        )
+    else:
+        result.reason = (
+            f"no placement of {spec.name}'s layers ran within {limit:g}× of the input "
+            f"(best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
+        )
     return result, None
 
 
@@ -307,6 +328,9 @@ def _trial(entry: dict[str, Any]) -> str:
 def summary(result: dict[str, Any]) -> str:
     """One line on what the latency budget did, from a report's ``speed`` entry."""
     head = f"latency budget ≤ {result['limit']:g}× the input"
+    without = result.get("without")
+    if without is not None and bar(result["limit"], without) < result["limit"]:
+        head += f", and faster than the model without {result['pass_name'] or 'its lossy steps'} ({without:.2f}×)"
     if not result["tried"] and not result["dropped"]:
         verdict = "met" if result["passed"] else "missed"
         return f"{head}: {verdict} ({result['ratio_before']:.2f}×)"

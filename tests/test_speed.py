@@ -125,6 +125,11 @@ def test_within_allows_the_measurement_noise() -> None:
     assert speed.within(1.015, 1.0) and not speed.within(1.03, 1.0)
 
 
+def test_a_limit_up_to_1_asks_for_speed_and_one_above_trades_it_for_size() -> None:
+    assert speed.bar(1.0, 0.7) == 0.7 and speed.bar(0.9, 0.95) == 0.9 and speed.bar(1.0, None) == 1.0
+    assert speed.bar(1.5, 0.7) == 1.5  # the user accepts a slower output: only the limit binds
+
+
 def test_the_cli_takes_a_latency_budget_and_refuses_one_no_model_can_meet(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -278,3 +283,32 @@ def test_over_both_budgets_the_accuracy_search_starts_from_the_placement_that_pa
     searched = result.report.fallback
     assert searched is not None and searched["sensitivity"]  # the accuracy search ran after it
     assert not set(searched["sensitivity"]) & set(convs)  # among the layers still int8 only
+
+
+def test_a_placement_slower_than_the_model_without_the_step_does_not_pay() -> None:
+    """Within the budget against the input is not enough: the exact model without the step runs faster still."""
+    spec, config, before, statistics, candidate = _quantized_digits()
+    clock = lambda m: 0.6 + 0.2 * _int8_spatial_convs(m)  # noqa: E731
+    kept, chosen = speed.search(spec, config, before, statistics, candidate, clock, 1.6, 1.0, without=0.7)
+    assert chosen is not None and kept.passed  # 0.6x beats both the budget and the model without quantize
+    dropped, chosen = speed.search(spec, config, before, statistics, candidate, clock, 1.6, 1.0, without=0.5)
+    assert chosen is None and dropped.dropped and "faster than the model without it (0.50×" in dropped.reason
+    assert "faster than the model without quantize (0.50×)" in speed.summary(dropped.to_dict())
+
+
+def test_int8_within_the_budget_but_slower_than_without_it_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default job's promise is a faster model: quantize at 0.95x the input, where the folded model without it runs
+    at 0.90x, costs accuracy for a slower output, so it goes and the report says why."""
+    from graphopt import verify
+
+    def clock(self: object, model: ir.Model, runs: int = 20) -> float:
+        return 0.95 if _quantize_nodes(model) else 0.90
+
+    monkeypatch.setattr(verify.Checker, "latency_ratio", clock)
+    plan = _recipe(1.0)
+    plan["verify"] = {**plan["verify"], "latency_runs": 0}
+    result = optimize(DIGITS, plan, calibration=_calib())
+    found = result.report.speed
+    assert found is not None and found["dropped"] and found["without"] == 0.90
+    assert not result.report.passes[1].modified and "without it" in result.report.passes[1].details["skipped"]
+    assert not _quantize_nodes(result.model)
