@@ -103,10 +103,11 @@ def graphopt_tool(spec: str) -> Callable[[Path, Path, list[Feed], list[Feed], Ro
             row["note"] = f"accuracy budget: {', '.join(dropped)} dropped (the fallback found no placement)"
         speed = result.report.speed
         if speed is not None:
-            keys = ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes", "changed")
-            row["speed"] = {k: speed[k] for k in keys}
+            keys = ("ratio_before", "ratio_after", "passed", "dropped", "float_nodes", "changed", "without")
+            row["speed"] = {k: speed.get(k) for k in keys}
             if speed["dropped"]:
-                row["note"] = f"latency budget: int8 dropped ({speed['ratio_before']:.2f}× with it)"
+                without = f", {speed['without']:.2f}× without it" if speed.get("without") is not None else ""
+                row["note"] = f"latency budget: int8 dropped ({speed['ratio_before']:.2f}× with it{without})"
             elif speed["tried"]:
                 options = "".join(f"{k}={v}, " for k, v in speed["changed"].items() if k != "outliers")
                 row["note"] = (
