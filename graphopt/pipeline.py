@@ -91,6 +91,9 @@ class Pipeline:
     lifted_constants: int = 0  # Constant-node weights turned into initializers before the first step
     # Steps dropped by the latency budget (their int8 form did not pay): index -> why
     skipped: dict[int, str] = field(default_factory=dict)
+    # The latency ratio of the model right before a lossy step, by the step's index (the latency budget's bar); a
+    # re-run from an earlier step changes that model, so it forgets the later entries
+    exact_ratios: dict[int, float] = field(default_factory=dict)
 
     def run(
         self, model: ir.Model, *, calibration: DataSpec | None = None, progress: ProgressCallback | None = None
@@ -198,6 +201,7 @@ class Pipeline:
         steps[snapshot.index] = replace(snapshot.step, config=config)
         self.steps = steps
         self._snapshots = [s for s in self._snapshots if s.index < snapshot.index]
+        self.exact_ratios = {i: r for i, r in self.exact_ratios.items() if i <= snapshot.index}
         model = snapshot.before.clone()
         self.run_from(model, snapshot.index, calibration=calibration, statistics=statistics)
         return model
@@ -206,6 +210,7 @@ class Pipeline:
         """Run the pipeline again from ``snapshot``'s step without that step; its record gives ``reason``."""
         self.skipped[snapshot.index] = reason
         self._snapshots = [s for s in self._snapshots if s.index < snapshot.index]
+        self.exact_ratios = {i: r for i, r in self.exact_ratios.items() if i <= snapshot.index}
         model = snapshot.before.clone()
         self.run_from(model, snapshot.index, calibration=calibration)
         return model
@@ -496,7 +501,7 @@ def _meet_latency(
     def ratio(model: ir.Model) -> float:
         return checker.latency_ratio(model, runs)
 
-    exact: dict[int, float] = {}
+    exact = pipeline.exact_ratios
 
     def without(snapshot: Snapshot) -> float | None:
         """The ratio of the model without ``snapshot``'s step (None where the step changed nothing)."""
@@ -506,8 +511,12 @@ def _meet_latency(
             exact[snapshot.index] = ratio(snapshot.before)
         return exact[snapshot.index]
 
-    current = ratio(candidate)
     snapshots = pipeline.lossy_snapshots()
+    if snapshots and pipeline.records[snapshots[0].index].modified and snapshots[0].index not in exact:
+        # The output and the model without the step in one series: the two are compared with each other
+        current, exact[snapshots[0].index] = checker.latency_ratios([candidate, snapshots[0].before], runs)
+    else:
+        current = ratio(candidate)
     last = without(snapshots[0]) if snapshots else None
     outcome = speed.SpeedResult(
         snapshots[0].spec.name if snapshots else "",

@@ -256,15 +256,26 @@ def sized_latency(
     warm-up and the number of runs grow with how fast the model is: about 0.2 s of warm-up and
     ``seconds`` of timed runs, never fewer than ``min_runs``.
     """
+    return sized_latency_of({"reference": reference, "optimized": candidate}, feeds, min_runs=min_runs, seconds=seconds)
+
+
+def sized_latency_of(
+    sessions: Mapping[str, ort.InferenceSession],
+    feeds: Mapping[str, np.ndarray],
+    *,
+    min_runs: int = 20,
+    seconds: float = 1.0,
+) -> dict[str, Latency]:
+    """:func:`sized_latency` of any number of sessions, timed in one interleaved series (sized as for a pair)."""
     feeds = dict(feeds)
-    with refused_feeds(reference, feeds):
+    with refused_feeds(next(iter(sessions.values())), feeds):
         start = time.perf_counter()
-        candidate.run(None, feeds)
-        reference.run(None, feeds)
-        once = max(time.perf_counter() - start, 1e-6)
+        for session in sessions.values():
+            session.run(None, feeds)
+        once = max((time.perf_counter() - start) * 2 / len(sessions), 1e-6)  # one round of a pair
     warmup = max(3, min(50, int(0.2 / once)))
     runs = max(min_runs, min(300, int(seconds / once)))
-    return interleaved_latency({"reference": reference, "optimized": candidate}, feeds, warmup=warmup, runs=runs)
+    return interleaved_latency(sessions, feeds, warmup=warmup, runs=runs)
 
 
 def _summarize(samples: list[float]) -> Latency:

@@ -671,21 +671,32 @@ class Checker:
         which 4-bit weights speed up most, while a long prompt may run a little slower; the prompt alone would
         judge the wrong part, and the worse of the two would refuse a model that generates twice as fast.
         """
-        timed = runtime.sized_latency(
-            self._timing_reference(), self._timing_session(candidate), self._timing_feeds(), min_runs=min_runs
-        )
-        self._last_timed = (candidate, timed)
-        ratio = timed["optimized"].median_ms / timed["reference"].median_ms
-        steps = self._time_step(
-            candidate, lambda ref, cand, feeds: runtime.sized_latency(ref, cand, feeds, min_runs=min_runs)
-        )
-        if steps is not None:
-            ids = token_ids(self._timing_feeds())
-            n = ids.shape[1] if ids is not None else 1
-            ratio = (timed["optimized"].median_ms + n * steps["optimized"].median_ms) / (
-                timed["reference"].median_ms + n * steps["reference"].median_ms
+        return self.latency_ratios([candidate], min_runs)[0]
+
+    def latency_ratios(self, candidates: Sequence[ir.Model], min_runs: int = 20) -> list[float]:
+        """:meth:`latency_ratio` of each of ``candidates``, all timed in one interleaved series with the reference:
+        two candidates compared with each other (a lossy step's output and the model without it) are then measured
+        under the same conditions, and the reference runs once for both."""
+        names = [f"candidate {i}" for i in range(len(candidates))]
+        sessions = {"reference": self._timing_reference()}
+        sessions.update({name: self._timing_session(m) for name, m in zip(names, candidates, strict=True)})
+        timed = runtime.sized_latency_of(sessions, self._timing_feeds(), min_runs=min_runs)
+        self._last_timed = (candidates[0], {"reference": timed["reference"], "optimized": timed[names[0]]})
+        ratios: list[float] = []
+        # the first candidate's decode step last: it is the one the report reuses (:meth:`timed_decode`)
+        for name, candidate in reversed(list(zip(names, candidates, strict=True))):
+            ratio = timed[name].median_ms / timed["reference"].median_ms
+            steps = self._time_step(
+                candidate, lambda ref, cand, feeds: runtime.sized_latency(ref, cand, feeds, min_runs=min_runs)
             )
-        return ratio
+            if steps is not None:
+                ids = token_ids(self._timing_feeds())
+                n = ids.shape[1] if ids is not None else 1
+                ratio = (timed[name].median_ms + n * steps["optimized"].median_ms) / (
+                    timed["reference"].median_ms + n * steps["reference"].median_ms
+                )
+            ratios.insert(0, ratio)
+        return ratios
 
     def timed(self, candidate: ir.Model, runs: int) -> dict[str, runtime.Latency]:
         """The reference's and ``candidate``'s latency ("reference", "optimized"), timed interleaved.

@@ -271,7 +271,9 @@ def test_over_both_budgets_the_accuracy_search_starts_from_the_placement_that_pa
     from graphopt import verify
 
     # A stand-in for the clock: int8 spatial convolutions cost, the other int8 layers do not.
-    monkeypatch.setattr(verify.Checker, "latency_ratio", lambda self, m, runs=20: 0.6 + 0.2 * _int8_spatial_convs(m))
+    monkeypatch.setattr(
+        verify.Checker, "latency_ratios", lambda self, ms, runs=20: [0.6 + 0.2 * _int8_spatial_convs(m) for m in ms]
+    )
     before = optimize(DIGITS, {"passes": ["fold"], "verify": {"enabled": False}}).model
     convs = speed.classes(before, registry.REGISTRY["quantize"], QuantizeConfig())["spatial convolutions"]
     plan = {**_recipe(1.0), "budget": {"max_rel_l2": 1e-6, "max_latency_ratio": 1.0}, "fallback": {"drop": True}}
@@ -301,10 +303,10 @@ def test_int8_within_the_budget_but_slower_than_without_it_is_dropped(monkeypatc
     at 0.90x, costs accuracy for a slower output, so it goes and the report says why."""
     from graphopt import verify
 
-    def clock(self: object, model: ir.Model, runs: int = 20) -> float:
-        return 0.95 if _quantize_nodes(model) else 0.90
+    def clock(self: object, models: list[ir.Model], runs: int = 20) -> list[float]:
+        return [0.95 if _quantize_nodes(model) else 0.90 for model in models]
 
-    monkeypatch.setattr(verify.Checker, "latency_ratio", clock)
+    monkeypatch.setattr(verify.Checker, "latency_ratios", clock)
     plan = _recipe(1.0)
     plan["verify"] = {**plan["verify"], "latency_runs": 0}
     result = optimize(DIGITS, plan, calibration=_calib())
@@ -312,3 +314,22 @@ def test_int8_within_the_budget_but_slower_than_without_it_is_dropped(monkeypatc
     assert found is not None and found["dropped"] and found["without"] == 0.90
     assert not result.report.passes[1].modified and "without it" in result.report.passes[1].details["skipped"]
     assert not _quantize_nodes(result.model)
+
+
+def test_the_output_and_the_model_without_the_step_are_timed_in_one_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compared with each other, the two are measured under the same conditions, and the input runs once for both."""
+    from graphopt import verify
+
+    calls: list[list[str]] = []
+    real = runtime.interleaved_latency
+
+    def spy(sessions: dict[str, object], feeds: dict[str, np.ndarray], **kwargs: object) -> dict:
+        calls.append(list(sessions))
+        return real(sessions, feeds, **kwargs)
+
+    monkeypatch.setattr(runtime, "interleaved_latency", spy)
+    *_, before, _statistics, candidate = _quantized_digits()
+    checker = verify.Checker(before, _calib(), verify.Budget(), "cpu", 1)
+    ratios = checker.latency_ratios([candidate, before], 5)
+    assert calls == [["reference", "candidate 0", "candidate 1"]] and len(ratios) == 2
+    assert 0.5 < ratios[1] < 2.0  # the input against itself, within noise

@@ -399,7 +399,12 @@ def test_the_latency_budget_judges_a_decoders_decode_step_too(tmp_path: Path, mo
             "optimized": runtime.Latency(1.0 if prompt else 1.5, 0, 0, 1),  # prompt 0.5x, decode step 1.5x
         }
 
+    def fake_of(sessions: dict[str, object], feeds: dict[str, np.ndarray], **_: object) -> dict:
+        pair = fake(None, None, feeds)
+        return {name: pair["reference" if name == "reference" else "optimized"] for name in sessions}
+
     monkeypatch.setattr(runtime, "sized_latency", fake)
+    monkeypatch.setattr(runtime, "sized_latency_of", fake_of)
     # 6 prompt tokens: (1.0 + 6 * 1.5) / (2.0 + 6 * 1.0); the prompt alone would say 0.5, the worse of the two 1.5
     assert checker.latency_ratio(model) == pytest.approx(10 / 8)
     assert timed_feeds == [6, 1]  # the prompt, then one token after its cache
