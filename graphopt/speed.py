@@ -239,6 +239,15 @@ def search(
         logger.warning("latency search: stopped at its %s", result.stopped)
     result.float_nodes, result.ratio_after = chosen, best
     result.seconds = time.monotonic() - start
+    idle = within(best, limit) and best < current and _no_integer_kernel(trials, chosen, device, threads)
+    if idle:
+        result.float_nodes, result.changed = [], {}
+        result.dropped = True
+        result.reason = (
+            f"ONNX Runtime runs none of the layers {spec.name} left quantized as an integer kernel (their Q/DQ only "
+            f"round; best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
+        )
+        return result, None
     if within(best, limit) and best < current:
         result.passed = True
         options = "".join(f"{k}={v}, " for k, v in result.changed.items())
@@ -258,6 +267,22 @@ def search(
             f"(best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
         )
     return result, None
+
+
+def _no_integer_kernel(trials: _Trials, chosen: list[str], device: str, threads: int | None) -> bool:
+    """Whether the placement adds Q/DQ of which ONNX Runtime on the CPU fuses none into an integer kernel: it then
+    gains nothing for the rounding it costs, whatever a tie in timing says (kept at 1.00-1.02x by noise)."""
+    if device != "cpu":
+        return False
+    model = trials.build(chosen)
+    quantize = sum(n.op_type == "QuantizeLinear" for n in model.graph)
+    if quantize <= sum(n.op_type == "QuantizeLinear" for n in trials.before.graph):
+        return False
+    try:
+        return ort_view.inspect_runtime(model, device, threads=threads).integer_kernels == 0
+    except GraphoptError as exc:  # advice about kernels never fails a run
+        logger.info("latency search: the placement's kernels were not inspected: %s", exc)
+        return False
 
 
 def _float_classes(

@@ -333,3 +333,23 @@ def test_the_output_and_the_model_without_the_step_are_timed_in_one_series(monke
     ratios = checker.latency_ratios([candidate, before], 5)
     assert calls == [["reference", "candidate 0", "candidate 1"]] and len(ratios) == 2
     assert 0.5 < ratios[1] < 2.0  # the input against itself, within noise
+
+
+def test_a_placement_onnx_runtime_runs_as_no_integer_kernel_does_not_pay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timing tie (1.00-1.02x) kept Q/DQ that ORT fused into nothing: they only round, so the step goes."""
+    from graphopt import ort_view
+
+    spec, config, before, statistics, candidate = _quantized_digits()
+    clock = lambda m: 0.6 + 0.2 * _int8_spatial_convs(m)  # noqa: E731
+    real = ort_view.inspect_runtime
+    kept, chosen = speed.search(spec, config, before, statistics, candidate, clock, 1.6, 1.0)
+    assert chosen is not None and kept.passed  # ORT fuses the int8 layers left
+
+    def fused_nothing(model: ir.Model, device: str = "cpu", **kwargs: object) -> ort_view.RuntimeView:
+        view = real(model, device, **kwargs)
+        view.integer_kernels = 0
+        return view
+
+    monkeypatch.setattr(ort_view, "inspect_runtime", fused_nothing)
+    dropped, chosen = speed.search(spec, config, before, statistics, candidate, clock, 1.6, 1.0)
+    assert chosen is None and dropped.dropped and "none of the layers quantize left" in dropped.reason
