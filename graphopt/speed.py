@@ -221,14 +221,16 @@ def search(
         # The recipe's placement first, layers back to float; a faster placement only if that misses the limit:
         # quantizing every op fuses more but rounds more (the accuracy budget is checked, the task metric is not).
         chosen, best = _float_classes(trials, candidate, current, limit, device, threads)
-        if not within(best, limit) and recalibrate is not None and score is not None:
-            found = _faster_alternative(trials, best, score, recalibrate)
+        # a placement ORT runs with no integer kernel gains nothing, however it times: the faster one is tried
+        idle = within(best, limit) and best < current and _no_integer_kernel(trials, chosen, device, threads)
+        if (idle or not within(best, limit)) and recalibrate is not None and score is not None:
+            found = _faster_alternative(trials, current if idle else best, score, recalibrate)
             if found is not None:
                 alternative, alt_statistics, model, value, changes = found
                 kept = (trials.config, trials.statistics)
                 trials.config, trials.statistics = alternative, alt_statistics
                 alt_chosen, alt_best = _float_classes(trials, model, value, limit, device, threads)
-                if alt_best < best:
+                if alt_best < best or idle:
                     chosen, best, result.changed = alt_chosen, alt_best, changes
                 else:
                     trials.config, trials.statistics = kept

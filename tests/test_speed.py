@@ -353,3 +353,34 @@ def test_a_placement_onnx_runtime_runs_as_no_integer_kernel_does_not_pay(monkeyp
     monkeypatch.setattr(ort_view, "inspect_runtime", fused_nothing)
     dropped, chosen = speed.search(spec, config, before, statistics, candidate, clock, 1.6, 1.0)
     assert chosen is None and dropped.dropped and "none of the layers quantize left" in dropped.reason
+
+
+def test_an_idle_placement_gives_way_to_the_fusing_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe's placement times within the limit but ORT fuses none of it: the fusing placement is tried before
+    the step is dropped (here ORT fuses none of that either)."""
+    from graphopt import ort_view
+
+    spec, config, before, statistics, candidate = _quantized_digits()
+    real = ort_view.inspect_runtime
+
+    def fused_nothing(model: ir.Model, device: str = "cpu", **kwargs: object) -> ort_view.RuntimeView:
+        found = real(model, device, **kwargs)
+        found.integer_kernels = 0
+        return found
+
+    monkeypatch.setattr(ort_view, "inspect_runtime", fused_nothing)
+    clock = lambda m: 0.6 + 0.2 * _int8_spatial_convs(m)  # noqa: E731
+    result, chosen = speed.search(
+        spec,
+        config,
+        before,
+        statistics,
+        candidate,
+        clock,
+        1.6,
+        1.0,
+        score=lambda m: 0.5,
+        recalibrate=lambda alternative: spec.collect(before, _calib(), alternative),
+    )
+    assert any(t["trial"].startswith("islands=False") for t in result.tried)  # tried, though the first placement met
+    assert chosen is None and result.dropped and "integer kernel" in result.reason
