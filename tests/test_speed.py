@@ -370,17 +370,8 @@ def test_an_idle_placement_gives_way_to_the_fusing_one(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(ort_view, "inspect_runtime", fused_nothing)
     clock = lambda m: 0.6 + 0.2 * _int8_spatial_convs(m)  # noqa: E731
-    result, chosen = speed.search(
-        spec,
-        config,
-        before,
-        statistics,
-        candidate,
-        clock,
-        1.6,
-        1.0,
-        score=lambda m: 0.5,
-        recalibrate=lambda alternative: spec.collect(before, _calib(), alternative),
-    )
+    searched = (spec, config, before, statistics, candidate, clock, 1.6, 1.0)
+    recalibrate = lambda a: spec.collect(before, _calib(), a)  # noqa: E731
+    result, chosen = speed.search(*searched, score=lambda m: 0.5, recalibrate=recalibrate)
     assert any(t["trial"].startswith("islands=False") for t in result.tried)  # tried, though the first placement met
     assert chosen is None and result.dropped and "integer kernel" in result.reason
