@@ -217,6 +217,7 @@ def search(
     trials = _Trials(spec, config, before, statistics, ratio, result, start + max_seconds)
     chosen: list[str] = []
     best = current
+    idle: bool | None = None  # the chosen placement runs no integer kernel in ORT (None: not inspected yet)
     try:
         # The recipe's placement first, layers back to float; a faster placement only if that misses the limit:
         # quantizing every op fuses more but rounds more (the accuracy budget is checked, the task metric is not).
@@ -231,7 +232,7 @@ def search(
                 trials.config, trials.statistics = alternative, alt_statistics
                 alt_chosen, alt_best = _float_classes(trials, model, value, limit, device, threads)
                 if alt_best < best or idle:
-                    chosen, best, result.changed = alt_chosen, alt_best, changes
+                    chosen, best, result.changed, idle = alt_chosen, alt_best, changes, None
                 else:
                     trials.config, trials.statistics = kept
     except TimeoutError:
@@ -241,7 +242,8 @@ def search(
         logger.warning("latency search: stopped at its %s", result.stopped)
     result.float_nodes, result.ratio_after = chosen, best
     result.seconds = time.monotonic() - start
-    idle = within(best, limit) and best < current and _no_integer_kernel(trials, chosen, device, threads)
+    if idle is None:  # the placement taken was not inspected yet
+        idle = within(best, limit) and best < current and _no_integer_kernel(trials, chosen, device, threads)
     if idle:
         result.float_nodes, result.changed = [], {}
         result.dropped = True
@@ -258,16 +260,15 @@ def search(
     # No placement meets the limit: the step is dropped.
     result.dropped = True
     result.float_nodes, result.changed = [], {}
-    if limit < budget:
-        result.reason = (
-            f"no placement of {spec.name}'s layers ran faster than the model without it ({limit:.2f}× the input; "
-            f"best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
-        )
-    else:
-        result.reason = (
-            f"no placement of {spec.name}'s layers ran within {limit:g}× of the input "
-            f"(best measured {min(best, current):.2f}×): {spec.name} does not pay on this model here"
-        )
+    bound = (
+        f"faster than the model without it ({limit:.2f}× the input; "
+        if limit < budget
+        else f"within {limit:g}× of the input ("
+    )
+    result.reason = (
+        f"no placement of {spec.name}'s layers ran {bound}best measured {min(best, current):.2f}×): "
+        f"{spec.name} does not pay on this model here"
+    )
     return result, None
 
 
